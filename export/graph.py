@@ -1,0 +1,214 @@
+"""Build the GPT-Neo decoder as an ONNX graph, straight from the checkpoint's weights.
+
+One graph serves prefill and decode. Its inputs are the new tokens, their positions, which positions
+need logits, and the per-layer KV cache; its outputs are the logits and the updated cache.
+
+Two attention implementations, recorded in the manifest:
+- "gqa": onnxruntime's com.microsoft.GroupQueryAttention. The cache is a preallocated buffer of the
+  whole context that the op updates in place (past and present bound to the same memory), so a decode
+  step copies nothing and its cost does not grow with a concatenation.
+- "plain": standard ONNX ops; the past is concatenated inside the graph. Portable and easy to read:
+  the reference the fast path is checked against, and a fallback.
+
+GPT-Neo quirks honoured here (see modeling_gpt_neo.py): no 1/sqrt(head_size) score scaling, no bias
+on q/k/v projections, local layers attend to the last `window_size` positions *including* the current
+one, and the lm_head is tied to the token embedding (stored once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from neoedge.manifest import GraphInfo, ModelInfo
+
+from .quantize import LinearQuantizer
+
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+# transformers masks with finfo(float32).min; the same constant keeps softmax identical.
+FLOAT_MIN = float(np.finfo(np.float32).min)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """GPT-Neo weights as numpy arrays in torch's layout (Linear weights are [out, in])."""
+
+    arrays: dict[str, np.ndarray]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def layer(self, index: int, name: str) -> np.ndarray:
+        return self.arrays[f"transformer.h.{index}.{name}"]
+
+
+class _Graph:
+    """Accumulates nodes and initializers; names carry their place in the model."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._constants: dict[tuple, str] = {}
+
+    def node(self, op: str, inputs: list[str], name: str, *, outputs: int = 1,
+             domain: str = "", **attrs) -> list[str]:
+        outs = [f"{name}/output_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain, **attrs))
+        return outs
+
+    def op(self, op: str, inputs: list[str], name: str, **attrs) -> str:
+        return self.node(op, inputs, name, **attrs)[0]
+
+    def initializer(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def constant(self, value, dtype=np.int64) -> str:
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._constants:
+            self._constants[key] = self.initializer(f"/const_{len(self._constants)}", array)
+        return self._constants[key]
+
+
+def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
+                  quantizer: LinearQuantizer, layer_norm_eps: float = 1e-5) -> onnx.ModelProto:
+    g = _Graph()
+    gi = graph_info
+    hidden, heads, head_size = model.hidden_size, model.num_heads, model.head_size
+
+    inputs = [
+        helper.make_tensor_value_info(gi.input_ids, TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info(gi.position_ids, TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info(gi.logits_positions, TensorProto.INT64, ["logits_count"]),
+    ]
+    if gi.attention == "gqa":
+        inputs += [
+            helper.make_tensor_value_info(gi.seqlens_k, TensorProto.INT32, ["batch"]),
+            helper.make_tensor_value_info(gi.total_sequence_length, TensorProto.INT32, []),
+        ]
+    cache_len = "cache_length" if gi.attention == "gqa" else "past_sequence"
+    present_len = "cache_length" if gi.attention == "gqa" else "total_sequence"
+    outputs = [helper.make_tensor_value_info(gi.logits, TensorProto.FLOAT,
+                                             ["batch", "logits_count", model.vocab_size])]
+    for layer in range(model.num_layers):
+        for past, present in ((gi.past_key, gi.present_key), (gi.past_value, gi.present_value)):
+            inputs.append(helper.make_tensor_value_info(
+                gi.cache_name(past, layer), TensorProto.FLOAT, ["batch", heads, cache_len, head_size]))
+            outputs.append(helper.make_tensor_value_info(
+                gi.cache_name(present, layer), TensorProto.FLOAT, ["batch", heads, present_len, head_size]))
+
+    # Token + learned absolute position embeddings. The token table is shared with the lm_head.
+    token_embedding = quantizer.embedding(g, "/wte", weights["transformer.wte.weight"], gi.input_ids)
+    position_table = g.initializer("transformer.wpe.weight", weights["transformer.wpe.weight"])
+    positions = g.op("Gather", [position_table, gi.position_ids], "/wpe/Gather")
+    h = g.op("Add", [token_embedding, positions], "/embeddings/Add")
+
+    masks = _plain_masks(g, gi, model) if gi.attention == "plain" else {}
+
+    def layer_norm(x: str, prefix: str, name: str) -> str:
+        scale = g.initializer(f"{prefix}.weight", weights[f"{prefix}.weight"])
+        bias = g.initializer(f"{prefix}.bias", weights[f"{prefix}.bias"])
+        return g.op("LayerNormalization", [x, scale, bias], name, axis=-1, epsilon=layer_norm_eps)
+
+    for layer, kind in enumerate(model.attention_layers):
+        p = f"transformer.h.{layer}"
+        where = f"/layers.{layer}"
+        a = layer_norm(h, f"{p}.ln_1", f"{where}/ln_1/LayerNorm")
+        # One packed projection instead of three: q, k and v have no bias in GPT-Neo.
+        wqkv = np.concatenate([weights.layer(layer, f"attn.attention.{n}_proj.weight")
+                               for n in ("q", "k", "v")], axis=0)
+        qkv = quantizer.linear(g, f"{where}/attn/qkv_proj", a, wqkv, None)
+        q, k, v = g.node("Split", [qkv, g.constant([hidden] * 3)], f"{where}/attn/Split",
+                         outputs=3, axis=-1)
+        past_k = gi.cache_name(gi.past_key, layer)
+        past_v = gi.cache_name(gi.past_value, layer)
+        present_k = gi.cache_name(gi.present_key, layer)
+        present_v = gi.cache_name(gi.present_value, layer)
+        if gi.attention == "gqa":
+            # scale=1.0: GPT-Neo does not scale scores. local_window_size counts the current
+            # position (onnxruntime 1.32 semantics, checked by the parity tests across the window).
+            g.nodes.append(helper.make_node(
+                "GroupQueryAttention",
+                [q, k, v, past_k, past_v, gi.seqlens_k, gi.total_sequence_length],
+                [f"{where}/attn/GQA/output_0", present_k, present_v],
+                name=f"{where}/attn/GQA", domain=MS_DOMAIN,
+                num_heads=heads, kv_num_heads=heads, scale=1.0,
+                local_window_size=model.window_size if kind == "local" else -1))
+            context = f"{where}/attn/GQA/output_0"
+        else:
+            context = _plain_attention(g, where, q, k, v, past_k, past_v, present_k, present_v,
+                                       masks[kind], heads, head_size, hidden)
+        out_proj = quantizer.linear(g, f"{where}/attn/out_proj", context,
+                                    weights.layer(layer, "attn.attention.out_proj.weight"),
+                                    weights.layer(layer, "attn.attention.out_proj.bias"))
+        h = g.op("Add", [h, out_proj], f"{where}/attn/residual/Add")
+
+        m = layer_norm(h, f"{p}.ln_2", f"{where}/ln_2/LayerNorm")
+        fc = quantizer.linear(g, f"{where}/mlp/c_fc", m, weights.layer(layer, "mlp.c_fc.weight"),
+                              weights.layer(layer, "mlp.c_fc.bias"))
+        # gelu_new is the tanh approximation, which is exactly what FastGelu computes.
+        act = g.op("FastGelu", [fc], f"{where}/mlp/FastGelu", domain=MS_DOMAIN)
+        proj = quantizer.linear(g, f"{where}/mlp/c_proj", act, weights.layer(layer, "mlp.c_proj.weight"),
+                                weights.layer(layer, "mlp.c_proj.bias"))
+        h = g.op("Add", [h, proj], f"{where}/mlp/residual/Add")
+
+    h = layer_norm(h, "transformer.ln_f", "/ln_f/LayerNorm")
+    # Only the requested positions go through the lm_head (one position per decode step).
+    selected = g.op("Gather", [h, gi.logits_positions], "/lm_head/select/Gather", axis=1)
+    quantizer.lm_head(g, "/lm_head", selected, gi.logits)
+
+    graph = helper.make_graph(g.nodes, "gpt_neo_decoder", inputs, outputs, g.initializers)
+    onnx_model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+        producer_name="neoedge")
+    onnx_model.ir_version = 8
+    return onnx_model
+
+
+def _plain_masks(g: _Graph, gi: GraphInfo, model: ModelInfo) -> dict[str, str]:
+    """Boolean [sequence, total] masks, built once and shared by every layer of a kind.
+
+    Key j is visible from query i (absolute cache positions) when j <= i, and on local layers also
+    when j > i - window_size: the window holds window_size positions including i itself.
+    """
+    shape = g.op("Shape", [gi.cache_name(gi.past_key, 0)], "/mask/past/Shape")
+    past_len = g.op("Gather", [shape, g.constant(2)], "/mask/past/Gather", axis=0)
+    seq_shape = g.op("Shape", [gi.input_ids], "/mask/seq/Shape")
+    seq_len = g.op("Gather", [seq_shape, g.constant(1)], "/mask/seq/Gather", axis=0)
+    total = g.op("Add", [past_len, seq_len], "/mask/total/Add")
+    keys = g.op("Range", [g.constant(0), total, g.constant(1)], "/mask/keys/Range")
+    queries = g.op("Range", [past_len, total, g.constant(1)], "/mask/queries/Range")
+    queries = g.op("Unsqueeze", [queries, g.constant([1])], "/mask/queries/Unsqueeze")
+    causal = g.op("LessOrEqual", [keys, queries], "/mask/causal/LessOrEqual")
+    window_start = g.op("Sub", [queries, g.constant(model.window_size)], "/mask/window/Sub")
+    in_window = g.op("Greater", [keys, window_start], "/mask/window/Greater")
+    local = g.op("And", [causal, in_window], "/mask/local/And")
+    return {"global": causal, "local": local}
+
+
+def _plain_attention(g: _Graph, where: str, q: str, k: str, v: str, past_k: str, past_v: str,
+                     present_k: str, present_v: str, mask: str, heads: int, head_size: int,
+                     hidden: int) -> str:
+    split_heads = g.constant([0, 0, heads, head_size])
+
+    def to_heads(x: str, name: str) -> str:
+        x = g.op("Reshape", [x, split_heads], f"{where}/attn/{name}/Reshape")
+        return g.op("Transpose", [x], f"{where}/attn/{name}/Transpose", perm=[0, 2, 1, 3])
+
+    q = to_heads(q, "q")  # [batch, heads, sequence, head_size]
+    g.nodes.append(helper.make_node("Concat", [past_k, to_heads(k, "k")], [present_k],
+                                    name=f"{where}/attn/k/Concat", axis=2))
+    g.nodes.append(helper.make_node("Concat", [past_v, to_heads(v, "v")], [present_v],
+                                    name=f"{where}/attn/v/Concat", axis=2))
+    keys_t = g.op("Transpose", [present_k], f"{where}/attn/kT/Transpose", perm=[0, 1, 3, 2])
+    scores = g.op("MatMul", [q, keys_t], f"{where}/attn/scores/MatMul")  # no scaling in GPT-Neo
+    scores = g.op("Where", [mask, scores, g.constant(FLOAT_MIN, np.float32)], f"{where}/attn/mask/Where")
+    probs = g.op("Softmax", [scores], f"{where}/attn/Softmax", axis=-1)
+    context = g.op("MatMul", [probs, present_v], f"{where}/attn/context/MatMul")
+    context = g.op("Transpose", [context], f"{where}/attn/context/Transpose", perm=[0, 2, 1, 3])
+    return g.op("Reshape", [context, g.constant([0, 0, hidden])], f"{where}/attn/context/Reshape")

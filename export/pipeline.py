@@ -1,0 +1,125 @@
+"""`neoedge export`: a fixed sequence of steps, written to a temporary directory and moved into place
+only when the package is complete and validated."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+import onnx
+
+from neoedge import __version__
+from neoedge.errors import ExportError
+from neoedge.manifest import GraphInfo, Manifest, Quantization, file_entries
+
+from .graph import build_decoder
+from .load import load_checkpoint
+from .quantize import make_quantizer
+from .validate import validate_package
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+# protobuf cannot serialise a message over 2 GB: larger graphs keep their weights beside the graph.
+EXTERNAL_DATA_THRESHOLD = 1_500_000_000
+FP32_TOLERANCE = 1e-4
+
+
+def export_package(
+    source: str,
+    output: str | Path,
+    *,
+    quantize: Literal["none", "int8", "int4"] = "none",
+    attention: Literal["gqa", "plain"] = "gqa",
+    force: bool = False,
+    validate: bool = True,
+    tolerance: float = FP32_TOLERANCE,
+    progress: bool = True,
+) -> Manifest:
+    """Export a GPT-Neo checkpoint (hub id or local directory) to a model package at `output`."""
+    from tqdm.auto import tqdm
+
+    output = Path(output)
+    if output.exists() and not force:
+        raise ExportError(f"{output} already exists; pass --force (force=True) to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    quantizer = make_quantizer(quantize)
+
+    steps = ["load checkpoint", "build graph", "write package", "validate", "move into place"]
+    bar = tqdm(total=len(steps), desc="export", unit="step", disable=not progress)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        bar.set_postfix_str(steps[0])
+        checkpoint = load_checkpoint(source)
+        bar.update()
+
+        bar.set_postfix_str(steps[1])
+        graph_info = GraphInfo(file=MODEL_FILE, attention=attention)
+        model = build_decoder(checkpoint.info, checkpoint.weights(), graph_info, quantizer,
+                              layer_norm_eps=checkpoint.layer_norm_eps)
+        bar.update()
+
+        bar.set_postfix_str(steps[2])
+        _save_graph(model, staging / MODEL_FILE)
+        (staging / TOKENIZER_FILE).write_text(checkpoint.tokenizer_json, encoding="utf-8")
+        manifest = Manifest(
+            model=checkpoint.info,
+            graph=graph_info,
+            quantization=Quantization(scheme=quantizer.scheme, settings=quantizer.settings()),
+            files=file_entries(staging),
+            generation={"max_new_tokens": 128},
+            tokenizer=TOKENIZER_FILE,
+            created_by=f"neoedge {__version__}",
+        )
+        manifest.write(staging)
+        bar.update()
+
+        if validate:
+            bar.set_postfix_str(steps[3])
+            report = validate_package(staging, checkpoint.model)
+            worst = max(report["max_abs_logit_diff_prefill"], report["max_abs_logit_diff_stepwise"])
+            report["tolerance"] = tolerance if quantize == "none" else None
+            log.info("validation against transformers: %s", report)
+            if quantize == "none" and worst > tolerance:
+                raise ExportError(
+                    f"validation failed: the exported graph's logits differ from transformers by "
+                    f"{worst:.3g} (tolerance {tolerance:g}) over {report['positions']} positions")
+            manifest = replace(manifest, validation=report)
+            manifest.write(staging)
+        bar.update()
+
+        bar.set_postfix_str(steps[4])
+        _move_into_place(staging, output)
+        bar.update()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return manifest
+
+
+def _save_graph(model: onnx.ModelProto, path: Path) -> None:
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    """Replace `output` with the finished package; the old one is removed only after the swap."""
+    previous = None
+    if output.exists():
+        previous = output.with_name(f".{output.name}.old")
+        shutil.rmtree(previous, ignore_errors=True)
+        output.rename(previous)
+    staging.rename(output)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)

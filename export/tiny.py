@@ -1,0 +1,94 @@
+"""Small GPT-Neo checkpoints built on this machine: the hub is not always reachable.
+
+Used by the test suite (random weights, tiny sizes, a small window so short sequences exercise local
+attention) and by `neoedge demo` when no hub model can be downloaded. The tokenizer is a byte-level
+BPE trained on text every Python installation has: the standard library's docstrings.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any
+
+EOS = "<|endoftext|>"
+
+# Modules whose documentation makes the offline English corpus (deterministic per Python version).
+CORPUS_MODULES = (
+    "abc", "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib", "csv",
+    "dataclasses", "datetime", "decimal", "difflib", "email", "enum", "fractions", "functools", "glob",
+    "gzip", "hashlib", "heapq", "html", "http.client", "inspect", "io", "itertools", "json", "logging",
+    "math", "os", "pathlib", "pickle", "pprint", "queue", "random", "re", "shutil", "socket", "sqlite3",
+    "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "typing",
+    "unittest", "urllib.parse", "uuid", "warnings", "zipfile",
+)
+
+
+def stdlib_docstrings() -> list[str]:
+    """Docstrings of the standard library modules above and their public members, in a fixed order."""
+    docs: list[str] = []
+    for name in CORPUS_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if module.__doc__:
+            docs.append(inspect.cleandoc(module.__doc__))
+        for attr in sorted(vars(module)):
+            if attr.startswith("_"):
+                continue
+            doc = inspect.getdoc(getattr(module, attr))
+            if doc and len(doc) > 80 and doc not in docs:
+                docs.append(doc)
+    return docs
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
+    """A GPT-2-style byte-level BPE tokenizer with `<|endoftext|>` as id 0."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def save_checkpoint(model: Any, tokenizer: Any, directory: str | Path) -> Path:
+    """Write model and tokenizer as a Hugging Face checkpoint directory (safetensors)."""
+    from transformers import PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    model.save_pretrained(directory, safe_serialization=True)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS,
+                            unk_token=EOS).save_pretrained(directory)
+    return directory
+
+
+def tiny_config(vocab_size: int, **overrides: Any) -> Any:
+    """A GPT-Neo config with mixed global/local layers and a small window."""
+    from transformers import GPTNeoConfig
+
+    settings: dict[str, Any] = dict(
+        vocab_size=vocab_size, max_position_embeddings=256, hidden_size=64, num_layers=4,
+        num_heads=4, attention_types=[[["global", "local"], 2]], window_size=8,
+        bos_token_id=0, eos_token_id=0,
+    )
+    settings.update(overrides)
+    return GPTNeoConfig(**settings)
+
+
+def build_random_checkpoint(directory: str | Path, *, seed: int = 0, vocab_size: int = 512,
+                            **config: Any) -> Path:
+    """A randomly initialised tiny GPT-Neo (seeded) with its own tokenizer, saved to `directory`."""
+    import torch
+    from transformers import GPTNeoForCausalLM
+
+    tokenizer = train_tokenizer(stdlib_docstrings(), vocab_size)
+    torch.manual_seed(seed)
+    model = GPTNeoForCausalLM(tiny_config(tokenizer.get_vocab_size(), **config)).eval()
+    return save_checkpoint(model, tokenizer, directory)

@@ -1,0 +1,190 @@
+"""The `neoedge` command. Generated text goes to stdout; everything else to stderr.
+
+Library errors become one-line messages with a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .errors import NeoedgeError
+
+DEMO_HUB_MODEL = "EleutherAI/gpt-neo-125m"
+
+
+def _friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (NeoedgeError, ValueError, OSError) as exc:
+            raise click.ClickException(str(exc)) from exc
+    return wrapper
+
+
+def _export_module() -> Any:
+    try:
+        from neoedge import export
+    except ImportError as exc:
+        raise click.ClickException(
+            f"export needs the [export] extra ({exc.name or exc} is missing): "
+            "pip install 'neoedge[export]'") from exc
+    return export
+
+
+@click.group()
+@click.version_option(package_name="neoedge")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """GPT-Neo on ordinary CPUs: export a model package, then generate from it."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("source")
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--quantize", type=click.Choice(["none"]), default="none", show_default=True,
+              help="Weight precision of the package.")
+@click.option("--attention", type=click.Choice(["gqa", "plain"]), default="gqa", show_default=True,
+              help="gqa: fused attention, in-place KV cache (fast); plain: standard ONNX ops.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--no-validate", is_flag=True, help="Skip the parity check against transformers.")
+@_friendly_errors
+def export(source: str, output: Path, quantize: str, attention: str, force: bool, no_validate: bool) -> None:
+    """Export SOURCE (a hub id such as EleutherAI/gpt-neo-125m, or a checkpoint directory) to a
+    model package at OUTPUT."""
+    manifest = _export_module().export_package(source, output, quantize=quantize, attention=attention,
+                                               force=force, validate=not no_validate)
+    report = manifest.validation
+    if report:
+        click.echo(f"validated against transformers over {report['positions']} positions: max |Δlogit| "
+                   f"prefill {report['max_abs_logit_diff_prefill']:.2e}, "
+                   f"step-wise {report['max_abs_logit_diff_stepwise']:.2e}", err=True)
+    click.echo(f"wrote {output}", err=True)
+
+
+def _session_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+                        help="onnxruntime intra-op threads (0: one per physical core).")(func)
+    func = click.option("--spinning/--no-spinning", default=True, show_default=True,
+                        help="Keep worker threads spinning between ops.")(func)
+    return func
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--max-new-tokens", type=int, help="Most tokens to generate.")
+@click.option("--temperature", type=float, help="0 = greedy (the default).")
+@click.option("--top-k", type=int, help="Sample among the k most likely tokens (0 = off).")
+@click.option("--top-p", type=float, help="Nucleus sampling threshold (1 = off).")
+@click.option("--repetition-penalty", type=float, help="> 1 discourages repeats.")
+@click.option("--seed", type=int, help="Random seed for sampling.")
+@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-text token.")
+@click.option("--stream/--no-stream", default=True, show_default=True, help="Print text as it is made.")
+@_session_options
+@_friendly_errors
+def generate(package: Path, prompt: str, stream: bool, threads: int, spinning: bool,
+             stop: tuple[str, ...], ignore_eos: bool, **options: Any) -> None:
+    """Generate a continuation of PROMPT with the model PACKAGE."""
+    from .generator import Generator
+
+    generator = Generator(package, intra_threads=threads, spinning=spinning)
+    opts = generator.options(stop=stop or None, stop_at_eos=False if ignore_eos else None, **options)
+    if stream:
+        for chunk in generator.stream(prompt, opts):
+            click.echo(chunk, nl=False)
+        click.echo()
+    else:
+        click.echo(generator.generate(prompt, opts))
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--verify", is_flag=True, help="Also check every file's sha256.")
+@_friendly_errors
+def info(package: Path, as_json: bool, verify: bool) -> None:
+    """Describe the model PACKAGE (its manifest)."""
+    from .manifest import Manifest
+
+    manifest = Manifest.read(package)
+    manifest.check_files(package, verify_hashes=verify)
+    if as_json:
+        click.echo(json.dumps(manifest.to_dict(), indent=2))
+        return
+    m = manifest.model
+    layers = ", ".join(f"{kind}×{m.attention_layers.count(kind)}" for kind in ("global", "local"))
+    total = sum(entry.bytes for entry in manifest.files.values())
+    lines = [
+        f"package        {package}",
+        f"format         neoedge-model-package v{manifest.format_version} ({manifest.created_by})",
+        f"model          {m.architecture} from {m.source or '?'}",
+        f"size           {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads, vocab {m.vocab_size}",
+        f"context        {m.context_length} tokens; local window {m.window_size} ({layers})",
+        f"tokens         bos {m.bos_token_id}, eos {m.eos_token_id}",
+        f"attention      {manifest.graph.attention}",
+        f"quantization   {manifest.quantization.scheme} {manifest.quantization.settings or ''}".rstrip(),
+        f"files          {total / 1e6:.1f} MB: " + ", ".join(
+            f"{name} ({entry.bytes / 1e6:.1f} MB)" for name, entry in manifest.files.items()),
+    ]
+    if manifest.validation:
+        v = manifest.validation
+        lines.append(f"validation     max |Δlogit| vs transformers {max(v['max_abs_logit_diff_prefill'], v['max_abs_logit_diff_stepwise']):.2e} "
+                     f"over {v['positions']} positions")
+    if verify:
+        lines.append("integrity      all sha256 match")
+    click.echo("\n".join(lines))
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@main.command()
+@click.option("--model", default=DEMO_HUB_MODEL, show_default=True,
+              help="Hub id or checkpoint directory to export.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("neoedge-demo"), show_default=True,
+              help="Where to write the checkpoint (if built) and the package.")
+@click.option("--prompt", default="The standard library", show_default=True)
+@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@_friendly_errors
+def demo(model: str, out: Path, prompt: str, max_new_tokens: int) -> None:
+    """Export a model and generate from it, end to end. Offline, a small local GPT-Neo is used."""
+    from .generator import Generator
+
+    export = _export_module()
+    source = model
+    if not Path(model).exists() and not _hub_reachable():
+        source = str(out / "checkpoint")
+        click.echo(f"{model} is not reachable (offline?): building a small local GPT-Neo at {source}",
+                   err=True)
+        if not Path(source, "config.json").exists():
+            from neoedge.export.tiny import build_random_checkpoint
+            build_random_checkpoint(source)
+    package = out / "package"
+    export.export_package(source, package, force=True)
+    click.echo(f"package: {package}  (try: neoedge info {package})", err=True)
+    click.echo(f"prompt: {prompt!r}", err=True)
+    generator = Generator(package)
+    for chunk in generator.stream(prompt, max_new_tokens=max_new_tokens):
+        click.echo(chunk, nl=False)
+    click.echo()
+
+
+if __name__ == "__main__":
+    main()

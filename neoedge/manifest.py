@@ -1,0 +1,198 @@
+"""The model-package format: one directory, one manifest (`neoedge.json`), one schema.
+
+The exporter writes this manifest and the runtime reads nothing else to learn the model's shape,
+the graph's input/output names and how the package was quantized. It never needs Hugging Face code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import PackageError
+
+MANIFEST_NAME = "neoedge.json"
+FORMAT_NAME = "neoedge-model-package"
+FORMAT_VERSION = 1
+
+AttentionKind = Literal["global", "local"]
+# "gqa": onnxruntime's GroupQueryAttention over a preallocated cache updated in place (fast path).
+# "plain": standard ONNX ops, past concatenated inside the graph (portable reference/fallback).
+AttentionImpl = Literal["gqa", "plain"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    context_length: int
+    window_size: int
+    attention_layers: tuple[AttentionKind, ...]
+    bos_token_id: int
+    eos_token_id: int
+    source: str = ""
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """Names of the decoder graph's inputs and outputs.
+
+    Per-layer cache names are templates with a `{layer}` field, built by `cache_name`.
+    """
+
+    file: str
+    attention: AttentionImpl
+    input_ids: str = "input_ids"
+    position_ids: str = "position_ids"
+    # Which positions get logits: the lm_head is the largest MatMul, so generation asks for one.
+    logits_positions: str = "logits_positions"
+    logits: str = "logits"
+    past_key: str = "past_key.{layer}"
+    past_value: str = "past_value.{layer}"
+    present_key: str = "present_key.{layer}"
+    present_value: str = "present_value.{layer}"
+    # gqa only: index of the last valid cache position per batch row, and the total length.
+    seqlens_k: str = "seqlens_k"
+    total_sequence_length: str = "total_sequence_length"
+
+    def cache_name(self, template: str, layer: int) -> str:
+        return template.format(layer=layer)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    scheme: Literal["none", "int8", "int4"] = "none"
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: ModelInfo
+    graph: GraphInfo
+    quantization: Quantization
+    files: dict[str, FileEntry]
+    generation: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str = "tokenizer.json"
+    created_by: str = ""
+    format_version: int = FORMAT_VERSION
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["model"]["attention_layers"] = list(self.model.attention_layers)
+        return {"format": FORMAT_NAME, **data}
+
+    def write(self, directory: str | os.PathLike[str]) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        if data.get("format") != FORMAT_NAME:
+            raise PackageError(f"not a neoedge model package manifest (format={data.get('format')!r})")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise PackageError(
+                f"unsupported package format_version {version!r}: this neoedge reads version "
+                f"{FORMAT_VERSION}; re-export the model with this version of neoedge"
+            )
+        try:
+            model = dict(data["model"])
+            model["attention_layers"] = tuple(model["attention_layers"])
+            manifest = cls(
+                model=ModelInfo(**model),
+                graph=GraphInfo(**data["graph"]),
+                quantization=Quantization(**data.get("quantization", {})),
+                files={name: FileEntry(**entry) for name, entry in data["files"].items()},
+                generation=dict(data.get("generation", {})),
+                validation=dict(data.get("validation", {})),
+                tokenizer=data.get("tokenizer", "tokenizer.json"),
+                created_by=data.get("created_by", ""),
+                format_version=version,
+            )
+        except (KeyError, TypeError) as exc:
+            raise PackageError(f"malformed manifest: {exc}") from exc
+        manifest._check()
+        return manifest
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike[str]) -> Manifest:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise PackageError(f"model package not found: {directory} is not a directory")
+        path = directory / MANIFEST_NAME
+        if not path.is_file():
+            raise PackageError(f"{directory} is not a neoedge model package: {MANIFEST_NAME} is missing")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PackageError(f"corrupt manifest {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise PackageError(f"corrupt manifest {path}: expected a JSON object")
+        return cls.from_dict(data)
+
+    def _check(self) -> None:
+        m = self.model
+        if len(m.attention_layers) != m.num_layers:
+            raise PackageError("malformed manifest: attention_layers does not list every layer")
+        if m.hidden_size % m.num_heads:
+            raise PackageError("malformed manifest: hidden_size is not a multiple of num_heads")
+        for name in (self.graph.file, self.tokenizer):
+            if name not in self.files:
+                raise PackageError(f"malformed manifest: {name} is not listed in files")
+
+    # -- integrity ----------------------------------------------------------------------------
+    def check_files(self, directory: str | os.PathLike[str], *, verify_hashes: bool = False) -> None:
+        """Raise PackageError if a listed file is missing, truncated, or (optionally) altered.
+
+        Sizes are always checked (free); hashing reads every byte, so it is opt-in.
+        """
+        directory = Path(directory)
+        for name, entry in self.files.items():
+            path = directory / name
+            if not path.is_file():
+                raise PackageError(f"model package {directory} is incomplete: {name} is missing")
+            size = path.stat().st_size
+            if size != entry.bytes:
+                raise PackageError(
+                    f"model package file {name} is corrupt: {size} bytes, manifest says {entry.bytes}"
+                )
+            if verify_hashes and sha256_file(path) != entry.sha256:
+                raise PackageError(f"model package file {name} is corrupt: sha256 does not match")
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entries(directory: str | os.PathLike[str]) -> dict[str, FileEntry]:
+    """Hash every file of a package directory (the manifest itself excluded)."""
+    directory = Path(directory)
+    return {
+        path.name: FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name != MANIFEST_NAME
+    }

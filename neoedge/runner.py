@@ -1,0 +1,140 @@
+"""Forward passes of the decoder graph: prefill a prompt, then one token at a time.
+
+A runner owns the KV cache of the sequence being generated. `GqaRunner` is the fast path (cache
+updated in place, every decode-step input and output bound once to fixed numpy buffers);
+`PlainRunner` drives the portable graph whose past is concatenated inside it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from .kv_cache import ConcatKVCache, InPlaceKVCache
+from .manifest import Manifest
+
+
+class Runner(Protocol):
+    length: int
+    """Positions in the cache (prompt and generated tokens so far)."""
+
+    def reset(self, capacity: int) -> None:
+        """Start a new sequence that will hold at most `capacity` positions."""
+
+    def prefill(self, ids: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
+        """Run the prompt ids [sequence]; logits of the last position [vocab] or all [sequence, vocab]."""
+
+    def step(self, token: int) -> np.ndarray:
+        """Append one token; its logits [vocab]. The array is reused by the next step."""
+
+
+def make_runner(session: ort.InferenceSession, manifest: Manifest) -> Runner:
+    if manifest.graph.attention == "gqa":
+        return GqaRunner(session, manifest)
+    return PlainRunner(session, manifest)
+
+
+class GqaRunner:
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest) -> None:
+        self._session = session
+        self._model = manifest.model
+        self._graph = manifest.graph
+        self.length = 0
+        self._cache: InPlaceKVCache | None = None
+        # Decode-step inputs and output live in these arrays for the runner's lifetime; a step writes
+        # a few scalars into them and runs: no allocation, no copy of the cache.
+        self._ids = np.zeros((1, 1), np.int64)
+        self._positions = np.zeros((1, 1), np.int64)
+        self._logits_positions = np.zeros((1,), np.int64)
+        self._seqlens_k = np.zeros((1,), np.int32)  # index of the last valid cache position
+        self._total = np.zeros((), np.int32)
+        self._logits = np.zeros((1, 1, self._model.vocab_size), np.float32)
+        self._last_logits = self._logits[0, 0]
+        self._step_binding: ort.IOBinding | None = None
+
+    def reset(self, capacity: int) -> None:
+        self._cache = InPlaceKVCache(self._model, self._graph, capacity)
+        self.length = 0
+        g = self._graph
+        binding = self._session.io_binding()
+        for name, array in ((g.input_ids, self._ids), (g.position_ids, self._positions),
+                            (g.logits_positions, self._logits_positions), (g.seqlens_k, self._seqlens_k),
+                            (g.total_sequence_length, self._total)):
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        binding.bind_ortvalue_output(g.logits, ort.OrtValue.ortvalue_from_numpy(self._logits))
+        self._cache.bind(binding)
+        self._step_binding = binding
+
+    def prefill(self, ids: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
+        if self._cache is None:
+            raise RuntimeError("reset() must start a sequence before prefill()")
+        count = ids.shape[0]
+        start = self.length
+        g = self._graph
+        total = start + count
+        binding = self._session.io_binding()
+        inputs = {
+            g.input_ids: ids.reshape(1, count).astype(np.int64, copy=False),
+            g.position_ids: np.arange(start, total, dtype=np.int64).reshape(1, count),
+            g.logits_positions: np.arange(count, dtype=np.int64) if all_logits
+            else np.array([count - 1], np.int64),
+            g.seqlens_k: np.array([total - 1], np.int32),
+            g.total_sequence_length: np.array(total, np.int32),
+        }
+        for name, array in inputs.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        if all_logits:
+            binding.bind_output(g.logits, "cpu")
+        else:
+            binding.bind_ortvalue_output(g.logits, ort.OrtValue.ortvalue_from_numpy(self._logits))
+        self._cache.bind(binding)
+        self._session.run_with_iobinding(binding)
+        self.length = total
+        if all_logits:
+            return binding.get_outputs()[0].numpy()[0]
+        return self._last_logits
+
+    def step(self, token: int) -> np.ndarray:
+        position = self.length
+        self._ids[0, 0] = token
+        self._positions[0, 0] = position
+        self._seqlens_k[0] = position
+        self._total[...] = position + 1
+        self._session.run_with_iobinding(self._step_binding)
+        self.length = position + 1
+        return self._last_logits
+
+
+class PlainRunner:
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest) -> None:
+        self._session = session
+        self._model = manifest.model
+        self._graph = manifest.graph
+        self._output_names = [o.name for o in session.get_outputs()]
+        self._cache = ConcatKVCache(self._model, self._graph)
+        self.length = 0
+
+    def reset(self, capacity: int) -> None:
+        self._cache = ConcatKVCache(self._model, self._graph)
+        self.length = 0
+
+    def prefill(self, ids: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
+        count = ids.shape[0]
+        g = self._graph
+        feeds = {
+            g.input_ids: ids.reshape(1, count).astype(np.int64, copy=False),
+            g.position_ids: np.arange(self.length, self.length + count, dtype=np.int64).reshape(1, count),
+            g.logits_positions: np.arange(count, dtype=np.int64) if all_logits
+            else np.array([count - 1], np.int64),
+            **self._cache.past,
+        }
+        outputs = dict(zip(self._output_names, self._session.run(None, feeds)))
+        self._cache.update(outputs, count)
+        self.length = self._cache.length
+        logits = outputs[g.logits][0]
+        return logits if all_logits else logits[0]
+
+    def step(self, token: int) -> np.ndarray:
+        return self.prefill(np.array([token], np.int64))
