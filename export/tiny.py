@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +29,26 @@ CORPUS_MODULES = (
 def stdlib_docstrings() -> list[str]:
     """Docstrings of the standard library modules above and their public members, in a fixed order."""
     docs: list[str] = []
-    for name in CORPUS_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if module.__doc__:
-            docs.append(inspect.cleandoc(module.__doc__))
-        for attr in sorted(vars(module)):
-            if attr.startswith("_"):
-                continue
-            doc = inspect.getdoc(getattr(module, attr))
-            if doc and len(doc) > 80 and doc not in docs:
-                docs.append(doc)
+    with warnings.catch_warnings():  # some members (typing.io) warn when touched
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in CORPUS_MODULES:
+            _module_docs(name, docs)
     return docs
+
+
+def _module_docs(name: str, docs: list[str]) -> None:
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        return
+    if module.__doc__:
+        docs.append(inspect.cleandoc(module.__doc__))
+    for attr in sorted(vars(module)):
+        if attr.startswith("_"):
+            continue
+        doc = inspect.getdoc(getattr(module, attr))
+        if doc and len(doc) > 80 and doc not in docs:
+            docs.append(doc)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random GPT-Neo checkpoints built locally, and packages exported from them.
+
+Windows are small (4 and 8) so that short sequences cross the local-attention window many times.
+Everything is built once per test session in a temporary directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from neoedge.export import export_package
+from neoedge.export.tiny import save_checkpoint, stdlib_docstrings, tiny_config, train_tokenizer
+
+# name -> GPTNeoConfig overrides; "window4" starts with a local layer and has an odd layer count.
+CONFIGS = {
+    "window8": dict(num_layers=4, attention_types=[[["global", "local"], 2]], window_size=8),
+    "window4": dict(num_layers=3, hidden_size=48, num_heads=3, attention_types=[[["local", "global"], 1], [["local"], 1]],
+                    window_size=4),
+}
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    return train_tokenizer(stdlib_docstrings(), vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, bpe_tokenizer) -> dict[str, Path]:
+    import torch
+    from transformers import GPTNeoForCausalLM
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    out = {}
+    for seed, (name, overrides) in enumerate(CONFIGS.items()):
+        torch.manual_seed(seed)
+        model = GPTNeoForCausalLM(tiny_config(bpe_tokenizer.get_vocab_size(), **overrides)).eval()
+        out[name] = save_checkpoint(model, bpe_tokenizer, root / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def packages(tmp_path_factory, checkpoints) -> dict[tuple[str, str], Path]:
+    """(config name, attention implementation) -> exported fp32 package."""
+    root = tmp_path_factory.mktemp("packages")
+    return {
+        (name, attention): export_package(str(path), root / f"{name}-{attention}", attention=attention,
+                                          progress=False) and root / f"{name}-{attention}"
+        for name, path in checkpoints.items()
+        for attention in ("gqa", "plain")
+    }
+
+
+@pytest.fixture(scope="session")
+def package(packages) -> Path:
+    """The default package: fp32, fused attention."""
+    return packages[("window8", "gqa")]
+
+
+@pytest.fixture(scope="session")
+def reference_model(checkpoints):
+    from transformers import GPTNeoForCausalLM
+
+    cache = {}
+
+    def load(name: str):
+        if name not in cache:
+            cache[name] = GPTNeoForCausalLM.from_pretrained(checkpoints[name]).eval()
+        return cache[name]
+
+    return load

@@ -1,0 +1,69 @@
+"""The exported graph computes exactly what transformers' GPTNeoForCausalLM computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from neoedge import GenerationOptions, Generator
+from tests.conftest import CONFIGS
+
+TOLERANCE = 1e-4
+CASES = [(name, attention) for name in CONFIGS for attention in ("gqa", "plain")]
+
+
+def _reference(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(ids[None])).logits[0].numpy()
+
+
+def _ids(generator: Generator, length: int, seed: int = 0) -> np.ndarray:
+    vocab = generator.manifest.model.vocab_size
+    return np.random.default_rng(seed).integers(0, vocab, size=length, dtype=np.int64)
+
+
+@pytest.mark.parametrize("name,attention", CASES)
+def test_prefill_logits_match_at_every_position(packages, reference_model, name, attention):
+    generator = Generator(packages[(name, attention)])
+    window = generator.manifest.model.window_size
+    ids = _ids(generator, 12 * window)  # many windows long
+    diff = np.abs(generator.logits(ids) - _reference(reference_model(name), ids)).max()
+    assert diff <= TOLERANCE, f"max |Δlogit| {diff}"
+
+
+@pytest.mark.parametrize("name,attention", CASES)
+@pytest.mark.parametrize("prefill", [1, 5, 19])
+def test_stepwise_logits_with_kv_cache_match(packages, reference_model, name, attention, prefill):
+    """Every position decoded one step at a time through the cache, before and after the window."""
+    generator = Generator(packages[(name, attention)])
+    window = generator.manifest.model.window_size
+    ids = _ids(generator, 10 * window, seed=prefill)
+    stepwise = generator.stepwise_logits(ids, prefill=prefill)
+    diff = np.abs(stepwise - _reference(reference_model(name), ids)).max()
+    assert diff <= TOLERANCE, f"max |Δlogit| {diff}"
+
+
+def test_full_context_is_exact(packages, reference_model):
+    """Up to the last position the model has (256 here): position embeddings and cache capacity."""
+    generator = Generator(packages[("window4", "gqa")])
+    ids = _ids(generator, generator.manifest.model.context_length, seed=7)
+    reference = _reference(reference_model("window4"), ids)
+    assert np.abs(generator.logits(ids) - reference).max() <= TOLERANCE
+    assert np.abs(generator.stepwise_logits(ids, prefill=100) - reference).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("attention", ["gqa", "plain"])
+def test_greedy_generation_is_token_identical_to_transformers(packages, reference_model, attention):
+    generator = Generator(packages[("window8", attention)])
+    model = reference_model("window8")
+    prompt = generator.encode_prompt("Return the number of items in a container.")
+    new_tokens = 96
+    with torch.no_grad():
+        # eos_token_id=None: transformers must not stop early either (neoedge: stop_at_eos=False).
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    options = GenerationOptions(max_new_tokens=new_tokens, stop_at_eos=False)
+    produced = list(generator.generate_tokens(prompt, options))
+    assert len(produced) == new_tokens
+    assert produced == expected
