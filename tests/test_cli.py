@@ -1,0 +1,100 @@
+"""The `neoedge` command through click's CliRunner: text on stdout, one-line errors on stderr."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from neoedge.cli import main
+
+
+@pytest.fixture
+def cli():
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(main, [str(a) for a in args])
+
+    return invoke
+
+
+def test_generate_prints_only_text(cli, package):
+    from neoedge import Generator
+
+    expected = Generator(package).generate("Open the", max_new_tokens=10)
+    result = cli("generate", package, "Open the", "--max-new-tokens", "10", "--no-stream")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == expected + "\n"
+    streamed = cli("generate", package, "Open the", "--max-new-tokens", "10")
+    assert streamed.stdout == result.stdout
+
+
+def test_generate_sampling_options_and_stop(cli, package):
+    args = ["generate", package, "The", "--max-new-tokens", "20", "--temperature", "0.9", "--top-k", "50",
+            "--top-p", "0.9", "--repetition-penalty", "1.2", "--seed", "4"]
+    first, second = cli(*args), cli(*args)
+    assert first.exit_code == 0, first.output
+    assert first.stdout == second.stdout
+    text = first.stdout.rstrip("\n")
+    stop = text[3:6]
+    stopped = cli(*args, "--stop", stop)
+    assert stopped.stdout.rstrip("\n") == text[: text.index(stop)]
+
+
+def test_info_human_and_json(cli, package):
+    result = cli("info", package)
+    assert result.exit_code == 0, result.output
+    assert "window 8" in result.stdout and "gqa" in result.stdout and "validation" in result.stdout
+    data = json.loads(cli("info", package, "--json").stdout)
+    assert data["format_version"] == 1
+    assert data["model"]["attention_layers"] == ["global", "local", "global", "local"]
+    assert "all sha256 match" in cli("info", package, "--verify").stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--top-p", "0"], "top_p must be > 0"),
+    (["--top-p", "1.5"], "top_p must be <= 1"),
+    (["--top-k", "-2"], "top_k must be >= 0"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    (["--repetition-penalty", "0"], "repetition_penalty must be > 0"),
+    (["--seed", "-1"], "seed must be >= 0"),
+    (["--stop", ""], "stop strings must be non-empty"),
+])
+def test_invalid_options_are_one_line_errors(cli, package, args, message):
+    result = cli("generate", package, "hi", *args)
+    assert result.exit_code != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_package_is_a_clear_error(cli, tmp_path):
+    result = cli("generate", tmp_path / "nope", "hi")
+    assert result.exit_code != 0
+    assert "not found" in result.stderr
+
+
+def test_over_long_prompt_is_a_clear_error(cli, package):
+    result = cli("generate", package, "word " * 400)
+    assert result.exit_code != 0
+    assert "context is 256" in result.stderr
+
+
+def test_export_refuses_existing_output(cli, package, checkpoints):
+    result = cli("export", checkpoints["window8"], package)
+    assert result.exit_code != 0
+    assert "already exists" in result.stderr and "--force" in result.stderr
+
+
+def test_export_force_replaces(cli, checkpoints, tmp_path):
+    out = tmp_path / "pkg"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    result = cli("export", checkpoints["window4"], out, "--force", "--attention", "plain")
+    assert result.exit_code == 0, result.output
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "neoedge.json").read_text())["graph"]["attention"] == "plain"
+    assert "validated against transformers" in result.stderr
