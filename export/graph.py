@@ -27,7 +27,7 @@ from neoedge.manifest import GraphInfo, ModelInfo
 
 from .quantize import LinearQuantizer
 
-OPSET = 17
+OPSET = 18
 MS_DOMAIN = "com.microsoft"
 # transformers masks with finfo(float32).min; the same constant keeps softmax identical.
 FLOAT_MIN = float(np.finfo(np.float32).min)

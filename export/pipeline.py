@@ -38,6 +38,8 @@ def export_package(
     attention: Literal["gqa", "plain"] = "gqa",
     force: bool = False,
     validate: bool = True,
+    block_size: int | None = None,
+    lm_head_bits: int | None = None,
     tolerance: float = FP32_TOLERANCE,
     progress: bool = True,
 ) -> Manifest:
@@ -48,7 +50,10 @@ def export_package(
     if output.exists() and not force:
         raise ExportError(f"{output} already exists; pass --force (force=True) to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
-    quantizer = make_quantizer(quantize)
+    try:
+        quantizer = make_quantizer(quantize, block_size=block_size, lm_head_bits=lm_head_bits)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
 
     steps = ["load checkpoint", "build graph", "write package", "validate", "move into place"]
     bar = tqdm(total=len(steps), desc="export", unit="step", disable=not progress)
@@ -60,8 +65,11 @@ def export_package(
 
         bar.set_postfix_str(steps[1])
         graph_info = GraphInfo(file=MODEL_FILE, attention=attention)
-        model = build_decoder(checkpoint.info, checkpoint.weights(), graph_info, quantizer,
-                              layer_norm_eps=checkpoint.layer_norm_eps)
+        try:
+            model = build_decoder(checkpoint.info, checkpoint.weights(), graph_info, quantizer,
+                                  layer_norm_eps=checkpoint.layer_norm_eps)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from exc
         bar.update()
 
         bar.set_postfix_str(steps[2])

@@ -22,7 +22,15 @@ CORPUS_MODULES = (
     "gzip", "hashlib", "heapq", "html", "http.client", "inspect", "io", "itertools", "json", "logging",
     "math", "os", "pathlib", "pickle", "pprint", "queue", "random", "re", "shutil", "socket", "sqlite3",
     "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "typing",
-    "unittest", "urllib.parse", "uuid", "warnings", "zipfile",
+    "unittest", "urllib.parse", "uuid", "warnings", "zipfile", "ast", "codecs", "configparser", "copy",
+    "ctypes", "dis", "doctest", "filecmp", "fnmatch", "ftplib", "getopt", "gettext", "imaplib", "ipaddress",
+    "locale", "mailbox", "mimetypes", "multiprocessing", "netrc", "numbers", "operator", "optparse",
+    "platform", "plistlib", "poplib", "pydoc", "quopri", "reprlib", "sched", "secrets", "selectors",
+    "shelve", "shlex", "smtplib", "socketserver", "ssl", "stat", "struct", "symtable", "sysconfig",
+    "timeit", "tokenize", "trace", "traceback", "types", "urllib.request", "weakref", "wsgiref.handlers",
+    "xml.dom.minidom", "xml.etree.ElementTree", "xmlrpc.client", "zipimport", "zoneinfo",
+    "concurrent.futures", "importlib.metadata", "importlib.resources", "json.decoder", "email.message",
+    "http.server", "http.cookies", "logging.handlers", "unittest.mock", "asyncio.tasks", "asyncio.events",
 )
 
 
@@ -41,14 +49,24 @@ def _module_docs(name: str, docs: list[str]) -> None:
         module = importlib.import_module(name)
     except ImportError:
         return
-    if module.__doc__:
-        docs.append(inspect.cleandoc(module.__doc__))
+    seen = set(docs)
+
+    def add(obj: object) -> None:
+        doc = inspect.getdoc(obj)
+        if doc and len(doc) > 80 and doc not in seen:
+            seen.add(doc)
+            docs.append(doc)
+
+    add(module)
     for attr in sorted(vars(module)):
         if attr.startswith("_"):
             continue
-        doc = inspect.getdoc(getattr(module, attr))
-        if doc and len(doc) > 80 and doc not in docs:
-            docs.append(doc)
+        value = getattr(module, attr)
+        add(value)
+        if inspect.isclass(value) and getattr(value, "__module__", None) == module.__name__:
+            for member in sorted(vars(value)):
+                if not member.startswith("_"):
+                    add(getattr(value, member, None))
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
@@ -99,3 +117,23 @@ def build_random_checkpoint(directory: str | Path, *, seed: int = 0, vocab_size:
     torch.manual_seed(seed)
     model = GPTNeoForCausalLM(tiny_config(tokenizer.get_vocab_size(), **config)).eval()
     return save_checkpoint(model, tokenizer, directory)
+
+
+# -- the trained tiny model ---------------------------------------------------------------------
+# Random weights cannot show what quantization costs; this small GPT-Neo, trained in minutes on the
+# standard library's docstrings, can. Its checkpoint and held-out text ship with neoedge.export.
+TRAINED_DIR = Path(__file__).parent / "assets" / "gpt-neo-stdlib-tiny"
+HELDOUT_FILE = "heldout.txt"
+
+
+def trained_checkpoint() -> Path:
+    """Directory of the committed trained tiny GPT-Neo (config, safetensors, tokenizer, held-out text)."""
+    if not (TRAINED_DIR / "config.json").is_file():
+        raise FileNotFoundError(f"trained tiny model not found at {TRAINED_DIR}; "
+                                "run benchmarks/train_tiny_model.py")
+    return TRAINED_DIR
+
+
+def split_corpus(docs: list[str], every: int = 10) -> tuple[list[str], list[str]]:
+    """(train, held-out): every `every`-th document is held out."""
+    return ([d for i, d in enumerate(docs) if i % every], [d for i, d in enumerate(docs) if not i % every])

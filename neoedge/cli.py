@@ -52,23 +52,29 @@ def main(verbose: int) -> None:
 @main.command()
 @click.argument("source")
 @click.argument("output", type=click.Path(path_type=Path))
-@click.option("--quantize", type=click.Choice(["none"]), default="none", show_default=True,
-              help="Weight precision of the package.")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Weight precision: fp32, or block-wise int8/int4 (MatMulNBits, int8 compute).")
+@click.option("--block-size", type=int, help="Quantization block size (default: int8 128, int4 32).")
+@click.option("--lm-head-bits", type=click.Choice(["4", "8"]),
+              help="Precision of the tied embedding/lm_head (default: as --quantize).")
 @click.option("--attention", type=click.Choice(["gqa", "plain"]), default="gqa", show_default=True,
               help="gqa: fused attention, in-place KV cache (fast); plain: standard ONNX ops.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against transformers.")
 @_friendly_errors
-def export(source: str, output: Path, quantize: str, attention: str, force: bool, no_validate: bool) -> None:
+def export(source: str, output: Path, quantize: str, block_size: int | None, lm_head_bits: str | None,
+           attention: str, force: bool, no_validate: bool) -> None:
     """Export SOURCE (a hub id such as EleutherAI/gpt-neo-125m, or a checkpoint directory) to a
     model package at OUTPUT."""
-    manifest = _export_module().export_package(source, output, quantize=quantize, attention=attention,
-                                               force=force, validate=not no_validate)
+    manifest = _export_module().export_package(
+        source, output, quantize=quantize, attention=attention, force=force, validate=not no_validate,
+        block_size=block_size, lm_head_bits=int(lm_head_bits) if lm_head_bits else None)
     report = manifest.validation
     if report:
         click.echo(f"validated against transformers over {report['positions']} positions: max |Δlogit| "
                    f"prefill {report['max_abs_logit_diff_prefill']:.2e}, "
-                   f"step-wise {report['max_abs_logit_diff_stepwise']:.2e}", err=True)
+                   f"step-wise {report['max_abs_logit_diff_stepwise']:.2e}; top-1 agreement "
+                   f"{report['top1_agreement']:.1%}", err=True)
     click.echo(f"wrote {output}", err=True)
 
 
@@ -145,6 +151,38 @@ def info(package: Path, as_json: bool, verify: bool) -> None:
     if verify:
         lines.append("integrity      all sha256 match")
     click.echo("\n".join(lines))
+
+
+@main.command("eval")
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", type=click.Path(path_type=Path), required=True,
+              help="UTF-8 text file to score.")
+@click.option("--window", type=int, help="Tokens per window (default: min(context, 1024)).")
+@click.option("--stride", type=int, help="Tokens between window starts (default: window / 2).")
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="Also compare with this package (e.g. the fp32 one): top-1 agreement and KL.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@_session_options
+@_friendly_errors
+def eval_(package: Path, text_file: Path, window: int | None, stride: int | None, reference: Path | None,
+          as_json: bool, threads: int, spinning: bool) -> None:
+    """Perplexity of a text under PACKAGE, computed by the runtime (no torch)."""
+    from .evaluate import evaluate, read_text
+    from .generator import Generator
+
+    text = read_text(text_file)
+    generator = Generator(package, intra_threads=threads, spinning=spinning)
+    ref = Generator(reference, intra_threads=threads, spinning=spinning) if reference else None
+    report = evaluate(generator, text, window=window, stride=stride, reference=ref, progress=True)
+    if as_json:
+        click.echo(json.dumps({"package": str(package), "text": str(text_file),
+                               "reference": str(reference) if reference else None, **report.to_dict()}, indent=2))
+        return
+    click.echo(f"perplexity {report.perplexity:.4f} over {report.tokens} tokens "
+               f"({report.windows} windows of {report.window}, stride {report.stride})")
+    if ref is not None:
+        click.echo(f"reference  perplexity {report.reference_perplexity:.4f}; top-1 agreement "
+                   f"{report.top1_agreement:.2%}; mean KL {report.mean_kl:.5f} nats")
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:

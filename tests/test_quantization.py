@@ -1,0 +1,119 @@
+"""int8/int4 packages: the packing is exact, the tied table is stored once, and they run torch-free."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from neoedge import Generator
+from neoedge.export import export_package
+from neoedge.export.graph import build_decoder
+from neoedge.export.load import load_checkpoint
+from neoedge.export.quantize import NBitsQuantizer, quantize_blockwise
+from neoedge.manifest import GraphInfo
+
+
+def _dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, block: int) -> np.ndarray:
+    if bits == 4:
+        packed = np.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:2], -1)
+        zeros = np.stack([zeros & 15, zeros >> 4], axis=-1).reshape(zeros.shape[0], -1)[:, : scales.shape[1]]
+    values = (packed.astype(np.float32) - zeros[..., None]) * scales[..., None]
+    return values.reshape(packed.shape[0], -1)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("block", [16, 32])
+def test_blockwise_quantization_error_is_within_half_a_step(bits, block):
+    weight = np.random.default_rng(bits).standard_normal((24, 96)).astype(np.float32)
+    packed, scales, zeros = quantize_blockwise(weight, bits, block)
+    restored = _dequantize(packed, scales, zeros, bits, block)
+    step = np.repeat(scales, block, axis=1)
+    assert np.all(np.abs(restored - weight) <= step / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("bits,lm_head_bits", [(4, 4), (8, 8), (4, 8)])
+def test_quantized_graph_equals_the_model_with_dequantized_weights(checkpoints, bits, lm_head_bits):
+    """accuracy_level 0 computes in fp32 on the dequantized weights: then the graph must reproduce
+    transformers run with those same weights (checks packing, zero points, the embedding lookup
+    from the shared table and the lm_head)."""
+    checkpoint = load_checkpoint(str(checkpoints["window8"]))
+    quantizer = NBitsQuantizer(bits, 32, lm_head_bits=lm_head_bits, accuracy_level=0)
+    graph = build_decoder(checkpoint.info, checkpoint.weights(), GraphInfo(file="m", attention="plain"), quantizer)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    model = checkpoint.model
+    state = model.state_dict()
+    for name, tensor in state.items():
+        if name.endswith(("proj.weight", "c_fc.weight")) or name == "transformer.wte.weight":
+            b = lm_head_bits if name == "transformer.wte.weight" else bits
+            tensor.copy_(torch.from_numpy(_dequantize(*quantize_blockwise(tensor.numpy(), b, 32), b, 32)))
+    ids = np.random.default_rng(0).integers(0, checkpoint.info.vocab_size, size=40)
+    feeds = {"input_ids": ids[None], "position_ids": np.arange(40)[None], "logits_positions": np.arange(40)}
+    for layer in range(checkpoint.info.num_layers):
+        for kind in ("key", "value"):
+            feeds[f"past_{kind}.{layer}"] = np.zeros((1, 4, 0, 16), np.float32)
+    logits = session.run(["logits"], feeds)[0][0]
+    with torch.no_grad():
+        expected = model(torch.from_numpy(ids[None])).logits[0].numpy()
+    assert np.abs(logits - expected).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def quantized(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quantized")
+    return {q: export_package(str(checkpoints["window8"]), root / q, quantize=q, block_size=32, progress=False)
+            and root / q for q in ("int8", "int4")}
+
+
+def test_tied_table_is_stored_once(quantized):
+    import onnx
+
+    for path in quantized.values():
+        names = [t.name for t in onnx.load(str(path / "model.onnx")).graph.initializer]
+        assert sum("wte" in n for n in names) == 3  # packed weights, scales, zero points — once
+        assert "transformer.wte.weight" not in names
+
+
+def test_manifest_records_the_scheme(quantized):
+    for scheme, path in quantized.items():
+        data = json.loads((path / "neoedge.json").read_text())
+        assert data["quantization"]["scheme"] == scheme
+        assert data["quantization"]["settings"]["bits"] == int(scheme[3:])
+        assert data["quantization"]["settings"]["block_size"] == 32
+        assert data["validation"]["top1_agreement"] > 0.5
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_packages_run_without_torch(quantized, scheme):
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'transformers', 'optimum', 'onnx'): sys.modules[m] = None\n"
+        "from neoedge import Generator\n"
+        f"print(Generator({str(quantized[scheme])!r}).generate('Open a file', max_new_tokens=8, stop_at_eos=False))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_quantized_logits_stay_close_to_fp32(quantized, package):
+    ids = np.random.default_rng(1).integers(0, 512, size=64)
+    fp32 = Generator(package).logits(ids)
+    for scheme, path in quantized.items():
+        logits = Generator(path).logits(ids)
+        agreement = (logits.argmax(-1) == fp32.argmax(-1)).mean()
+        assert agreement >= (0.9 if scheme == "int8" else 0.6), (scheme, agreement)
+
+
+def test_block_size_that_does_not_divide_is_refused(checkpoints, tmp_path):
+    from neoedge.errors import ExportError
+
+    with pytest.raises(ExportError, match="blocks of 128"):
+        export_package(str(checkpoints["window8"]), tmp_path / "q", quantize="int8", block_size=128, progress=False)
+    assert not (tmp_path / "q").exists()
