@@ -90,17 +90,22 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
         inputs += [
             helper.make_tensor_value_info(gi.seqlens_k, TensorProto.INT32, ["batch"]),
             helper.make_tensor_value_info(gi.total_sequence_length, TensorProto.INT32, []),
+            helper.make_tensor_value_info(gi.local_seqlens_k, TensorProto.INT32, ["batch"]),
+            helper.make_tensor_value_info(gi.local_total_sequence_length, TensorProto.INT32, []),
         ]
-    cache_len = "cache_length" if gi.attention == "gqa" else "past_sequence"
-    present_len = "cache_length" if gi.attention == "gqa" else "total_sequence"
+    def cache_len(kind: str, present: bool) -> str:
+        if gi.attention == "gqa":
+            return "local_cache_length" if kind == "local" else "cache_length"
+        return "total_sequence" if present else "past_sequence"
+
     outputs = [helper.make_tensor_value_info(gi.logits, TensorProto.FLOAT,
                                              ["batch", "logits_count", model.vocab_size])]
-    for layer in range(model.num_layers):
+    for layer, kind in enumerate(model.attention_layers):
         for past, present in ((gi.past_key, gi.present_key), (gi.past_value, gi.present_value)):
             inputs.append(helper.make_tensor_value_info(
-                gi.cache_name(past, layer), TensorProto.FLOAT, ["batch", heads, cache_len, head_size]))
+                gi.cache_name(past, layer), TensorProto.FLOAT, ["batch", heads, cache_len(kind, False), head_size]))
             outputs.append(helper.make_tensor_value_info(
-                gi.cache_name(present, layer), TensorProto.FLOAT, ["batch", heads, present_len, head_size]))
+                gi.cache_name(present, layer), TensorProto.FLOAT, ["batch", heads, cache_len(kind, True), head_size]))
 
     # Token + learned absolute position embeddings. The token table is shared with the lm_head.
     token_embedding = quantizer.embedding(g, "/wte", weights["transformer.wte.weight"], gi.input_ids)
@@ -132,9 +137,13 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
         if gi.attention == "gqa":
             # scale=1.0: GPT-Neo does not scale scores. local_window_size counts the current
             # position (onnxruntime 1.32 semantics, checked by the parity tests across the window).
+            # Local layers have their own, bounded cache: only relative positions matter to attention
+            # (GPT-Neo adds absolute positions at the input), so it is indexed by its own lengths.
+            lengths = ([gi.local_seqlens_k, gi.local_total_sequence_length] if kind == "local"
+                       else [gi.seqlens_k, gi.total_sequence_length])
             g.nodes.append(helper.make_node(
                 "GroupQueryAttention",
-                [q, k, v, past_k, past_v, gi.seqlens_k, gi.total_sequence_length],
+                [q, k, v, past_k, past_v, *lengths],
                 [f"{where}/attn/GQA/output_0", present_k, present_v],
                 name=f"{where}/attn/GQA", domain=MS_DOMAIN,
                 num_heads=heads, kv_num_heads=heads, scale=1.0,

@@ -185,6 +185,36 @@ def eval_(package: Path, text_file: Path, window: int | None, stride: int | None
                    f"{report.top1_agreement:.2%}; mean KL {report.mean_kl:.5f} nats")
 
 
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--prompt-tokens", type=int, default=128, show_default=True)
+@click.option("--new-tokens", type=int, default=128, show_default=True)
+@click.option("--runs", type=int, default=3, show_default=True, help="Timed runs (after warm-up).")
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--context", "contexts", default="", help="Context sweep, e.g. 128,512,1024,1900.")
+@click.option("--cold-start/--no-cold-start", default=True, show_default=True,
+              help="Also time a fresh process from start to first token.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write results as JSON here.")
+@_session_options
+@_friendly_errors
+def bench(package: Path, prompt_tokens: int, new_tokens: int, runs: int, warmup: int, contexts: str,
+          cold_start: bool, json_path: Path | None, threads: int, spinning: bool) -> None:
+    """Latency of PACKAGE on this machine: prefill, decode ms/token, load, cold start, memory."""
+    from .bench import BenchSettings, format_report, run_bench, write_json
+
+    try:
+        sweep = tuple(int(c) for c in contexts.split(",") if c.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"--context takes comma-separated integers, got {contexts!r}") from exc
+    settings = BenchSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs, warmup=warmup,
+                             threads=threads, spinning=spinning, contexts=sweep, cold_start=cold_start)
+    report = run_bench(package, settings, progress=True)
+    click.echo(format_report(report))
+    if json_path:
+        write_json(report, json_path)
+        click.echo(f"wrote {json_path}", err=True)
+
+
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     try:
         socket.create_connection((host, 443), timeout=timeout).close()

@@ -8,36 +8,65 @@ import onnxruntime as ort
 from .manifest import GraphInfo, ModelInfo
 
 
+def local_chunk(window_size: int) -> int:
+    """Most positions one forward pass may add: a local layer's buffer holds window - 1 + this."""
+    return max(16, window_size // 2)
+
+
 class InPlaceKVCache:
-    """A preallocated cache of `capacity` positions that GroupQueryAttention updates in place.
+    """Preallocated caches that GroupQueryAttention updates in place.
 
     Each layer's buffer is bound as both the past input and the present output of the graph, so a
     decode step writes one new position and copies nothing.
+
+    Global layers get `capacity` positions. A local layer never looks further back than
+    window_size - 1 positions, so its buffer is bounded: window_size - 1 + `chunk` positions, and when
+    the next forward pass would overflow it, the last window_size - 1 positions slide to the front
+    (one small copy every `chunk` steps). For gpt-neo-125m at 2048 tokens this is ~60% of a full cache.
     """
 
     def __init__(self, model: ModelInfo, graph: GraphInfo, capacity: int) -> None:
         self.capacity = capacity
-        self.length = 0  # positions filled so far
-        shape = (1, model.num_heads, capacity, model.head_size)  # (batch, heads, capacity, head_size)
-        # np.zeros maps untouched pages lazily: a large capacity costs memory only as it fills.
-        self._buffers = [
-            (np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(model.num_layers)
-        ]
-        self._bindings = [
-            (
+        self.chunk = local_chunk(model.window_size)
+        self.keep = model.window_size - 1
+        self.local_capacity = min(capacity, self.keep + self.chunk)
+        self.length = 0  # positions filled so far (absolute)
+        self.local_length = 0  # positions held in the local layers' buffers
+        self._local: list[np.ndarray] = []
+        self._bindings = []
+        for layer, kind in enumerate(model.attention_layers):
+            positions = self.local_capacity if kind == "local" else capacity
+            shape = (1, model.num_heads, positions, model.head_size)  # (batch, heads, positions, head_size)
+            # np.zeros maps untouched pages lazily: a large capacity costs memory only as it fills.
+            keys, values = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            if kind == "local":
+                self._local += [keys, values]
+            self._bindings += [
                 (graph.cache_name(graph.past_key, layer), graph.cache_name(graph.present_key, layer),
                  ort.OrtValue.ortvalue_from_numpy(keys)),
                 (graph.cache_name(graph.past_value, layer), graph.cache_name(graph.present_value, layer),
                  ort.OrtValue.ortvalue_from_numpy(values)),
-            )
-            for layer, (keys, values) in enumerate(self._buffers)
-        ]
+            ]
+        self.nbytes = sum(value.numpy().nbytes for _, _, value in self._bindings)
 
     def bind(self, binding: ort.IOBinding) -> None:
-        for layer_bindings in self._bindings:
-            for past, present, value in layer_bindings:
-                binding.bind_ortvalue_input(past, value)
-                binding.bind_ortvalue_output(present, value)
+        for past, present, value in self._bindings:
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+
+    def make_room(self, count: int) -> None:
+        """Ensure `count` (<= chunk) new positions fit the local buffers."""
+        if count > self.chunk and self.local_capacity < self.capacity:
+            raise ValueError(f"at most {self.chunk} positions per forward pass, got {count}")
+        if self.local_length + count > self.local_capacity:
+            start = self.local_length - self.keep
+            for buffer in self._local:
+                buffer[:, :, : self.keep] = buffer[:, :, start: self.local_length]
+            self.local_length = self.keep
+
+    def advance(self, count: int) -> None:
+        self.length += count
+        self.local_length += count
 
 
 class ConcatKVCache:

@@ -65,6 +65,9 @@ class GraphInfo:
     # gqa only: index of the last valid cache position per batch row, and the total length.
     seqlens_k: str = "seqlens_k"
     total_sequence_length: str = "total_sequence_length"
+    # gqa only: the same for the local layers' bounded cache, which keeps only the recent window.
+    local_seqlens_k: str = "local_seqlens_k"
+    local_total_sequence_length: str = "local_total_sequence_length"
 
     def cache_name(self, template: str, layer: int) -> str:
         return template.format(layer=layer)

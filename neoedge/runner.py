@@ -41,69 +41,82 @@ class GqaRunner:
         self._session = session
         self._model = manifest.model
         self._graph = manifest.graph
-        self.length = 0
         self._cache: InPlaceKVCache | None = None
         # Decode-step inputs and output live in these arrays for the runner's lifetime; a step writes
         # a few scalars into them and runs: no allocation, no copy of the cache.
         self._ids = np.zeros((1, 1), np.int64)
         self._positions = np.zeros((1, 1), np.int64)
         self._logits_positions = np.zeros((1,), np.int64)
-        self._seqlens_k = np.zeros((1,), np.int32)  # index of the last valid cache position
+        # GroupQueryAttention's lengths: index of the last valid cache position, and the total,
+        # for the global layers' cache and for the local layers' bounded one.
+        self._seqlens_k = np.zeros((1,), np.int32)
         self._total = np.zeros((), np.int32)
+        self._local_seqlens_k = np.zeros((1,), np.int32)
+        self._local_total = np.zeros((), np.int32)
         self._logits = np.zeros((1, 1, self._model.vocab_size), np.float32)
         self._last_logits = self._logits[0, 0]
         self._step_binding: ort.IOBinding | None = None
 
+    @property
+    def length(self) -> int:
+        return self._cache.length if self._cache is not None else 0
+
     def reset(self, capacity: int) -> None:
         self._cache = InPlaceKVCache(self._model, self._graph, capacity)
-        self.length = 0
+        self._step_binding = self._bind(self._ids, self._positions, self._logits_positions, self._logits)
+
+    def _bind(self, ids: np.ndarray, positions: np.ndarray, logits_positions: np.ndarray,
+              logits: np.ndarray | None) -> ort.IOBinding:
         g = self._graph
         binding = self._session.io_binding()
-        for name, array in ((g.input_ids, self._ids), (g.position_ids, self._positions),
-                            (g.logits_positions, self._logits_positions), (g.seqlens_k, self._seqlens_k),
-                            (g.total_sequence_length, self._total)):
+        for name, array in ((g.input_ids, ids), (g.position_ids, positions),
+                            (g.logits_positions, logits_positions), (g.seqlens_k, self._seqlens_k),
+                            (g.total_sequence_length, self._total), (g.local_seqlens_k, self._local_seqlens_k),
+                            (g.local_total_sequence_length, self._local_total)):
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
-        binding.bind_ortvalue_output(g.logits, ort.OrtValue.ortvalue_from_numpy(self._logits))
+        if logits is None:
+            binding.bind_output(g.logits, "cpu")
+        else:
+            binding.bind_ortvalue_output(g.logits, ort.OrtValue.ortvalue_from_numpy(logits))
         self._cache.bind(binding)
-        self._step_binding = binding
+        return binding
+
+    def _set_lengths(self, count: int) -> None:
+        cache = self._cache
+        cache.make_room(count)
+        self._seqlens_k[0] = cache.length + count - 1
+        self._total[...] = cache.length + count
+        self._local_seqlens_k[0] = cache.local_length + count - 1
+        self._local_total[...] = cache.local_length + count
 
     def prefill(self, ids: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
         if self._cache is None:
             raise RuntimeError("reset() must start a sequence before prefill()")
-        count = ids.shape[0]
-        start = self.length
-        g = self._graph
-        total = start + count
-        binding = self._session.io_binding()
-        inputs = {
-            g.input_ids: ids.reshape(1, count).astype(np.int64, copy=False),
-            g.position_ids: np.arange(start, total, dtype=np.int64).reshape(1, count),
-            g.logits_positions: np.arange(count, dtype=np.int64) if all_logits
-            else np.array([count - 1], np.int64),
-            g.seqlens_k: np.array([total - 1], np.int32),
-            g.total_sequence_length: np.array(total, np.int32),
-        }
-        for name, array in inputs.items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        # Long prompts go through in chunks, so the local layers' bounded buffers can slide between.
+        chunk = self._cache.chunk
+        parts = []
+        for offset in range(0, ids.shape[0], chunk):
+            part = ids[offset: offset + chunk].astype(np.int64, copy=False).reshape(1, -1)
+            count = part.shape[1]
+            start = self._cache.length
+            positions = np.arange(start, start + count, dtype=np.int64).reshape(1, count)
+            selected = np.arange(count, dtype=np.int64) if all_logits else np.array([count - 1], np.int64)
+            self._set_lengths(count)
+            binding = self._bind(part, positions, selected, None if all_logits else self._logits)
+            self._session.run_with_iobinding(binding)
+            self._cache.advance(count)
+            if all_logits:
+                parts.append(binding.get_outputs()[0].numpy()[0])
         if all_logits:
-            binding.bind_output(g.logits, "cpu")
-        else:
-            binding.bind_ortvalue_output(g.logits, ort.OrtValue.ortvalue_from_numpy(self._logits))
-        self._cache.bind(binding)
-        self._session.run_with_iobinding(binding)
-        self.length = total
-        if all_logits:
-            return binding.get_outputs()[0].numpy()[0]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
         return self._last_logits
 
     def step(self, token: int) -> np.ndarray:
-        position = self.length
         self._ids[0, 0] = token
-        self._positions[0, 0] = position
-        self._seqlens_k[0] = position
-        self._total[...] = position + 1
+        self._positions[0, 0] = self._cache.length
+        self._set_lengths(1)
         self._session.run_with_iobinding(self._step_binding)
-        self.length = position + 1
+        self._cache.advance(1)
         return self._last_logits
 
 
