@@ -38,6 +38,7 @@ def export_package(
     attention: Literal["gqa", "plain"] = "gqa",
     force: bool = False,
     validate: bool = True,
+    optimize: bool = True,
     block_size: int | None = None,
     lm_head_bits: int | None = None,
     tolerance: float = FP32_TOLERANCE,
@@ -74,6 +75,8 @@ def export_package(
 
         bar.set_postfix_str(steps[2])
         _save_graph(model, staging / MODEL_FILE)
+        if optimize:
+            _optimize_graph(staging / MODEL_FILE)
         (staging / TOKENIZER_FILE).write_text(checkpoint.tokenizer_json, encoding="utf-8")
         manifest = Manifest(
             model=checkpoint.info,
@@ -118,6 +121,40 @@ def _save_graph(model: onnx.ModelProto, path: Path) -> None:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
     else:
+        onnx.save_model(model, str(path))
+
+
+def _optimize_graph(path: Path) -> None:
+    """Replace the graph with onnxruntime's optimized form (fused LayerNorm/SkipLayerNorm, Gelu, ...)
+    so that loading it does less work.
+
+    Only the hardware-independent EXTENDED level is saved: graphs optimized at ALL may hold layouts
+    specific to the exporting CPU. The runtime still runs the ALL level at load, on an already fused graph.
+    """
+    import onnxruntime as ort
+
+    optimized = path.with_name("optimized.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(optimized)
+    external = path.with_name(path.name + ".data")
+    if external.exists():
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         "optimized.onnx.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                         "1024")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized.replace(path)
+    if external.exists():
+        path.with_name("optimized.onnx.data").replace(external)
+        # The graph names its external file; keep the name the manifest lists.
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = external.name
         onnx.save_model(model, str(path))
 
 
