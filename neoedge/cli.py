@@ -228,22 +228,21 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
               help="Hub id or checkpoint directory to export.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("neoedge-demo"), show_default=True,
               help="Where to write the checkpoint (if built) and the package.")
-@click.option("--prompt", default="The standard library", show_default=True)
+@click.option("--prompt", default="Return a new list", show_default=True)
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @_friendly_errors
 def demo(model: str, out: Path, prompt: str, max_new_tokens: int) -> None:
-    """Export a model and generate from it, end to end. Offline, a small local GPT-Neo is used."""
+    """Export a model and generate from it, end to end. Offline, a small bundled GPT-Neo is used."""
     from .generator import Generator
 
     export = _export_module()
     source = model
     if not Path(model).exists() and not _hub_reachable():
-        source = str(out / "checkpoint")
-        click.echo(f"{model} is not reachable (offline?): building a small local GPT-Neo at {source}",
-                   err=True)
-        if not Path(source, "config.json").exists():
-            from neoedge.export.tiny import build_random_checkpoint
-            build_random_checkpoint(source)
+        from neoedge.export.tiny import trained_checkpoint
+
+        source = str(trained_checkpoint())
+        click.echo(f"{model} is not reachable (offline?): using the small GPT-Neo that ships with "
+                   f"neoedge, trained on Python's docstrings ({source})", err=True)
     package = out / "package"
     export.export_package(source, package, force=True)
     click.echo(f"package: {package}  (try: neoedge info {package})", err=True)

@@ -4,7 +4,7 @@ reference package (top-1 and KL divergence of next-token distributions)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,10 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+LogitsFn = Callable[[np.ndarray], np.ndarray]
+"""token ids [n] -> next-token logits at every position [n, vocab]."""
+
+
 def evaluate(generator: Generator, text: str, *, window: int | None = None, stride: int | None = None,
              reference: Generator | None = None, progress: bool = False) -> QualityReport:
     """Perplexity of `text` under `generator` and, with `reference`, how closely it follows it.
@@ -84,11 +88,8 @@ def evaluate(generator: Generator, text: str, *, window: int | None = None, stri
     """
     model = generator.manifest.model
     window = window or min(model.context_length, 1024)
-    stride = stride or max(1, window // 2)
     if not 2 <= window <= model.context_length:
         raise EvaluationError(f"window must be between 2 and the context ({model.context_length}), got {window}")
-    if not 1 <= stride <= window:
-        raise EvaluationError(f"stride must be between 1 and the window ({window}), got {stride}")
     if reference is not None:
         if reference.manifest.files[reference.manifest.tokenizer].sha256 != \
                 generator.manifest.files[generator.manifest.tokenizer].sha256:
@@ -96,31 +97,43 @@ def evaluate(generator: Generator, text: str, *, window: int | None = None, stri
     if not text.strip():
         raise EvaluationError("the text is empty")
     ids = np.asarray([model.bos_token_id] + generator.tokenizer.encode(text), dtype=np.int64)
+    return score(generator.logits, ids, window=window, stride=stride,
+                 reference=reference.logits if reference is not None else None, progress=progress)
+
+
+def score(logits: LogitsFn, ids: np.ndarray, *, window: int, stride: int | None = None,
+          reference: LogitsFn | None = None, progress: bool = False) -> QualityReport:
+    """Perplexity of ids[1:] given ids[0] (bos) and, with `reference`, top-1 agreement and mean
+    KL(reference || model) of the next-token distributions. Any model can be scored through a
+    logits function, which is how benchmarks compare neoedge with other runtimes on equal terms."""
+    stride = stride or max(1, window // 2)
+    if not 1 <= stride <= window:
+        raise EvaluationError(f"stride must be between 1 and the window ({window}), got {stride}")
     if len(ids) < window:
         raise EvaluationError(f"the text has {len(ids) - 1} tokens, fewer than one window ({window}): "
                               "use a longer text or a smaller window")
-
-    spans = list(Windows(window, stride).spans(len(ids)))
-    nll = 0.0
-    ref_nll = kl = 0.0
-    agree = 0
     from tqdm.auto import tqdm
 
+    spans = list(Windows(window, stride).spans(len(ids)))
+    nll = ref_nll = kl = 0.0
+    agree = 0
     for begin, end, first in tqdm(spans, desc="eval", unit="window", disable=not progress):
         targets = ids[first:end]
+        positions = np.arange(len(targets))
         rows = slice(first - 1 - begin, end - 1 - begin)  # logits at position p predict token p+1
-        logp = _log_softmax(generator.logits(ids[begin:end])[rows])
-        nll -= float(logp[np.arange(len(targets)), targets].sum())
+        logp = _log_softmax(logits(ids[begin:end])[rows])
+        nll -= float(logp[positions, targets].sum())
         if reference is not None:
-            ref_logp = _log_softmax(reference.logits(ids[begin:end])[rows])
-            ref_nll -= float(ref_logp[np.arange(len(targets)), targets].sum())
+            ref_logp = _log_softmax(reference(ids[begin:end])[rows])
+            ref_nll -= float(ref_logp[positions, targets].sum())
             kl += float((np.exp(ref_logp) * (ref_logp - logp)).sum())
             agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
     scored = len(ids) - 1
+    compared = reference is not None
     return QualityReport(
         tokens=scored, windows=len(spans), window=window, stride=stride,
         perplexity=float(np.exp(nll / scored)), mean_nll=nll / scored,
-        reference_perplexity=float(np.exp(ref_nll / scored)) if reference is not None else None,
-        top1_agreement=agree / scored if reference is not None else None,
-        mean_kl=kl / scored if reference is not None else None,
+        reference_perplexity=float(np.exp(ref_nll / scored)) if compared else None,
+        top1_agreement=agree / scored if compared else None,
+        mean_kl=kl / scored if compared else None,
     )

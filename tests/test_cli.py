@@ -98,3 +98,23 @@ def test_export_force_replaces(cli, checkpoints, tmp_path):
     assert not (out / "stale.txt").exists()
     assert json.loads((out / "neoedge.json").read_text())["graph"]["attention"] == "plain"
     assert "validated against transformers" in result.stderr
+
+
+def test_bench_reports_every_measurement(cli, package, tmp_path):
+    out = tmp_path / "bench.json"
+    result = cli("bench", package, "--prompt-tokens", "16", "--new-tokens", "6", "--runs", "2",
+                 "--context", "32,64", "--json", out, "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert "decode" in result.stdout and "cold start" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["decode_ms_per_token"]["median"] > 0
+    assert report["first_token_ms"] > 0 and report["session_load_s"] > 0
+    assert [p["context"] for p in report["context_sweep"]] == [32, 64]
+    assert report["cold_start_s"] > 0 and report["peak_rss_mb"] > 0
+    assert report["machine"]["onnxruntime"]
+
+
+def test_bench_rejects_a_prompt_longer_than_the_context(cli, package):
+    result = cli("bench", package, "--prompt-tokens", "999", "--no-cold-start")
+    assert result.exit_code != 0
+    assert "does not fit the context" in result.stderr
