@@ -116,7 +116,7 @@ class NBitsQuantizer(LinearQuantizer):
             blocks = width // block
             if zeros_padded(blocks):
                 zeros = g.op("Slice", [zeros, g.constant([0]), g.constant([blocks]), g.constant([-1])],
-                             f"{name}/zeros/Slice")
+                             f"{name}/zeros/trim/Slice")
         values = g.op("Cast", [rows], f"{name}/rows/Cast", to=1)
         zeros = g.op("Cast", [zeros], f"{name}/zeros/Cast", to=1)
         zeros = g.op("Unsqueeze", [zeros, g.constant([-1])], f"{name}/zeros/Unsqueeze")
@@ -151,6 +151,17 @@ def _unpack_nibbles(g: _Graph, name: str, packed: str) -> str:
     return g.op("Reshape", [pairs, shape], f"{name}/Reshape")
 
 
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def _grid(blocks: np.ndarray, low: np.ndarray, high: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    scales = (high - low) / qmax
+    scales[scales == 0] = 1.0
+    zero_points = np.clip(np.round(-low / scales), 0, qmax).astype(np.uint8)
+    q = np.clip(np.round(blocks / scales[..., None]) + zero_points[..., None], 0, qmax).astype(np.uint8)
+    return scales.astype(np.float32), zero_points, q
+
+
 def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Asymmetric min/max quantization of [out, in] weights in blocks along `in`.
 
@@ -167,10 +178,18 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int) -> tuple[
     # The range always includes 0 so that zero weights stay exactly zero.
     low = np.minimum(blocks.min(axis=-1), 0.0)
     high = np.maximum(blocks.max(axis=-1), 0.0)
-    scales = (high - low) / qmax
-    scales[scales == 0] = 1.0
-    zero_points = np.clip(np.round(-low / scales), 0, qmax).astype(np.uint8)
-    q = np.clip(np.round(blocks / scales[..., None]) + zero_points[..., None], 0, qmax).astype(np.uint8)
+    # Min/max ranges let one outlier stretch a whole block's grid. For each block, shrink the range
+    # by the factor (from CLIP_RATIOS) that minimises its squared error; 1.0 keeps plain min/max.
+    best_error = np.full(low.shape, np.inf, np.float32)
+    scales = np.ones(low.shape, np.float32)
+    zero_points = np.zeros(low.shape, np.uint8)
+    q = np.zeros(blocks.shape, np.uint8)
+    for ratio in CLIP_RATIOS if bits == 4 else (1.0,):
+        s_, z_, q_ = _grid(blocks, low * ratio, high * ratio, qmax)
+        error = np.square((q_.astype(np.float32) - z_[..., None]) * s_[..., None] - blocks).sum(axis=-1)
+        better = error < best_error
+        best_error[better] = error[better]
+        scales[better], zero_points[better], q[better] = s_[better], z_[better], q_[better]
     if bits == 4:
         q = q[..., 0::2] | (q[..., 1::2] << 4)
         if zeros_padded(zero_points.shape[1]):
