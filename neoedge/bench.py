@@ -67,8 +67,15 @@ def random_prompt(generator: Generator, length: int, seed: int) -> list[int]:
 
 
 def peak_rss_mb() -> float:
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    scale = 1 if sys.platform == "darwin" else 1024
+    """This process's peak resident memory. On Linux VmHWM, which starts afresh at exec (ru_maxrss
+    would carry the parent's peak into a spawned benchmark process)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e6
 
 
