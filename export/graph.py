@@ -115,21 +115,32 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
 
     masks = _plain_masks(g, gi, model) if gi.attention == "plain" else {}
 
-    def layer_norm(x: str, prefix: str, name: str) -> str:
-        scale = g.initializer(f"{prefix}.weight", weights[f"{prefix}.weight"])
-        bias = g.initializer(f"{prefix}.bias", weights[f"{prefix}.bias"])
-        return g.op("LayerNormalization", [x, scale, bias], name, axis=-1, epsilon=layer_norm_eps)
+    def norm_params(prefix: str) -> list[str]:
+        return [g.initializer(f"{prefix}.{p}", weights[f"{prefix}.{p}"]) for p in ("weight", "bias")]
 
+    def skip_layer_norm(residual: str, x: str, bias: str, prefix: str, name: str) -> tuple[str, str]:
+        """(LayerNorm(residual + x + bias), residual + x + bias) in one fused op."""
+        outputs = [f"{name}/output_0", "", "", f"{name}/output_3"]
+        g.nodes.append(helper.make_node(
+            "SkipLayerNormalization", [residual, x, *norm_params(prefix), bias], outputs, name=name,
+            domain=MS_DOMAIN, epsilon=layer_norm_eps))
+        return outputs[0], outputs[3]
+
+    def bias(name: str) -> str:
+        return g.initializer(name, weights[name])
+
+    # Pre-LayerNorm blocks, written so that every residual Add, every LayerNorm and every bias is
+    # fused: each block ends in a SkipLayerNormalization that also applies the next block's ln_1
+    # (or ln_f after the last one), and biases ride along in SkipLayerNorm and FastGelu.
+    x = g.op("LayerNormalization", [h, *norm_params("transformer.h.0.ln_1")], "/layers.0/ln_1/LayerNorm",
+             axis=-1, epsilon=layer_norm_eps)
     for layer, kind in enumerate(model.attention_layers):
         p = f"transformer.h.{layer}"
         where = f"/layers.{layer}"
-        a = layer_norm(h, f"{p}.ln_1", f"{where}/ln_1/LayerNorm")
         # One packed projection instead of three: q, k and v have no bias in GPT-Neo.
         wqkv = np.concatenate([weights.layer(layer, f"attn.attention.{n}_proj.weight")
                                for n in ("q", "k", "v")], axis=0)
-        qkv = quantizer.linear(g, f"{where}/attn/qkv_proj", a, wqkv, None)
-        q, k, v = g.node("Split", [qkv, g.constant([hidden] * 3)], f"{where}/attn/Split",
-                         outputs=3, axis=-1)
+        qkv = quantizer.linear(g, f"{where}/attn/qkv_proj", x, wqkv, None)
         past_k = gi.cache_name(gi.past_key, layer)
         past_v = gi.cache_name(gi.past_value, layer)
         present_k = gi.cache_name(gi.present_key, layer)
@@ -139,34 +150,36 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
             # position (onnxruntime 1.32 semantics, checked by the parity tests across the window).
             # Local layers have their own, bounded cache: only relative positions matter to attention
             # (GPT-Neo adds absolute positions at the input), so it is indexed by its own lengths.
+            # The packed qkv goes in as the query, key and value left empty: no Split.
             lengths = ([gi.local_seqlens_k, gi.local_total_sequence_length] if kind == "local"
                        else [gi.seqlens_k, gi.total_sequence_length])
             g.nodes.append(helper.make_node(
                 "GroupQueryAttention",
-                [q, k, v, past_k, past_v, *lengths],
+                [qkv, "", "", past_k, past_v, *lengths],
                 [f"{where}/attn/GQA/output_0", present_k, present_v],
                 name=f"{where}/attn/GQA", domain=MS_DOMAIN,
                 num_heads=heads, kv_num_heads=heads, scale=1.0,
                 local_window_size=model.window_size if kind == "local" else -1))
             context = f"{where}/attn/GQA/output_0"
         else:
+            q, k, v = g.node("Split", [qkv, g.constant([hidden] * 3)], f"{where}/attn/Split",
+                             outputs=3, axis=-1)
             context = _plain_attention(g, where, q, k, v, past_k, past_v, present_k, present_v,
                                        masks[kind], heads, head_size, hidden)
-        out_proj = quantizer.linear(g, f"{where}/attn/out_proj", context,
-                                    weights.layer(layer, "attn.attention.out_proj.weight"),
-                                    weights.layer(layer, "attn.attention.out_proj.bias"))
-        h = g.op("Add", [h, out_proj], f"{where}/attn/residual/Add")
-
-        m = layer_norm(h, f"{p}.ln_2", f"{where}/ln_2/LayerNorm")
-        fc = quantizer.linear(g, f"{where}/mlp/c_fc", m, weights.layer(layer, "mlp.c_fc.weight"),
-                              weights.layer(layer, "mlp.c_fc.bias"))
+        attn = quantizer.linear(g, f"{where}/attn/out_proj", context,
+                                weights.layer(layer, "attn.attention.out_proj.weight"), None)
+        m, h = skip_layer_norm(h, attn, bias(f"{p}.attn.attention.out_proj.bias"), f"{p}.ln_2",
+                               f"{where}/ln_2/SkipLayerNorm")
+        fc = quantizer.linear(g, f"{where}/mlp/c_fc", m, weights.layer(layer, "mlp.c_fc.weight"), None)
         # gelu_new is the tanh approximation, which is exactly what FastGelu computes.
-        act = g.op("FastGelu", [fc], f"{where}/mlp/FastGelu", domain=MS_DOMAIN)
-        proj = quantizer.linear(g, f"{where}/mlp/c_proj", act, weights.layer(layer, "mlp.c_proj.weight"),
-                                weights.layer(layer, "mlp.c_proj.bias"))
-        h = g.op("Add", [h, proj], f"{where}/mlp/residual/Add")
+        act = g.op("FastGelu", [fc, bias(f"{p}.mlp.c_fc.bias")], f"{where}/mlp/FastGelu", domain=MS_DOMAIN)
+        proj = quantizer.linear(g, f"{where}/mlp/c_proj", act, weights.layer(layer, "mlp.c_proj.weight"), None)
+        last = layer == model.num_layers - 1
+        next_norm = "transformer.ln_f" if last else f"transformer.h.{layer + 1}.ln_1"
+        x, h = skip_layer_norm(h, proj, bias(f"{p}.mlp.c_proj.bias"), next_norm,
+                               "/ln_f/SkipLayerNorm" if last else f"/layers.{layer + 1}/ln_1/SkipLayerNorm")
 
-    h = layer_norm(h, "transformer.ln_f", "/ln_f/LayerNorm")
+    h = x
     # Only the requested positions go through the lm_head (one position per decode step).
     selected = g.op("Gather", [h, gi.logits_positions], "/lm_head/select/Gather", axis=1)
     quantizer.lm_head(g, "/lm_head", selected, gi.logits)
