@@ -43,9 +43,17 @@ CONFIGS = {
     "pytorch-fp32": "PyTorch eager `generate`, fp32",
     "optimum-fp32": "Optimum ORTModelForCausalLM, fp32",
     "optimum-int8": "Optimum ORTModelForCausalLM, dynamic int8 (avx512_vnni)",
+    "loop-int8": "plain numpy loop over Optimum's int8 graph (no torch)",
     "neoedge-fp32": "neoedge fp32",
-    "neoedge-int8": "neoedge int8",
-    "neoedge-int4": "neoedge int4",
+    "neoedge-int8": "neoedge int8 (block 128)",
+    "neoedge-int4": "neoedge int4 (block 32, default)",
+    "neoedge-int4-b128": "neoedge int4 (block 128)",
+}
+NEOEDGE_EXPORTS = {
+    "neoedge-fp32": dict(quantize="none"),
+    "neoedge-int8": dict(quantize="int8"),
+    "neoedge-int4": dict(quantize="int4"),
+    "neoedge-int4-b128": dict(quantize="int4", block_size=128),
 }
 FIRST_TOKEN_MARK = "FIRST-TOKEN"
 
@@ -59,22 +67,21 @@ def prepare(checkpoint: str | None, configs: list[str]) -> dict[str, str]:
     source = checkpoint or str(_random_125m())
     tag = "random125m" if checkpoint is None else Path(source).name.replace("/", "_")
     paths = {"pytorch-fp32": source}
-    for scheme in ("fp32", "int8", "int4"):
-        name = f"neoedge-{scheme}"
+    for name, options in NEOEDGE_EXPORTS.items():
         out = WORK / f"{tag}-{name}"
         if name in configs and not (out / "neoedge.json").exists():
             print(f"exporting {name} ...", file=sys.stderr)
-            export_package(source, out, quantize="none" if scheme == "fp32" else scheme)
+            export_package(source, out, **options)
         paths[name] = str(out)
     optimum_fp32 = WORK / f"{tag}-optimum-fp32"
     optimum_int8 = WORK / f"{tag}-optimum-int8"
-    if {"optimum-fp32", "optimum-int8"} & set(configs) and not (optimum_fp32 / "model.onnx").exists():
+    if {"optimum-fp32", "optimum-int8", "loop-int8"} & set(configs) and not (optimum_fp32 / "model.onnx").exists():
         from optimum.onnxruntime import ORTModelForCausalLM
 
         print("exporting optimum-fp32 ...", file=sys.stderr)
         ORTModelForCausalLM.from_pretrained(source, export=True, use_cache=True).save_pretrained(optimum_fp32)
         _copy_tokenizer(source, optimum_fp32)
-    if "optimum-int8" in configs and not optimum_int8.exists():
+    if {"optimum-int8", "loop-int8"} & set(configs) and not optimum_int8.exists():
         from optimum.onnxruntime import ORTQuantizer
         from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
@@ -85,6 +92,7 @@ def prepare(checkpoint: str | None, configs: list[str]) -> dict[str, str]:
         _copy_tokenizer(source, optimum_int8)
     paths["optimum-fp32"] = str(optimum_fp32)
     paths["optimum-int8"] = str(optimum_int8)
+    paths["loop-int8"] = str(optimum_int8 / "model_quantized.onnx")
     return paths
 
 
@@ -160,6 +168,9 @@ def _make_generate(config: str, path: str, threads: int):
             return stamps
         return generate
 
+    if config == "loop-int8":
+        return _plain_loop(path, threads)
+
     import torch
     from transformers.generation.streamers import BaseStreamer
 
@@ -194,6 +205,36 @@ def _make_generate(config: str, path: str, threads: int):
                            max_new_tokens=count, min_new_tokens=count, do_sample=False,
                            pad_token_id=0, streamer=streamer)
         return [start] + streamer.stamps[1:]
+    return generate
+
+
+def _plain_loop(path: str, threads: int):
+    """What a careful user writes without torch: an InferenceSession over Optimum's graph, fed the
+    ids, mask, positions and every past tensor; the presents become the next past; argmax in numpy."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    past_inputs = [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
+    outputs = [o.name for o in session.get_outputs()]
+
+    def generate(ids, count):
+        stamps = [time.perf_counter()]
+        feeds = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in past_inputs}
+        tokens = np.asarray([ids], np.int64)
+        length = 0
+        for _ in range(count):
+            n = tokens.shape[1]
+            feeds.update(input_ids=tokens, attention_mask=np.ones((1, length + n), np.int64),
+                         position_ids=np.arange(length, length + n, dtype=np.int64)[None])
+            results = session.run(outputs, feeds)
+            for name, value in zip(outputs[1:], results[1:]):
+                feeds[name.replace("present", "past_key_values")] = value
+            length += n
+            tokens = np.asarray([[int(results[0][0, -1].argmax())]], np.int64)
+            stamps.append(time.perf_counter())
+        return stamps
     return generate
 
 
@@ -244,15 +285,11 @@ def weights_read_per_step(config: str, path: str) -> float:
     (position embeddings; a token embedding that is not also the lm_head)."""
     if config == "pytorch-fp32":
         from safetensors import safe_open
-        total = 0
         with safe_open(str(Path(path) / "model.safetensors"), "np") as f:
-            for name in f.keys():
-                if "wpe" not in name:
-                    total += f.get_slice(name).get_shape()[0] * int(np.prod(f.get_slice(name).get_shape()[1:])) * 4
-        return float(total)
+            return float(sum(f.get_tensor(name).nbytes for name in f.keys() if "wpe" not in name))
     import onnx
 
-    files = sorted(Path(path).glob("*.onnx"))
+    files = [Path(path)] if path.endswith(".onnx") else sorted(Path(path).glob("*.onnx"))
     model = onnx.load(str(files[0]), load_external_data=True)
     gather_only: dict[str, bool] = {}
     for node in model.graph.node:
@@ -267,7 +304,7 @@ def weights_read_per_step(config: str, path: str) -> float:
 
 
 def disk_mb(config: str, path: str) -> float:
-    root = Path(path)
+    root = Path(path).parent if path.endswith(".onnx") else Path(path)
     pattern = "*.safetensors" if config == "pytorch-fp32" else "*"
     return sum(p.stat().st_size for p in root.glob(pattern) if p.is_file()) / 1e6
 
@@ -334,7 +371,7 @@ def main() -> None:
                "weights_read_mb": read / 1e6, "limit_ms": limit_ms,
                "sweep": {str(c): _stats([x["sweep"][i]["decode_ms_per_token"] for x in runs])
                          for i, c in enumerate(contexts)},
-               "needs_torch": not config.startswith("neoedge")}
+               "needs_torch": config.startswith(("pytorch", "optimum"))}
         row["ratio_to_limit"] = row["decode_ms_per_token"]["median"] / limit_ms
         rows.append(row)
     report = {"date": datetime.date.today().isoformat(), "machine": machine_info(),
