@@ -140,7 +140,7 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
         # One packed projection instead of three: q, k and v have no bias in GPT-Neo.
         wqkv = np.concatenate([weights.layer(layer, f"attn.attention.{n}_proj.weight")
                                for n in ("q", "k", "v")], axis=0)
-        qkv = quantizer.linear(g, f"{where}/attn/qkv_proj", x, wqkv, None)
+        qkv = quantizer.linear(g, f"{where}/attn/qkv_proj", x, wqkv)
         past_k = gi.cache_name(gi.past_key, layer)
         past_v = gi.cache_name(gi.past_value, layer)
         present_k = gi.cache_name(gi.present_key, layer)
@@ -167,13 +167,13 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
             context = _plain_attention(g, where, q, k, v, past_k, past_v, present_k, present_v,
                                        masks[kind], heads, head_size, hidden)
         attn = quantizer.linear(g, f"{where}/attn/out_proj", context,
-                                weights.layer(layer, "attn.attention.out_proj.weight"), None)
+                                weights.layer(layer, "attn.attention.out_proj.weight"))
         m, h = skip_layer_norm(h, attn, bias(f"{p}.attn.attention.out_proj.bias"), f"{p}.ln_2",
                                f"{where}/ln_2/SkipLayerNorm")
-        fc = quantizer.linear(g, f"{where}/mlp/c_fc", m, weights.layer(layer, "mlp.c_fc.weight"), None)
+        fc = quantizer.linear(g, f"{where}/mlp/c_fc", m, weights.layer(layer, "mlp.c_fc.weight"))
         # gelu_new is the tanh approximation, which is exactly what FastGelu computes.
         act = g.op("FastGelu", [fc, bias(f"{p}.mlp.c_fc.bias")], f"{where}/mlp/FastGelu", domain=MS_DOMAIN)
-        proj = quantizer.linear(g, f"{where}/mlp/c_proj", act, weights.layer(layer, "mlp.c_proj.weight"), None)
+        proj = quantizer.linear(g, f"{where}/mlp/c_proj", act, weights.layer(layer, "mlp.c_proj.weight"))
         last = layer == model.num_layers - 1
         next_norm = "transformer.ln_f" if last else f"transformer.h.{layer + 1}.ln_1"
         x, h = skip_layer_norm(h, proj, bias(f"{p}.mlp.c_proj.bias"), next_norm,

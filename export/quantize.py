@@ -23,14 +23,13 @@ class LinearQuantizer:
     def settings(self) -> dict[str, Any]:
         return {}
 
-    def linear(self, g: _Graph, name: str, x: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
-        """x @ weight.T (+ bias); weight is in torch's [out, in] layout."""
+    # Biases are not the quantizer's business: the graph fuses them into SkipLayerNorm and FastGelu.
+    def linear(self, g: _Graph, name: str, x: str, weight: np.ndarray) -> str:
+        """x @ weight.T; weight is in torch's [out, in] layout."""
         w = g.initializer(f"{name}.weight", np.ascontiguousarray(weight.T))
-        y = g.op("MatMul", [x, w], f"{name}/MatMul")
-        if bias is not None:
-            y = g.op("Add", [y, g.initializer(f"{name}.bias", bias)], f"{name}/Add")
-        return y
+        return g.op("MatMul", [x, w], f"{name}/MatMul")
 
+    # embedding() is called before lm_head(): it stores the tied table that lm_head() reuses.
     def embedding(self, g: _Graph, name: str, table: np.ndarray, ids: str) -> str:
         self._table = g.initializer("transformer.wte.weight", table)
         self._table_shape = table.shape
@@ -79,34 +78,29 @@ class NBitsQuantizer(LinearQuantizer):
                 "lm_head_bits": self.lm_head_bits, "accuracy_level": self.accuracy_level,
                 "zero_point": "asymmetric", "embedding": "tied, shared with lm_head"}
 
-    def _matmul(self, g: _Graph, name: str, x: str, weight: np.ndarray, bits: int,
-                bias: np.ndarray | None, prefix: str) -> tuple[str, tuple[str, str, str]]:
-        out_features, in_features = weight.shape
+    def _weight(self, g: _Graph, prefix: str, weight: np.ndarray, bits: int) -> tuple[str, str, str]:
         packed, scales, zero_points = quantize_blockwise(weight, bits, self.block_size)
-        b = g.initializer(f"{prefix}.qweight", packed)
-        s = g.initializer(f"{prefix}.scales", scales)
-        z = g.initializer(f"{prefix}.qzeros", zero_points)
-        inputs = [x, b, s, z]
-        if bias is not None:
-            # Inputs 4 (g_idx) is unused; 5 is the bias, fused into the kernel.
-            inputs += ["", g.initializer(f"{prefix}.bias", bias)]
-        y = g.op("MatMulNBits", inputs, f"{name}/MatMulNBits", domain="com.microsoft",
-                 K=in_features, N=out_features, bits=bits, block_size=self.block_size,
-                 accuracy_level=self.accuracy_level)
-        return y, (b, s, z)
+        return (g.initializer(f"{prefix}.qweight", packed), g.initializer(f"{prefix}.scales", scales),
+                g.initializer(f"{prefix}.qzeros", zero_points))
 
-    def linear(self, g: _Graph, name: str, x: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
-        return self._matmul(g, name, x, weight, self.bits, bias, prefix=name)[0]
+    def _matmul(self, g: _Graph, name: str, x: str, quantized: tuple[str, str, str], shape: tuple[int, int],
+                bits: int, output: str | None = None) -> str:
+        out_features, in_features = shape
+        output = output or f"{name}/MatMulNBits/output_0"
+        g.nodes.append(helper.make_node(
+            "MatMulNBits", [x, *quantized], [output], name=f"{name}/MatMulNBits", domain="com.microsoft",
+            K=in_features, N=out_features, bits=bits, block_size=self.block_size,
+            accuracy_level=self.accuracy_level))
+        return output
+
+    def linear(self, g: _Graph, name: str, x: str, weight: np.ndarray) -> str:
+        return self._matmul(g, name, x, self._weight(g, name, weight, self.bits), weight.shape, self.bits)
 
     def embedding(self, g: _Graph, name: str, table: np.ndarray, ids: str) -> str:
-        self._table = table
-        vocab, width = table.shape
+        width = table.shape[1]
         bits, block = self.lm_head_bits, self.block_size
-        packed, scales, zero_points = quantize_blockwise(table, bits, block)
-        b = g.initializer("transformer.wte.qweight", packed)
-        s = g.initializer("transformer.wte.scales", scales)
-        z = g.initializer("transformer.wte.qzeros", zero_points)
-        self._tied = (b, s, z)
+        self._table_shape = table.shape
+        self._tied = b, s, z = self._weight(g, "transformer.wte", table, bits)
         rows = g.op("Gather", [b, ids], f"{name}/rows/Gather")  # [batch, seq, blocks, block bytes]
         zeros = g.op("Gather", [z, ids], f"{name}/zeros/Gather")
         row_scales = g.op("Gather", [s, ids], f"{name}/scales/Gather")  # [batch, seq, blocks]
@@ -126,12 +120,7 @@ class NBitsQuantizer(LinearQuantizer):
         return g.op("Reshape", [values, g.constant([0, 0, width])], f"{name}/Reshape")
 
     def lm_head(self, g: _Graph, name: str, hidden: str, output: str) -> None:
-        vocab, width = self._table.shape
-        b, s, z = self._tied
-        g.nodes.append(helper.make_node(
-            "MatMulNBits", [hidden, b, s, z], [output], name=f"{name}/MatMulNBits", domain="com.microsoft",
-            K=width, N=vocab, bits=self.lm_head_bits, block_size=self.block_size,
-            accuracy_level=self.accuracy_level))
+        self._matmul(g, name, hidden, self._tied, self._table_shape, self.lm_head_bits, output)
 
 
 def zeros_padded(blocks: int) -> bool:
