@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .kv_cache import ConcatKVCache, InPlaceKVCache
+from .errors import PackageError
 from .manifest import Manifest
 
 
@@ -31,9 +32,27 @@ class Runner(Protocol):
 
 
 def make_runner(session: ort.InferenceSession, manifest: Manifest) -> Runner:
+    _check_graph_names(session, manifest)
     if manifest.graph.attention == "gqa":
         return GqaRunner(session, manifest)
     return PlainRunner(session, manifest)
+
+
+def _check_graph_names(session: ort.InferenceSession, manifest: Manifest) -> None:
+    """The graph must have every input and output the manifest names, or nothing can run."""
+    g = manifest.graph
+    inputs = [g.input_ids, g.position_ids, g.logits_positions]
+    if g.attention == "gqa":
+        inputs += [g.seqlens_k, g.total_sequence_length, g.local_seqlens_k, g.local_total_sequence_length]
+    outputs = [g.logits]
+    for layer in range(manifest.model.num_layers):
+        inputs += [g.cache_name(g.past_key, layer), g.cache_name(g.past_value, layer)]
+        outputs += [g.cache_name(g.present_key, layer), g.cache_name(g.present_value, layer)]
+    missing = sorted(set(inputs) - {i.name for i in session.get_inputs()}) + \
+        sorted(set(outputs) - {o.name for o in session.get_outputs()})
+    if missing:
+        raise PackageError(f"the model graph does not match its manifest (missing {', '.join(missing[:4])}"
+                           f"{', ...' if len(missing) > 4 else ''}): re-export the package with this neoedge")
 
 
 class GqaRunner:

@@ -75,6 +75,12 @@ def test_corrupt_file_same_size(broken):
         Generator(broken)
 
 
+def test_graph_that_does_not_match_its_manifest(broken):
+    _edit_manifest(broken, lambda d: d["graph"].update(seqlens_k="renamed"))
+    with pytest.raises(PackageError, match="does not match its manifest .missing renamed"):
+        Generator(broken)
+
+
 def test_over_long_prompt(package):
     generator = Generator(package)
     with pytest.raises(PromptError, match="context is 256"):
