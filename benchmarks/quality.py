@@ -153,7 +153,7 @@ def main() -> None:
     base = rows[0]["perplexity"]
     for row in rows:
         row["perplexity_change"] = row["perplexity"] / base - 1
-    report = {"date": datetime.date.today().isoformat(), "checkpoint": str(checkpoint), "text": str(text_path),
+    report = {"date": datetime.date.today().isoformat(), "checkpoint": _shown(checkpoint), "text": _shown(text_path),
               "tokens": rows[0]["tokens"], "window": args.window, "stride": args.stride, "results": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"quality-{report['date']}"
@@ -161,6 +161,14 @@ def main() -> None:
     table = markdown(report)
     stem.with_suffix(".md").write_text(table)
     print(table)
+
+
+def _shown(path: Path) -> str:
+    """Paths inside the repository are shown relative to it."""
+    try:
+        return str(Path(path).resolve().relative_to(HERE.parent))
+    except ValueError:
+        return str(path)
 
 
 def markdown(report: dict[str, Any]) -> str:
