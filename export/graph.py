@@ -76,7 +76,10 @@ class _Graph:
 
 
 def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
-                  quantizer: LinearQuantizer, layer_norm_eps: float = 1e-5) -> onnx.ModelProto:
+                  quantizer: LinearQuantizer, layer_norm_eps: float = 1e-5,
+                  kv_scales: list[tuple[np.ndarray, np.ndarray]] | None = None) -> onnx.ModelProto:
+    """The decoder graph. `kv_scales` (per layer: key and value scales [heads, 1, head_size]) are
+    required when graph_info.kv_cache is "int8"."""
     g = _Graph()
     gi = graph_info
     hidden, heads, head_size = model.hidden_size, model.num_heads, model.head_size
@@ -100,12 +103,16 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
 
     outputs = [helper.make_tensor_value_info(gi.logits, TensorProto.FLOAT,
                                              ["batch", "logits_count", model.vocab_size])]
+    int8_cache = gi.kv_cache == "int8"
+    if int8_cache and (gi.attention != "gqa" or kv_scales is None):
+        raise ValueError("an int8 KV cache needs the gqa attention and calibrated scales")
+    cache_type = TensorProto.INT8 if int8_cache else TensorProto.FLOAT
     for layer, kind in enumerate(model.attention_layers):
         for past, present in ((gi.past_key, gi.present_key), (gi.past_value, gi.present_value)):
             inputs.append(helper.make_tensor_value_info(
-                gi.cache_name(past, layer), TensorProto.FLOAT, ["batch", heads, cache_len(kind, False), head_size]))
+                gi.cache_name(past, layer), cache_type, ["batch", heads, cache_len(kind, False), head_size]))
             outputs.append(helper.make_tensor_value_info(
-                gi.cache_name(present, layer), TensorProto.FLOAT, ["batch", heads, cache_len(kind, True), head_size]))
+                gi.cache_name(present, layer), cache_type, ["batch", heads, cache_len(kind, True), head_size]))
 
     # Token + learned absolute position embeddings. The token table is shared with the lm_head.
     token_embedding = quantizer.embedding(g, "/wte", weights["transformer.wte.weight"], gi.input_ids)
@@ -153,13 +160,23 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
             # The packed qkv goes in as the query, key and value left empty: no Split.
             lengths = ([gi.local_seqlens_k, gi.local_total_sequence_length] if kind == "local"
                        else [gi.seqlens_k, gi.total_sequence_length])
+            quantized_cache: dict = {}
+            scale_inputs: list[str] = []
+            if int8_cache:
+                # Inputs 7-11 (rotary caches, position ids, bias, head sink) are unused; 12-13 are
+                # the cache scales, one per (head, channel): attention reads int8 and dequantizes.
+                k_scale, v_scale = kv_scales[layer]
+                scale_inputs = ["", "", "", "", "", g.initializer(f"{p}.attn.k_cache_scale", k_scale),
+                                g.initializer(f"{p}.attn.v_cache_scale", v_scale)]
+                quantized_cache = dict(kv_cache_bit_width=8, k_quant_type="PER_CHANNEL",
+                                       v_quant_type="PER_CHANNEL")
             g.nodes.append(helper.make_node(
                 "GroupQueryAttention",
-                [qkv, "", "", past_k, past_v, *lengths],
+                [qkv, "", "", past_k, past_v, *lengths, *scale_inputs],
                 [f"{where}/attn/GQA/output_0", present_k, present_v],
                 name=f"{where}/attn/GQA", domain=MS_DOMAIN,
                 num_heads=heads, kv_num_heads=heads, scale=1.0,
-                local_window_size=model.window_size if kind == "local" else -1))
+                local_window_size=model.window_size if kind == "local" else -1, **quantized_cache))
             context = f"{where}/attn/GQA/output_0"
         else:
             q, k, v = g.node("Split", [qkv, g.constant([hidden] * 3)], f"{where}/attn/Split",

@@ -59,15 +59,19 @@ def main(verbose: int) -> None:
               help="Precision of the tied embedding/lm_head (default: as --quantize).")
 @click.option("--attention", type=click.Choice(["gqa", "plain"]), default="gqa", show_default=True,
               help="gqa: fused attention, in-place KV cache (fast); plain: standard ONNX ops.")
+@click.option("--kv-cache", type=click.Choice(["auto", "float32", "int8"]), default="auto", show_default=True,
+              help="KV cache precision; int8 uses per-channel scales calibrated at export (gqa only). "
+                   "auto: int8 for int8/int4 packages, float32 for fp32.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against transformers.")
 @_friendly_errors
 def export(source: str, output: Path, quantize: str, block_size: int | None, lm_head_bits: str | None,
-           attention: str, force: bool, no_validate: bool) -> None:
+           attention: str, kv_cache: str, force: bool, no_validate: bool) -> None:
     """Export SOURCE (a hub id such as EleutherAI/gpt-neo-125m, or a checkpoint directory) to a
     model package at OUTPUT."""
     manifest = _export_module().export_package(
-        source, output, quantize=quantize, attention=attention, force=force, validate=not no_validate,
+        source, output, quantize=quantize, attention=attention, kv_cache=kv_cache, force=force,
+        validate=not no_validate,
         block_size=block_size, lm_head_bits=int(lm_head_bits) if lm_head_bits else None)
     report = manifest.validation
     if report:
@@ -139,7 +143,7 @@ def info(package: Path, as_json: bool, verify: bool) -> None:
         f"size           {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads, vocab {m.vocab_size}",
         f"context        {m.context_length} tokens; local window {m.window_size} ({layers})",
         f"tokens         bos {m.bos_token_id}, eos {m.eos_token_id}",
-        f"attention      {manifest.graph.attention}",
+        f"attention      {manifest.graph.attention}, {manifest.graph.kv_cache} KV cache",
         f"quantization   {manifest.quantization.scheme} {manifest.quantization.settings or ''}".rstrip(),
         f"files          {total / 1e6:.1f} MB: " + ", ".join(
             f"{name} ({entry.bytes / 1e6:.1f} MB)" for name, entry in manifest.files.items()),

@@ -34,11 +34,12 @@ class InPlaceKVCache:
         self.local_length = 0  # positions held in the local layers' buffers
         self._local: list[np.ndarray] = []
         self._bindings = []
+        dtype = np.int8 if graph.kv_cache == "int8" else np.float32
         for layer, kind in enumerate(model.attention_layers):
             positions = self.local_capacity if kind == "local" else capacity
             shape = (1, model.num_heads, positions, model.head_size)  # (batch, heads, positions, head_size)
             # np.zeros maps untouched pages lazily: a large capacity costs memory only as it fills.
-            keys, values = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            keys, values = np.zeros(shape, dtype), np.zeros(shape, dtype)
             if kind == "local":
                 self._local += [keys, values]
             self._bindings += [

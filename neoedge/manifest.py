@@ -53,6 +53,8 @@ class GraphInfo:
 
     file: str
     attention: AttentionImpl
+    # Element type of the KV cache: "float32", or "int8" with calibrated per-channel scales (gqa only).
+    kv_cache: Literal["float32", "int8"] = "float32"
     input_ids: str = "input_ids"
     position_ids: str = "position_ids"
     # Which positions get logits: the lm_head is the largest MatMul, so generation asks for one.

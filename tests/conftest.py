@@ -18,6 +18,9 @@ CONFIGS = {
     "window8": dict(num_layers=4, attention_types=[[["global", "local"], 2]], window_size=8),
     "window4": dict(num_layers=3, hidden_size=48, num_heads=3, attention_types=[[["local", "global"], 1], [["local"], 1]],
                     window_size=4),
+    # GPT-Neo's full 2048-position context, with a small window crossed hundreds of times.
+    "context2048": dict(num_layers=2, hidden_size=32, num_heads=2, max_position_embeddings=2048,
+                        attention_types=[[["global", "local"], 1]], window_size=16),
 }
 
 

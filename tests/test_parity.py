@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from neoedge import GenerationOptions, Generator
-from tests.conftest import CONFIGS
 
 TOLERANCE = 1e-4
-CASES = [(name, attention) for name in CONFIGS for attention in ("gqa", "plain")]
+CASES = [(name, attention) for name in ("window8", "window4") for attention in ("gqa", "plain")]
 
 
 def _reference(model, ids: np.ndarray) -> np.ndarray:
@@ -44,21 +43,24 @@ def test_stepwise_logits_with_kv_cache_match(packages, reference_model, name, at
     assert diff <= TOLERANCE, f"max |Δlogit| {diff}"
 
 
-def test_full_context_is_exact(packages, reference_model):
-    """Up to the last position the model has (256 here): position embeddings and cache capacity."""
-    generator = Generator(packages[("window4", "gqa")])
+@pytest.mark.parametrize("name", ["window4", "context2048"])
+def test_full_context_is_exact(packages, reference_model, name):
+    """Every position up to the last the model has (256; 2048 as GPT-Neo): position embeddings,
+    cache capacity, the sliding local cache, chunked prefill."""
+    generator = Generator(packages[(name, "gqa")])
     ids = _ids(generator, generator.manifest.model.context_length, seed=7)
-    reference = _reference(reference_model("window4"), ids)
+    reference = _reference(reference_model(name), ids)
     assert np.abs(generator.logits(ids) - reference).max() <= TOLERANCE
     assert np.abs(generator.stepwise_logits(ids, prefill=100) - reference).max() <= TOLERANCE
 
 
-@pytest.mark.parametrize("attention", ["gqa", "plain"])
-def test_greedy_generation_is_token_identical_to_transformers(packages, reference_model, attention):
-    generator = Generator(packages[("window8", attention)])
-    model = reference_model("window8")
+@pytest.mark.parametrize("name,attention,new_tokens", [("window8", "gqa", 96), ("window8", "plain", 96),
+                                                     ("context2048", "gqa", 512)])
+def test_greedy_generation_is_token_identical_to_transformers(packages, reference_model, name, attention,
+                                                              new_tokens):
+    generator = Generator(packages[(name, attention)])
+    model = reference_model(name)
     prompt = generator.encode_prompt("Return the number of items in a container.")
-    new_tokens = 96
     with torch.no_grad():
         # eos_token_id=None: transformers must not stop early either (neoedge: stop_at_eos=False).
         expected = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,

@@ -50,3 +50,25 @@ def test_quantized_perplexity_within_budget(trained_packages, heldout_ids, fp32_
     change = report.perplexity / fp32_perplexity - 1
     assert change <= budget, f"{scheme}: perplexity {report.perplexity:.3f} vs fp32 {fp32_perplexity:.3f} ({change:+.2%})"
     assert report.top1_agreement >= (0.97 if scheme == "int8" else 0.85)
+
+
+def test_int8_kv_cache_costs_no_measurable_quality(trained_packages, heldout_ids, fp32_perplexity, tmp_path):
+    """Quantized packages default to an int8 KV cache with calibrated per-channel scales."""
+    from neoedge import Manifest
+
+    assert Manifest.read(trained_packages["int8"]).graph.kv_cache == "int8"
+    assert Manifest.read(trained_packages["none"]).graph.kv_cache == "float32"
+    fp32_kv8 = export_package(str(trained_checkpoint()), tmp_path / "kv8", kv_cache="int8", progress=False)
+    assert fp32_kv8.graph.kv_cache == "int8" and fp32_kv8.validation["tolerance"] is None
+    report = score(Generator(tmp_path / "kv8").logits, heldout_ids, window=256)
+    assert abs(report.perplexity / fp32_perplexity - 1) <= 0.001
+
+
+def test_int8_kv_cache_decodes_like_its_prefill(trained_packages, heldout_ids):
+    """Step-wise decoding reads the int8 cache (sliding on local layers); it must pick the same
+    tokens as the prefill, which attends to the fresh float keys within the chunk."""
+    generator = Generator(trained_packages["int8"])
+    ids = heldout_ids[:400]
+    prefill, stepwise = generator.logits(ids), generator.stepwise_logits(ids, prefill=10)
+    assert (prefill.argmax(-1) == stepwise.argmax(-1)).mean() >= 0.99
+    assert np.abs(prefill - stepwise).max() < 0.5
