@@ -321,12 +321,16 @@ def main() -> None:
     parser.add_argument("--contexts", default="128,512,1024,1900")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--replot", type=Path, help="rewrite the table and plot from a results JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.path, json.loads(args.spec))), flush=True)
+        return
+    if args.replot:
+        write_outputs(json.loads(args.replot.read_text()), args.replot.parent, stem=args.replot.stem)
         return
 
     from tqdm import tqdm
@@ -426,10 +430,10 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(report: dict[str, Any], out: Path, *, quick: bool) -> None:
+def write_outputs(report: dict[str, Any], out: Path, *, quick: bool = False, stem: str | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     host = platform.node() or "machine"
-    stem = f"{report['date']}-{host}{'-quick' if quick else ''}"
+    stem = stem or f"{report['date']}-{host}{'-quick' if quick else ''}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
     (out / f"{stem}.md").write_text(table)
@@ -442,7 +446,7 @@ def write_outputs(report: dict[str, Any], out: Path, *, quick: bool) -> None:
         print("matplotlib not installed: no plot (pip install 'neoedge[bench]')", file=sys.stderr)
         return
     contexts = report["workload"]["contexts"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     for row in report["results"]:
         ax.plot(contexts, [row["sweep"][str(c)]["median"] for c in contexts], marker="o", label=row["label"])
     ax.set_xlabel("context length (tokens)")
@@ -450,7 +454,7 @@ def write_outputs(report: dict[str, Any], out: Path, *, quick: bool) -> None:
     ax.set_yscale("log")
     ax.set_title(f"GPT-Neo 125M shape, batch 1, {report['workload']['threads']} threads")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out / f"{stem}.png", dpi=110)
     print(f"wrote {out / stem}.{{json,md,png}}", file=sys.stderr)
