@@ -163,3 +163,10 @@ def test_failed_validation_is_loud(checkpoints, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="validation failed"):
         export_package(str(checkpoints["window8"]), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_int8_kv_cache_needs_fused_attention(checkpoints, tmp_path):
+    with pytest.raises(ExportError, match="int8 KV cache needs --attention gqa"):
+        export_package(str(checkpoints["window8"]), tmp_path / "out", attention="plain", kv_cache="int8",
+                       progress=False)
+    assert not (tmp_path / "out").exists()
