@@ -234,8 +234,12 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
               help="Where to write the checkpoint (if built) and the package.")
 @click.option("--prompt", default="Return a new list", show_default=True)
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True)
+@click.option("--top-k", type=int, default=40, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
 @_friendly_errors
-def demo(model: str, out: Path, prompt: str, max_new_tokens: int) -> None:
+def demo(model: str, out: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
+         seed: int) -> None:
     """Export a model and generate from it, end to end. Offline, a small bundled GPT-Neo is used."""
     from .generator import Generator
 
@@ -252,7 +256,8 @@ def demo(model: str, out: Path, prompt: str, max_new_tokens: int) -> None:
     click.echo(f"package: {package}  (try: neoedge info {package})", err=True)
     click.echo(f"prompt: {prompt!r}", err=True)
     generator = Generator(package)
-    for chunk in generator.stream(prompt, max_new_tokens=max_new_tokens):
+    for chunk in generator.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_k=top_k, seed=seed):
         click.echo(chunk, nl=False)
     click.echo()
 
