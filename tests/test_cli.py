@@ -118,3 +118,12 @@ def test_bench_rejects_a_prompt_longer_than_the_context(cli, package):
     result = cli("bench", package, "--prompt-tokens", "999", "--no-cold-start")
     assert result.exit_code != 0
     assert "does not fit the context" in result.stderr
+
+
+def test_demo_exports_and_generates(cli, tmp_path):
+    from neoedge.export.tiny import trained_checkpoint
+
+    result = cli("demo", "--model", trained_checkpoint(), "--out", tmp_path / "demo", "--max-new-tokens", "12")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()
+    assert (tmp_path / "demo" / "package" / "neoedge.json").is_file()
