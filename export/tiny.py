@@ -1,7 +1,7 @@
 """Small GPT-Neo checkpoints built on this machine: the hub is not always reachable.
 
 Used by the test suite (random weights, tiny sizes, a small window so short sequences exercise local
-attention) and by `neoedge demo` when no hub model can be downloaded. The tokenizer is a byte-level
+attention), by the benchmarks, and — the trained one below — by `neoedge demo` when the hub is out of reach. The tokenizer is a byte-level
 BPE trained on text every Python installation has: the standard library's docstrings.
 """
 
@@ -105,18 +105,6 @@ def tiny_config(vocab_size: int, **overrides: Any) -> Any:
     )
     settings.update(overrides)
     return GPTNeoConfig(**settings)
-
-
-def build_random_checkpoint(directory: str | Path, *, seed: int = 0, vocab_size: int = 512,
-                            **config: Any) -> Path:
-    """A randomly initialised tiny GPT-Neo (seeded) with its own tokenizer, saved to `directory`."""
-    import torch
-    from transformers import GPTNeoForCausalLM
-
-    tokenizer = train_tokenizer(stdlib_docstrings(), vocab_size)
-    torch.manual_seed(seed)
-    model = GPTNeoForCausalLM(tiny_config(tokenizer.get_vocab_size(), **config)).eval()
-    return save_checkpoint(model, tokenizer, directory)
 
 
 # -- the trained tiny model ---------------------------------------------------------------------
