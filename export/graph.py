@@ -108,11 +108,11 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
         raise ValueError("an int8 KV cache needs the gqa attention and calibrated scales")
     cache_type = TensorProto.INT8 if int8_cache else TensorProto.FLOAT
     for layer, kind in enumerate(model.attention_layers):
-        for past, present in ((gi.past_key, gi.present_key), (gi.past_value, gi.present_value)):
+        for past, present in gi.cache_pairs(layer):
             inputs.append(helper.make_tensor_value_info(
-                gi.cache_name(past, layer), cache_type, ["batch", heads, cache_len(kind, False), head_size]))
+                past, cache_type, ["batch", heads, cache_len(kind, False), head_size]))
             outputs.append(helper.make_tensor_value_info(
-                gi.cache_name(present, layer), cache_type, ["batch", heads, cache_len(kind, True), head_size]))
+                present, cache_type, ["batch", heads, cache_len(kind, True), head_size]))
 
     # Token + learned absolute position embeddings. The token table is shared with the lm_head.
     token_embedding = quantizer.embedding(g, "/wte", weights["transformer.wte.weight"], gi.input_ids)
@@ -148,10 +148,7 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
         wqkv = np.concatenate([weights.layer(layer, f"attn.attention.{n}_proj.weight")
                                for n in ("q", "k", "v")], axis=0)
         qkv = quantizer.linear(g, f"{where}/attn/qkv_proj", x, wqkv)
-        past_k = gi.cache_name(gi.past_key, layer)
-        past_v = gi.cache_name(gi.past_value, layer)
-        present_k = gi.cache_name(gi.present_key, layer)
-        present_v = gi.cache_name(gi.present_value, layer)
+        (past_k, present_k), (past_v, present_v) = gi.cache_pairs(layer)
         if gi.attention == "gqa":
             # scale=1.0: GPT-Neo does not scale scores. local_window_size counts the current
             # position (onnxruntime 1.32 semantics, checked by the parity tests across the window).
@@ -215,7 +212,7 @@ def _plain_masks(g: _Graph, gi: GraphInfo, model: ModelInfo) -> dict[str, str]:
     Key j is visible from query i (absolute cache positions) when j <= i, and on local layers also
     when j > i - window_size: the window holds window_size positions including i itself.
     """
-    shape = g.op("Shape", [gi.cache_name(gi.past_key, 0)], "/mask/past/Shape")
+    shape = g.op("Shape", [gi.cache_pairs(0)[0][0]], "/mask/past/Shape")
     past_len = g.op("Gather", [shape, g.constant(2)], "/mask/past/Gather", axis=0)
     seq_shape = g.op("Shape", [gi.input_ids], "/mask/seq/Shape")
     seq_len = g.op("Gather", [seq_shape, g.constant(1)], "/mask/seq/Gather", axis=0)

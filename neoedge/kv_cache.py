@@ -42,12 +42,8 @@ class InPlaceKVCache:
             keys, values = np.zeros(shape, dtype), np.zeros(shape, dtype)
             if kind == "local":
                 self._local += [keys, values]
-            self._bindings += [
-                (graph.cache_name(graph.past_key, layer), graph.cache_name(graph.present_key, layer),
-                 ort.OrtValue.ortvalue_from_numpy(keys)),
-                (graph.cache_name(graph.past_value, layer), graph.cache_name(graph.present_value, layer),
-                 ort.OrtValue.ortvalue_from_numpy(values)),
-            ]
+            self._bindings += [(past, present, ort.OrtValue.ortvalue_from_numpy(buffer))
+                               for (past, present), buffer in zip(graph.cache_pairs(layer), (keys, values))]
         self.nbytes = sum(value.numpy().nbytes for _, _, value in self._bindings)
 
     def bind(self, binding: ort.IOBinding) -> None:
@@ -80,9 +76,9 @@ class ConcatKVCache:
         # present output name -> past input name, in the graph's output order
         self.present_to_past: dict[str, str] = {}
         for layer in range(model.num_layers):
-            for past, present in ((graph.past_key, graph.present_key), (graph.past_value, graph.present_value)):
-                self.past[graph.cache_name(past, layer)] = empty
-                self.present_to_past[graph.cache_name(present, layer)] = graph.cache_name(past, layer)
+            for past, present in graph.cache_pairs(layer):
+                self.past[past] = empty
+                self.present_to_past[present] = past
 
     def update(self, presents: dict[str, np.ndarray], new_positions: int) -> None:
         for present, past in self.present_to_past.items():

@@ -48,7 +48,7 @@ class ModelInfo:
 class GraphInfo:
     """Names of the decoder graph's inputs and outputs.
 
-    Per-layer cache names are templates with a `{layer}` field, built by `cache_name`.
+    Per-layer cache names are templates with a `{layer}` field, resolved by `cache_pairs`.
     """
 
     file: str
@@ -71,8 +71,10 @@ class GraphInfo:
     local_seqlens_k: str = "local_seqlens_k"
     local_total_sequence_length: str = "local_total_sequence_length"
 
-    def cache_name(self, template: str, layer: int) -> str:
-        return template.format(layer=layer)
+    def cache_pairs(self, layer: int) -> tuple[tuple[str, str], tuple[str, str]]:
+        """((past key, present key), (past value, present value)) input/output names of a layer."""
+        return ((self.past_key.format(layer=layer), self.present_key.format(layer=layer)),
+                (self.past_value.format(layer=layer), self.present_value.format(layer=layer)))
 
 
 @dataclass(frozen=True)

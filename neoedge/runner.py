@@ -46,8 +46,9 @@ def _check_graph_names(session: ort.InferenceSession, manifest: Manifest) -> Non
         inputs += [g.seqlens_k, g.total_sequence_length, g.local_seqlens_k, g.local_total_sequence_length]
     outputs = [g.logits]
     for layer in range(manifest.model.num_layers):
-        inputs += [g.cache_name(g.past_key, layer), g.cache_name(g.past_value, layer)]
-        outputs += [g.cache_name(g.present_key, layer), g.cache_name(g.present_value, layer)]
+        for past, present in g.cache_pairs(layer):
+            inputs.append(past)
+            outputs.append(present)
     missing = sorted(set(inputs) - {i.name for i in session.get_inputs()}) + \
         sorted(set(outputs) - {o.name for o in session.get_outputs()})
     if missing:
