@@ -30,15 +30,18 @@ from neoedge.export.tiny import HELDOUT_FILE, trained_checkpoint
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work" / "quality"
 
-# name -> export options (quantize, block size, lm_head bits)
+# name -> export options (quantize, block size, zero points, lm_head bits)
 NEOEDGE_VARIANTS = {
     "neoedge fp32": dict(quantize="none"),
-    "neoedge int8 (block 128)": dict(quantize="int8"),
+    "neoedge int8 (default: block 128)": dict(quantize="int8"),
     "neoedge int8 (block 32)": dict(quantize="int8", block_size=32),
-    "neoedge int4 (block 32)": dict(quantize="int4"),
-    "neoedge int4 (block 32, lm_head int8)": dict(quantize="int4", lm_head_bits=8),
-    "neoedge int4 (block 64)": dict(quantize="int4", block_size=64),
-    "neoedge int4 (block 128)": dict(quantize="int4", block_size=128),
+    "neoedge int4 (default: block 128, symmetric)": dict(quantize="int4"),
+    "neoedge int4 (default, lm_head int8)": dict(quantize="int4", lm_head_bits=8),
+    "neoedge int4 (block 128, asymmetric)": dict(quantize="int4", block_size=128, symmetric=False),
+    "neoedge int4 (block 32, symmetric)": dict(quantize="int4", block_size=32),
+    "neoedge int4 (block 32, asymmetric)": dict(quantize="int4", block_size=32, symmetric=False),
+    "neoedge int4 (block 32, asymmetric, lm_head int8)": dict(quantize="int4", block_size=32, symmetric=False,
+                                                             lm_head_bits=8),
 }
 
 

@@ -46,14 +46,16 @@ CONFIGS = {
     "loop-int8": "plain numpy loop over Optimum's int8 graph (no torch)",
     "neoedge-fp32": "neoedge fp32",
     "neoedge-int8": "neoedge int8 (block 128)",
-    "neoedge-int4": "neoedge int4 (block 32, default)",
-    "neoedge-int4-b128": "neoedge int4 (block 128)",
+    "neoedge-int4": "neoedge int4 (default: block 128, symmetric)",
+    "neoedge-int4-l8": "neoedge int4, lm_head int8",
+    "neoedge-int4-b32": "neoedge int4 (block 32, asymmetric)",
 }
 NEOEDGE_EXPORTS = {
     "neoedge-fp32": dict(quantize="none"),
     "neoedge-int8": dict(quantize="int8"),
     "neoedge-int4": dict(quantize="int4"),
-    "neoedge-int4-b128": dict(quantize="int4", block_size=128),
+    "neoedge-int4-l8": dict(quantize="int4", lm_head_bits=8),
+    "neoedge-int4-b32": dict(quantize="int4", block_size=32, symmetric=False),
 }
 FIRST_TOKEN_MARK = "FIRST-TOKEN"
 

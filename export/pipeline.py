@@ -43,6 +43,7 @@ def export_package(
     optimize: bool = True,
     block_size: int | None = None,
     lm_head_bits: int | None = None,
+    symmetric: bool | None = None,
     tolerance: float = FP32_TOLERANCE,
     progress: bool = True,
 ) -> Manifest:
@@ -60,7 +61,8 @@ def export_package(
     if kv_cache == "int8" and attention != "gqa":
         raise ExportError("an int8 KV cache needs --attention gqa")
     try:
-        quantizer = make_quantizer(quantize, block_size=block_size, lm_head_bits=lm_head_bits)
+        quantizer = make_quantizer(quantize, block_size=block_size, lm_head_bits=lm_head_bits,
+                                   symmetric=symmetric)
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
 

@@ -19,9 +19,13 @@ from neoedge.export.quantize import NBitsQuantizer, _grid, quantize_blockwise
 from neoedge.manifest import GraphInfo
 
 
-def _dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, block: int) -> np.ndarray:
+def _dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int, block: int
+                ) -> np.ndarray:
     if bits == 4:
         packed = np.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:2], -1)
+    if zeros is None:  # symmetric: MatMulNBits' implicit zero point is mid-range
+        zeros = np.full(scales.shape, 1 << (bits - 1), np.uint8)
+    elif bits == 4:
         zeros = np.stack([zeros & 15, zeros >> 4], axis=-1).reshape(zeros.shape[0], -1)[:, : scales.shape[1]]
     values = (packed.astype(np.float32) - zeros[..., None]) * scales[..., None]
     return values.reshape(packed.shape[0], -1)
@@ -46,14 +50,32 @@ def test_blockwise_quantization_error(bits, block):
         assert error.sum() < minmax_error.sum()  # the clipping search found something better
 
 
-@pytest.mark.parametrize("bits,lm_head_bits,block", [(4, 4, 32), (8, 8, 32), (4, 8, 32), (4, 4, 64), (8, 8, 16)])
-def test_quantized_graph_equals_the_model_with_dequantized_weights(checkpoints, bits, lm_head_bits, block):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_quantization_puts_the_extreme_on_the_grid(bits):
+    weight = np.random.default_rng(bits).standard_normal((24, 96)).astype(np.float32)
+    weight[3, 5] = 9.0  # positive extreme: the scale turns negative so it lands on -mid
+    weight[7, 40] = -9.0
+    packed, scales, zeros = quantize_blockwise(weight, bits, 32, symmetric=True)
+    assert zeros is None
+    restored = _dequantize(packed, scales, zeros, bits, 32)
+    if bits == 8:  # no clipping search at 8 bits: the extremes exact, every weight within a step
+        # (within half a step, except on the grid's short side, which ends one step early)
+        assert np.all(np.abs(restored - weight) <= np.repeat(np.abs(scales), 32, axis=1) + 1e-6)
+        assert restored[3, 5] == pytest.approx(9.0) and restored[7, 40] == pytest.approx(-9.0)
+    relative = np.square(restored - weight).sum() / np.square(weight).sum()
+    assert relative < (1e-2 if bits == 4 else 1e-4)
+
+
+@pytest.mark.parametrize("bits,lm_head_bits,block,symmetric", [
+    (4, 4, 32, False), (8, 8, 32, False), (4, 8, 32, False), (4, 4, 64, False), (8, 8, 16, False),
+    (4, 4, 32, True), (4, 8, 64, True), (8, 8, 16, True)])
+def test_quantized_graph_equals_the_model_with_dequantized_weights(checkpoints, bits, lm_head_bits, block, symmetric):
     """accuracy_level 0 computes in fp32 on the dequantized weights: then the graph must reproduce
     transformers run with those same weights (checks packing, zero points — also an odd number of
     blocks per row (64 = 1 block), whose packed zero points are padded — the embedding lookup from
     the shared table and the lm_head)."""
     checkpoint = load_checkpoint(str(checkpoints["window8"]))
-    quantizer = NBitsQuantizer(bits, block, lm_head_bits=lm_head_bits, accuracy_level=0)
+    quantizer = NBitsQuantizer(bits, block, lm_head_bits=lm_head_bits, symmetric=symmetric, accuracy_level=0)
     graph = build_decoder(checkpoint.info, checkpoint.weights(), GraphInfo(file="m", attention="plain"), quantizer)
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
 
@@ -62,7 +84,8 @@ def test_quantized_graph_equals_the_model_with_dequantized_weights(checkpoints, 
     for name, tensor in state.items():
         if name.endswith(("proj.weight", "c_fc.weight")) or name == "transformer.wte.weight":
             b = lm_head_bits if name == "transformer.wte.weight" else bits
-            tensor.copy_(torch.from_numpy(_dequantize(*quantize_blockwise(tensor.numpy(), b, block), b, block)))
+            quantized = quantize_blockwise(tensor.numpy(), b, block, symmetric=symmetric)
+            tensor.copy_(torch.from_numpy(_dequantize(*quantized, b, block)))
     ids = np.random.default_rng(0).integers(0, checkpoint.info.vocab_size, size=40)
     feeds = {"input_ids": ids[None], "position_ids": np.arange(40)[None], "logits_positions": np.arange(40)}
     for layer in range(checkpoint.info.num_layers):
@@ -84,9 +107,12 @@ def quantized(checkpoints, tmp_path_factory):
 def test_tied_table_is_stored_once(quantized):
     import onnx
 
-    for path in quantized.values():
+    for scheme, path in quantized.items():
         names = [t.name for t in onnx.load(str(path / "model.onnx")).graph.initializer]
-        assert sum("wte" in n for n in names) == 3  # packed weights, scales, zero points — once
+        symmetric = json.loads((path / "neoedge.json").read_text())["quantization"]["settings"]["zero_point"] \
+            == "symmetric"
+        # packed weights, scales (and zero points unless symmetric) — once
+        assert sum("wte" in n for n in names) == (2 if symmetric else 3), scheme
         assert "transformer.wte.weight" not in names
 
 
@@ -119,6 +145,17 @@ def test_quantized_logits_stay_close_to_fp32(quantized, package):
         logits = Generator(path).logits(ids)
         agreement = (logits.argmax(-1) == fp32.argmax(-1)).mean()
         assert agreement >= (0.9 if scheme == "int8" else 0.6), (scheme, agreement)
+
+
+def test_default_block_size_fits_the_model(checkpoints, tmp_path):
+    """The tiny model's hidden width (64) is not a multiple of the default 128, its MLP's (256) is:
+    the default halves where needed, and the manifest records the blocks actually used."""
+    manifest = export_package(str(checkpoints["window8"]), tmp_path / "q", quantize="int4", progress=False,
+                              validate=False)
+    assert manifest.quantization.settings["block_size"] == [64, 128]
+    assert manifest.quantization.settings["zero_point"] == "symmetric"
+    ids = np.random.default_rng(2).integers(0, 512, size=16)
+    assert np.isfinite(Generator(tmp_path / "q").logits(ids)).all()
 
 
 def test_block_size_that_does_not_divide_is_refused(checkpoints, tmp_path):
