@@ -321,6 +321,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--contexts", default="128,512,1024,1900")
+    parser.add_argument("--sweep-tokens", type=int, default=48, help="new tokens timed at each context")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--replot", type=Path, help="rewrite the table and plot from a results JSON")
@@ -350,7 +351,7 @@ def main() -> None:
     from transformers import AutoConfig
     vocab = AutoConfig.from_pretrained(paths["pytorch-fp32"]).vocab_size
     spec = {"threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": new_tokens,
-            "contexts": contexts, "sweep_tokens": 16, "seed": 0, "vocab": vocab}
+            "contexts": contexts, "sweep_tokens": args.sweep_tokens, "seed": 0, "vocab": vocab}
 
     bandwidth = {1: memory_read_bandwidth(1), args.threads: memory_read_bandwidth(args.threads)}
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
@@ -422,7 +423,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {row['label']} | {_fmt(row['decode_ms_per_token'], 2)} | {speedup} | {row['ratio_to_limit']:.1f} "
             f"({row['limit_ms']:.2f} ms) | {_fmt(row['first_token_ms'], 0)} | {_fmt(row['cold_start_s'], 2)} "
             f"| {_fmt(row['peak_rss_mb'], 0)} | {row['disk_mb']:.0f} | {'yes' if row['needs_torch'] else 'no'} |")
-    lines += ["", "Decode ms/token by context length (prompt of that many tokens, then 16 new tokens):", "",
+    sweep_tokens = report["workload"].get("sweep_tokens", 16)
+    lines += ["", f"Decode ms/token by context length (prompt of that many tokens, then {sweep_tokens} new tokens, "
+              "median step):", "",
               "| configuration | " + " | ".join(str(c) for c in contexts) + " | ratio last/first |",
               "| --- | " + " | ".join("---" for _ in contexts) + " | --- |"]
     for row in report["results"]:
