@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import time
 from pathlib import Path
 
 import numpy as np
+
+from report import write_report
 
 HERE = Path(__file__).resolve().parent
 HEADS, HEAD_SIZE, CAPACITY, LAYERS = 12, 64, 2048, 6
@@ -105,12 +106,7 @@ def main() -> None:
     for cache, values in rows.items():
         slope = (values[str(contexts[-1])] - values[str(contexts[0])]) / (contexts[-1] - contexts[0])
         lines.append(f"| {cache} | " + " | ".join(f"{values[str(c)]:.0f}" for c in contexts) + f" | {slope:.3f} |")
-    table = "\n".join(lines) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"attention-kernel-{report['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(table)
-    print(table)
+    write_report(args.out, f"attention-kernel-{report['date']}", report, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

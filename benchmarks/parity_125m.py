@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 
 from neoedge import Generator
 from neoedge.options import GenerationOptions
+from report import write_report
 
 HERE = Path(__file__).resolve().parent
 TOLERANCE = 1e-4
@@ -40,7 +40,6 @@ def main() -> None:
     import torch
     from transformers import GPTNeoForCausalLM
 
-    sys.path.insert(0, str(HERE))
     import suite
 
     paths = suite.prepare(args.checkpoint, ["neoedge-fp32"])
@@ -89,12 +88,7 @@ def main() -> None:
     }
     report["passed"] = bool(max(report["max_abs_logit_diff_prefill"], report["max_abs_logit_diff_stepwise"])
                             <= TOLERANCE and same == args.new_tokens)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"parity-125m-{report['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    stem.with_suffix(".md").write_text(table)
-    print(table)
+    write_report(args.out, f"parity-125m-{report['date']}", report, markdown(report))
     if not report["passed"]:
         sys.exit(1)
 

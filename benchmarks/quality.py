@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +25,7 @@ from neoedge import Generator
 from neoedge.evaluate import score
 from neoedge.export import export_package
 from neoedge.export.tiny import HELDOUT_FILE, trained_checkpoint
+from report import write_report
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work" / "quality"
@@ -158,12 +158,7 @@ def main() -> None:
         row["perplexity_change"] = row["perplexity"] / base - 1
     report = {"date": datetime.date.today().isoformat(), "checkpoint": _shown(checkpoint), "text": _shown(text_path),
               "tokens": rows[0]["tokens"], "window": args.window, "stride": args.stride, "results": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"quality-{report['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    stem.with_suffix(".md").write_text(table)
-    print(table)
+    write_report(args.out, f"quality-{report['date']}", report, markdown(report))
 
 
 def _shown(path: Path) -> str:

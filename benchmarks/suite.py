@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from report import write_report
+
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
 RESULTS = HERE / "results"
@@ -439,10 +441,7 @@ def write_outputs(report: dict[str, Any], out: Path, *, quick: bool = False, ste
     out.mkdir(parents=True, exist_ok=True)
     host = platform.node() or "machine"
     stem = stem or f"{report['date']}-{host}{'-quick' if quick else ''}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    (out / f"{stem}.md").write_text(table)
-    print(table)
+    write_report(out, stem, report, markdown(report))
     try:
         import matplotlib
         matplotlib.use("Agg")
