@@ -6,7 +6,7 @@ here rather than a rewrite of the graph.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from onnx import helper
@@ -48,13 +48,21 @@ class LinearQuantizer:
         g.nodes.append(helper.make_node("Reshape", [logits, out_shape], [output], name=f"{name}/Reshape"))
 
 
+class _Quantized(NamedTuple):
+    """One quantized weight: MatMulNBits' initializer inputs and the attributes that go with them."""
+
+    inputs: tuple[str, ...]  # packed weights, scales (, zero points)
+    shape: tuple[int, int]  # torch's [out, in]
+    bits: int
+    block: int
+
+
 class NBitsQuantizer(LinearQuantizer):
     """Block-wise weight-only quantization for onnxruntime's MatMulNBits (4 or 8 bits).
 
     Each block of `block_size` consecutive input weights of an output row gets its own scale, and
     with `symmetric=False` its own zero point (min/max grid); symmetric blocks use MatMulNBits'
-    implicit mid-range zero point, which its int8-compute kernels run markedly faster (no per-block
-    zero-point correction). With accuracy_level 4 the activations are quantized to int8 on
+    implicit mid-range zero point (no per-block zero-point correction in the kernel). With accuracy_level 4 the activations are quantized to int8 on
     the fly, so the products run as int8 dot products (VNNI on x86, SDOT on arm64).
 
     The tied embedding is stored once, in MatMulNBits' [vocab, blocks, block bytes] layout, which is
@@ -94,33 +102,31 @@ class NBitsQuantizer(LinearQuantizer):
                 "lm_head_bits": self.lm_head_bits, "accuracy_level": self.accuracy_level,
                 "zero_point": "symmetric" if self.symmetric else "asymmetric", "embedding": "tied, shared with lm_head"}
 
-    def _weight(self, g: _Graph, prefix: str, weight: np.ndarray, bits: int) -> tuple[str, ...]:
+    def _weight(self, g: _Graph, prefix: str, weight: np.ndarray, bits: int) -> _Quantized:
         block = self._block_for(weight.shape[1])
         packed, scales, zero_points = quantize_blockwise(weight, bits, block, symmetric=self.symmetric)
-        names = (g.initializer(f"{prefix}.qweight", packed), g.initializer(f"{prefix}.scales", scales))
-        if zero_points is None:
-            return names
-        return (*names, g.initializer(f"{prefix}.qzeros", zero_points))
+        names = [g.initializer(f"{prefix}.qweight", packed), g.initializer(f"{prefix}.scales", scales)]
+        if zero_points is not None:
+            names.append(g.initializer(f"{prefix}.qzeros", zero_points))
+        return _Quantized(tuple(names), weight.shape, bits, block)
 
-    def _matmul(self, g: _Graph, name: str, x: str, quantized: tuple[str, ...], shape: tuple[int, int],
-                bits: int, output: str | None = None) -> str:
-        out_features, in_features = shape
+    def _matmul(self, g: _Graph, name: str, x: str, weight: _Quantized, output: str | None = None) -> str:
+        out_features, in_features = weight.shape
         output = output or f"{name}/MatMulNBits/output_0"
         g.nodes.append(helper.make_node(
-            "MatMulNBits", [x, *quantized], [output], name=f"{name}/MatMulNBits", domain="com.microsoft",
-            K=in_features, N=out_features, bits=bits, block_size=self._block_for(in_features),
+            "MatMulNBits", [x, *weight.inputs], [output], name=f"{name}/MatMulNBits", domain="com.microsoft",
+            K=in_features, N=out_features, bits=weight.bits, block_size=weight.block,
             accuracy_level=self.accuracy_level))
         return output
 
     def linear(self, g: _Graph, name: str, x: str, weight: np.ndarray) -> str:
-        return self._matmul(g, name, x, self._weight(g, name, weight, self.bits), weight.shape, self.bits)
+        return self._matmul(g, name, x, self._weight(g, name, weight, self.bits))
 
     def embedding(self, g: _Graph, name: str, table: np.ndarray, ids: str) -> str:
         width = table.shape[1]
-        bits, block = self.lm_head_bits, self._block_for(width)
-        self._table_shape = table.shape
-        self._tied = self._weight(g, "transformer.wte", table, bits)
-        b, s = self._tied[:2]
+        self._tied = tied = self._weight(g, "transformer.wte", table, self.lm_head_bits)
+        bits, block = tied.bits, tied.block
+        b, s = tied.inputs[:2]
         rows = g.op("Gather", [b, ids], f"{name}/rows/Gather")  # [batch, seq, blocks, block bytes]
         row_scales = g.op("Gather", [s, ids], f"{name}/scales/Gather")  # [batch, seq, blocks]
         if bits == 4:
@@ -129,7 +135,7 @@ class NBitsQuantizer(LinearQuantizer):
         if self.symmetric:
             zeros = g.constant(float(1 << (bits - 1)), np.float32)
         else:
-            zeros = g.op("Gather", [self._tied[2], ids], f"{name}/zeros/Gather")
+            zeros = g.op("Gather", [tied.inputs[2], ids], f"{name}/zeros/Gather")
             if bits == 4:
                 zeros = _unpack_nibbles(g, f"{name}/zeros", zeros)
                 blocks = width // block
@@ -144,7 +150,7 @@ class NBitsQuantizer(LinearQuantizer):
         return g.op("Reshape", [values, g.constant([0, 0, width])], f"{name}/Reshape")
 
     def lm_head(self, g: _Graph, name: str, hidden: str, output: str) -> None:
-        self._matmul(g, name, hidden, self._tied, self._table_shape, self.lm_head_bits, output)
+        self._matmul(g, name, hidden, self._tied, output)
 
 
 def zeros_padded(blocks: int) -> bool:
