@@ -32,6 +32,10 @@ class BenchSettings:
     sweep_tokens: int = 32
     seed: int = 0
     cold_start: bool = True
+    temperature: float = 0.0
+    """Sampling settings of the timed generations (greedy by default)."""
+    top_k: int = 0
+    top_p: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "new_tokens", "runs", "sweep_tokens"):
@@ -39,6 +43,11 @@ class BenchSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0 or self.threads < 0:
             raise ValueError("warmup and threads must be >= 0")
+        self.options(1)  # sampling settings are validated here, once
+
+    def options(self, new_tokens: int) -> GenerationOptions:
+        return GenerationOptions(max_new_tokens=new_tokens, stop_at_eos=False, temperature=self.temperature,
+                                 top_k=self.top_k, top_p=self.top_p, seed=self.seed)
 
 
 @dataclass
@@ -49,8 +58,7 @@ class Timings:
     step_ms: list[float] = field(default_factory=list)
 
 
-def time_generation(generator: Generator, prompt: list[int], new_tokens: int) -> Timings:
-    options = GenerationOptions(max_new_tokens=new_tokens, stop_at_eos=False)
+def time_generation(generator: Generator, prompt: list[int], options: GenerationOptions) -> Timings:
     start = time.perf_counter()
     stamps = [start]
     for _ in generator.generate_tokens(prompt, options):
@@ -139,11 +147,11 @@ def run_bench(package: str | os.PathLike[str], settings: BenchSettings, *, progr
     total_steps = settings.warmup + settings.runs + len(settings.contexts) + int(settings.cold_start)
     bar = tqdm(total=total_steps, desc="bench", unit="run", disable=not progress)
     for _ in range(settings.warmup):
-        time_generation(generator, prompt, min(settings.new_tokens, 8))
+        time_generation(generator, prompt, settings.options(min(settings.new_tokens, 8)))
         bar.update()
     runs = []
     for _ in range(settings.runs):
-        runs.append(time_generation(generator, prompt, settings.new_tokens))
+        runs.append(time_generation(generator, prompt, settings.options(settings.new_tokens)))
         bar.update()
     steps = [ms for run in runs for ms in run.step_ms]
     decode = _summary(steps) if steps else None
@@ -151,7 +159,7 @@ def run_bench(package: str | os.PathLike[str], settings: BenchSettings, *, progr
     sweep = []
     for context in settings.contexts:
         sweep_prompt = random_prompt(generator, context, settings.seed)
-        timing = time_generation(generator, sweep_prompt, settings.sweep_tokens)
+        timing = time_generation(generator, sweep_prompt, settings.options(settings.sweep_tokens))
         sweep.append({"context": context, "decode_ms_per_token": float(np.median(timing.step_ms)),
                       "first_token_ms": timing.first_token_ms})
         bar.update()
@@ -191,7 +199,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"package        {report['package']} ({report['model']['quantization']}, "
         f"{report['model']['attention']}, {report['package_mb']:.1f} MB)",
         f"workload       batch 1, {s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens, "
-        f"{s['runs']} runs, threads {s['threads'] or 'auto'}",
+        f"{s['runs']} runs, threads {s['threads'] or 'auto'}, {_sampling(s)}",
         f"session load   {report['session_load_s'] * 1e3:.0f} ms",
         f"tokenize       {report['tokenize_ms']:.2f} ms",
         f"first token    {report['first_token_ms']:.1f} ms (prefill)",
@@ -205,6 +213,17 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"cold start     {report['cold_start_s']:.2f} s (fresh process to first token)")
     lines.append(f"peak RSS       {report['peak_rss_mb']:.0f} MB")
     return "\n".join(lines)
+
+
+def _sampling(settings: dict[str, Any]) -> str:
+    if settings.get("temperature", 0.0) == 0.0:
+        return "greedy"
+    parts = [f"temperature {settings['temperature']}"]
+    if settings["top_k"]:
+        parts.append(f"top_k {settings['top_k']}")
+    if settings["top_p"] < 1.0:
+        parts.append(f"top_p {settings['top_p']}")
+    return "sampling: " + ", ".join(parts)
 
 
 def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> None:

@@ -202,10 +202,15 @@ def eval_(package: Path, text_file: Path, window: int | None, stride: int | None
 @click.option("--cold-start/--no-cold-start", default=True, show_default=True,
               help="Also time a fresh process from start to first token.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write results as JSON here.")
+@click.option("--temperature", type=float, default=0.0, show_default=True,
+              help="Time sampled generation (0 = greedy).")
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
 @_session_options
 @_friendly_errors
 def bench(package: Path, prompt_tokens: int, new_tokens: int, runs: int, warmup: int, contexts: str,
-          cold_start: bool, json_path: Path | None, threads: int, spinning: bool) -> None:
+          cold_start: bool, json_path: Path | None, temperature: float, top_k: int, top_p: float,
+          threads: int, spinning: bool) -> None:
     """Latency of PACKAGE on this machine: prefill, decode ms/token, load, cold start, memory."""
     from .bench import BenchSettings, format_report, run_bench, write_json
 
@@ -214,7 +219,8 @@ def bench(package: Path, prompt_tokens: int, new_tokens: int, runs: int, warmup:
     except ValueError as exc:
         raise click.BadParameter(f"--context takes comma-separated integers, got {contexts!r}") from exc
     settings = BenchSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs, warmup=warmup,
-                             threads=threads, spinning=spinning, contexts=sweep, cold_start=cold_start)
+                             threads=threads, spinning=spinning, contexts=sweep, cold_start=cold_start,
+                             temperature=temperature, top_k=top_k, top_p=top_p)
     report = run_bench(package, settings, progress=True)
     click.echo(format_report(report))
     if json_path:

@@ -114,6 +114,22 @@ def test_bench_reports_every_measurement(cli, package, tmp_path):
     assert report["machine"]["onnxruntime"]
 
 
+def test_bench_times_sampled_generation(cli, package, tmp_path):
+    out = tmp_path / "bench.json"
+    result = cli("bench", package, "--prompt-tokens", "8", "--new-tokens", "6", "--runs", "1", "--no-cold-start",
+                 "--temperature", "0.8", "--top-p", "0.9", "--json", out)
+    assert result.exit_code == 0, result.output
+    assert "sampling: temperature 0.8, top_p 0.9" in result.stdout
+    settings = json.loads(out.read_text())["settings"]
+    assert (settings["temperature"], settings["top_k"], settings["top_p"]) == (0.8, 0, 0.9)
+
+
+def test_bench_rejects_invalid_sampling_settings(cli, package):
+    result = cli("bench", package, "--top-p", "1.5", "--no-cold-start")
+    assert result.exit_code != 0
+    assert "top_p must be <= 1" in result.stderr
+
+
 def test_bench_rejects_a_prompt_longer_than_the_context(cli, package):
     result = cli("bench", package, "--prompt-tokens", "999", "--no-cold-start")
     assert result.exit_code != 0
