@@ -55,6 +55,8 @@ class _Quantized(NamedTuple):
     shape: tuple[int, int]  # torch's [out, in]
     bits: int
     block: int
+    scales: np.ndarray  # [out, blocks]
+    zero_points: np.ndarray | None  # as MatMulNBits stores them (4-bit: two per byte)
 
 
 class NBitsQuantizer(LinearQuantizer):
@@ -108,7 +110,7 @@ class NBitsQuantizer(LinearQuantizer):
         names = [g.initializer(f"{prefix}.qweight", packed), g.initializer(f"{prefix}.scales", scales)]
         if zero_points is not None:
             names.append(g.initializer(f"{prefix}.qzeros", zero_points))
-        return _Quantized(tuple(names), weight.shape, bits, block)
+        return _Quantized(tuple(names), weight.shape, bits, block, scales, zero_points)
 
     def _matmul(self, g: _Graph, name: str, x: str, weight: _Quantized, output: str | None = None) -> str:
         out_features, in_features = weight.shape
@@ -123,8 +125,32 @@ class NBitsQuantizer(LinearQuantizer):
         return self._matmul(g, name, x, self._weight(g, name, weight, self.bits))
 
     def embedding(self, g: _Graph, name: str, table: np.ndarray, ids: str) -> str:
-        width = table.shape[1]
         self._tied = tied = self._weight(g, "transformer.wte", table, self.lm_head_bits)
+        if self.symmetric or tied.bits == 8:
+            return self._gather_block_quantized(g, name, tied, ids)
+        return self._gather_and_dequantize(g, name, tied, ids)
+
+    def _gather_block_quantized(self, g: _Graph, name: str, tied: _Quantized, ids: str) -> str:
+        """One GatherBlockQuantized node reads the rows straight from MatMulNBits' packed table.
+
+        It wants scales (and zero points) of the table's rank, [vocab, blocks, 1]: those small
+        arrays are stored a second time in that shape, the packed table is not. Exact: it applies
+        MatMulNBits' dequantization, implicit mid-range zero point included. A decode step runs one
+        node here instead of a dozen, and on this CPU each node costs tens of µs once the weight
+        streaming has evicted the caches."""
+        vocab, width = tied.shape
+        blocks = width // tied.block
+        inputs = [tied.inputs[0], ids, g.initializer("transformer.wte.row_scales", tied.scales.reshape(vocab, blocks, 1))]
+        if tied.zero_points is not None:  # 8 bits: one zero point per byte already
+            inputs.append(g.initializer("transformer.wte.row_zeros", tied.zero_points.reshape(vocab, blocks, 1)))
+        rows = g.op("GatherBlockQuantized", inputs, f"{name}/GatherBlockQuantized", domain="com.microsoft",
+                    gather_axis=0, quantize_axis=2, block_size=tied.block, bits=tied.bits)
+        return g.op("Reshape", [rows, g.constant([0, 0, width])], f"{name}/Reshape")  # [batch, seq, width]
+
+    def _gather_and_dequantize(self, g: _Graph, name: str, tied: _Quantized, ids: str) -> str:
+        """Standard ops: gather the packed rows, unpack, subtract the zero points, scale. Used where
+        GatherBlockQuantized cannot read MatMulNBits' zero points (4 bits with zero points)."""
+        width = tied.shape[1]
         bits, block = tied.bits, tied.block
         b, s = tied.inputs[:2]
         rows = g.op("Gather", [b, ids], f"{name}/rows/Gather")  # [batch, seq, blocks, block bytes]
@@ -132,18 +158,15 @@ class NBitsQuantizer(LinearQuantizer):
         if bits == 4:
             rows = _unpack_nibbles(g, f"{name}/rows", rows)
         values = g.op("Cast", [rows], f"{name}/rows/Cast", to=1)
-        if self.symmetric:
-            zeros = g.constant(float(1 << (bits - 1)), np.float32)
-        else:
-            zeros = g.op("Gather", [tied.inputs[2], ids], f"{name}/zeros/Gather")
-            if bits == 4:
-                zeros = _unpack_nibbles(g, f"{name}/zeros", zeros)
-                blocks = width // block
-                if zeros_padded(blocks):
-                    zeros = g.op("Slice", [zeros, g.constant([0]), g.constant([blocks]), g.constant([-1])],
-                                 f"{name}/zeros/trim/Slice")
-            zeros = g.op("Cast", [zeros], f"{name}/zeros/Cast", to=1)
-            zeros = g.op("Unsqueeze", [zeros, g.constant([-1])], f"{name}/zeros/Unsqueeze")
+        zeros = g.op("Gather", [tied.inputs[2], ids], f"{name}/zeros/Gather")
+        if bits == 4:
+            zeros = _unpack_nibbles(g, f"{name}/zeros", zeros)
+            blocks = width // block
+            if zeros_padded(blocks):
+                zeros = g.op("Slice", [zeros, g.constant([0]), g.constant([blocks]), g.constant([-1])],
+                             f"{name}/zeros/trim/Slice")
+        zeros = g.op("Cast", [zeros], f"{name}/zeros/Cast", to=1)
+        zeros = g.op("Unsqueeze", [zeros, g.constant([-1])], f"{name}/zeros/Unsqueeze")
         row_scales = g.op("Unsqueeze", [row_scales, g.constant([-1])], f"{name}/scales/Unsqueeze")
         values = g.op("Sub", [values, zeros], f"{name}/Sub")
         values = g.op("Mul", [values, row_scales], f"{name}/Mul")

@@ -106,14 +106,17 @@ def quantized(checkpoints, tmp_path_factory):
 
 def test_tied_table_is_stored_once(quantized):
     import onnx
+    from onnx import numpy_helper
 
     for scheme, path in quantized.items():
-        names = [t.name for t in onnx.load(str(path / "model.onnx")).graph.initializer]
-        symmetric = json.loads((path / "neoedge.json").read_text())["quantization"]["settings"]["zero_point"] \
-            == "symmetric"
-        # packed weights, scales (and zero points unless symmetric) — once
-        assert sum("wte" in n for n in names) == (2 if symmetric else 3), scheme
-        assert "transformer.wte.weight" not in names
+        model = onnx.load(str(path / "model.onnx"))
+        tables = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if "wte" in t.name}
+        assert "transformer.wte.weight" not in tables
+        packed = tables.pop("transformer.wte.qweight")
+        readers = [n for n in model.graph.node if "transformer.wte.qweight" in n.input]
+        assert sorted(n.op_type for n in readers) == ["GatherBlockQuantized", "MatMulNBits"], scheme
+        # Only the small per-block scales (and zero points) may exist twice, shaped for the lookup.
+        assert sum(a.nbytes for a in tables.values()) < packed.nbytes, scheme
 
 
 def test_manifest_records_the_scheme(quantized):
