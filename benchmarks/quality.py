@@ -23,8 +23,8 @@ import numpy as np
 
 from neoedge import Generator
 from neoedge.evaluate import score
-from neoedge.export import export_package
 from neoedge.export.tiny import HELDOUT_FILE, trained_checkpoint
+from exports import cached_export
 from report import write_report
 
 HERE = Path(__file__).resolve().parent
@@ -121,10 +121,7 @@ def main() -> None:
     packages = {}
     for name, options in NEOEDGE_VARIANTS.items():
         out = WORK / name.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
-        if not (out / "neoedge.json").exists():
-            print(f"exporting {name} ...", file=sys.stderr)
-            export_package(str(checkpoint), out, progress=False, **options)
-        packages[name] = out
+        packages[name] = cached_export(str(checkpoint), out, progress=False, **options)
 
     fp32 = Generator(packages["neoedge fp32"])
     bos = fp32.manifest.model.bos_token_id

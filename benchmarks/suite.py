@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from exports import cached_export
 from report import write_report
 
 HERE = Path(__file__).resolve().parent
@@ -65,17 +66,14 @@ FIRST_TOKEN_MARK = "FIRST-TOKEN"
 # -- preparation (once, cached under benchmarks/work) ----------------------------------------------
 def prepare(checkpoint: str | None, configs: list[str]) -> dict[str, str]:
     """Build or locate every configuration's model files; returns config -> path."""
-    from neoedge.export import export_package
-
     WORK.mkdir(parents=True, exist_ok=True)
     source = checkpoint or str(_random_125m())
     tag = "random125m" if checkpoint is None else Path(source).name.replace("/", "_")
     paths = {"pytorch-fp32": source}
     for name, options in NEOEDGE_EXPORTS.items():
         out = WORK / f"{tag}-{name}"
-        if name in configs and not (out / "neoedge.json").exists():
-            print(f"exporting {name} ...", file=sys.stderr)
-            export_package(source, out, **options)
+        if name in configs:
+            cached_export(source, out, **options)
         paths[name] = str(out)
     optimum_fp32 = WORK / f"{tag}-optimum-fp32"
     optimum_int8 = WORK / f"{tag}-optimum-int8"
@@ -318,7 +316,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 round, contexts 128 and 1024, 64 new tokens")
     parser.add_argument("--checkpoint", help="hub id or directory of a real GPT-Neo (default: random 125M shape)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
