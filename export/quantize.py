@@ -64,12 +64,13 @@ class NBitsQuantizer(LinearQuantizer):
 
     Each block of `block_size` consecutive input weights of an output row gets its own scale, and
     with `symmetric=False` its own zero point (min/max grid); symmetric blocks use MatMulNBits'
-    implicit mid-range zero point (no per-block zero-point correction in the kernel). With accuracy_level 4 the activations are quantized to int8 on
-    the fly, so the products run as int8 dot products (VNNI on x86, SDOT on arm64).
+    implicit mid-range zero point (no per-block zero-point correction in the kernel). With
+    accuracy_level 4 the activations are quantized to int8 on the fly, so the products run as int8
+    dot products (VNNI on x86, SDOT on arm64).
 
     The tied embedding is stored once, in MatMulNBits' [vocab, blocks, block bytes] layout, which is
     the embedding table's own row order: the lm_head is a MatMulNBits on it, and the token lookup
-    gathers the packed rows and dequantizes only those.
+    reads the packed rows of the requested tokens and dequantizes only those.
     """
 
     def __init__(self, bits: int, block_size: int, *, lm_head_bits: int | None = None,
@@ -102,7 +103,8 @@ class NBitsQuantizer(LinearQuantizer):
         return {"method": "MatMulNBits", "bits": self.bits,
                 "block_size": used[0] if len(used) == 1 else used,
                 "lm_head_bits": self.lm_head_bits, "accuracy_level": self.accuracy_level,
-                "zero_point": "symmetric" if self.symmetric else "asymmetric", "embedding": "tied, shared with lm_head"}
+                "zero_point": "symmetric" if self.symmetric else "asymmetric",
+                "embedding": "tied, shared with lm_head"}
 
     def _weight(self, g: _Graph, prefix: str, weight: np.ndarray, bits: int) -> _Quantized:
         block = self._block_for(weight.shape[1])
@@ -140,9 +142,11 @@ class NBitsQuantizer(LinearQuantizer):
         streaming has evicted the caches."""
         vocab, width = tied.shape
         blocks = width // tied.block
-        inputs = [tied.inputs[0], ids, g.initializer("transformer.wte.row_scales", tied.scales.reshape(vocab, blocks, 1))]
+        inputs = [tied.inputs[0], ids,
+                  g.initializer("transformer.wte.row_scales", tied.scales.reshape(vocab, blocks, 1))]
         if tied.zero_points is not None:  # 8 bits: one zero point per byte already
-            inputs.append(g.initializer("transformer.wte.row_zeros", tied.zero_points.reshape(vocab, blocks, 1)))
+            inputs.append(g.initializer("transformer.wte.row_zeros",
+                                        tied.zero_points.reshape(vocab, blocks, 1)))
         rows = g.op("GatherBlockQuantized", inputs, f"{name}/GatherBlockQuantized", domain="com.microsoft",
                     gather_axis=0, quantize_axis=2, block_size=tied.block, bits=tied.bits)
         return g.op("Reshape", [rows, g.constant([0, 0, width])], f"{name}/Reshape")  # [batch, seq, width]
@@ -196,7 +200,8 @@ def _unpack_nibbles(g: _Graph, name: str, packed: str) -> str:
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 
-def _grid(blocks: np.ndarray, low: np.ndarray, high: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _grid(blocks: np.ndarray, low: np.ndarray, high: np.ndarray, qmax: int
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     scales = (high - low) / qmax
     scales[scales == 0] = 1.0
     zero_points = np.clip(np.round(-low / scales), 0, qmax).astype(np.uint8)
@@ -260,9 +265,9 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int, *, symmet
 
 SCHEMES = ("none", "int8", "int4")
 # Chosen by measurement (benchmarks/quality.py on the trained model, benchmarks/suite.py for speed):
-# int4 at block 128 without zero points decoded 1.3-1.6x faster than block 32 with them, at +1.1%
-# perplexity on the trained model (the quantization target is +2%); `--block-size 32 --asymmetric` is the closest to the
-# model and `--lm-head-bits 8` the cheapest large quality gain.
+# int4 at block 128 without zero points decoded 1.2-1.6x faster than block 32 with them, at +1.1%
+# perplexity on the trained model (the quantization target is +2%); `--block-size 32 --asymmetric`
+# is the closest to the model and `--lm-head-bits 8` the cheapest large quality gain.
 DEFAULT_BLOCK_SIZE = {"int8": 128, "int4": 128}
 DEFAULT_SYMMETRIC = {"int8": False, "int4": True}
 

@@ -1,8 +1,9 @@
 """Small GPT-Neo checkpoints built on this machine: the hub is not always reachable.
 
 Used by the test suite (random weights, tiny sizes, a small window so short sequences exercise local
-attention), by the benchmarks, and — the trained one below — by `neoedge demo` when the hub is out of reach. The tokenizer is a byte-level
-BPE trained on text every Python installation has: the standard library's docstrings.
+attention), by the benchmarks, and — the trained one below — by `neoedge demo` when the hub is out
+of reach. The tokenizer is a byte-level BPE trained on text every Python installation has: the
+standard library's docstrings.
 """
 
 from __future__ import annotations

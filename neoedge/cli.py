@@ -54,7 +54,8 @@ def main(verbose: int) -> None:
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="Weight precision: fp32, or block-wise int8/int4 (MatMulNBits, int8 compute).")
-@click.option("--block-size", type=int, help="Quantization block size (default 128, halved where a weight's width needs it).")
+@click.option("--block-size", type=int,
+              help="Quantization block size (default 128, halved where a weight's width needs it).")
 @click.option("--lm-head-bits", type=click.Choice(["4", "8"]),
               help="Precision of the tied embedding/lm_head (default: as --quantize).")
 @click.option("--symmetric/--asymmetric", default=None,
@@ -153,8 +154,8 @@ def info(package: Path, as_json: bool, verify: bool) -> None:
     ]
     if manifest.validation:
         v = manifest.validation
-        lines.append(f"validation     max |Δlogit| vs transformers {max(v['max_abs_logit_diff_prefill'], v['max_abs_logit_diff_stepwise']):.2e} "
-                     f"over {v['positions']} positions")
+        worst = max(v["max_abs_logit_diff_prefill"], v["max_abs_logit_diff_stepwise"])
+        lines.append(f"validation     max |Δlogit| vs transformers {worst:.2e} over {v['positions']} positions")
     if verify:
         lines.append("integrity      all sha256 match")
     click.echo("\n".join(lines))
