@@ -24,21 +24,24 @@ class Sampler:
         self._rng = np.random.default_rng(options.seed)
         self._vocab = vocab_size
         self._inverse_temperature = 0.0 if options.greedy else 1.0 / options.temperature
-        # Scaled logits, padded to whole blocks with -inf (weight 0 after exp).
-        blocks = -(-vocab_size // BLOCK)
-        self._scores = np.full(blocks * BLOCK, -np.inf, np.float32)
-        self._blocks = self._scores.reshape(blocks, BLOCK)
-        self._weights = np.zeros_like(self._blocks)
-        self._distance = np.empty(vocab_size, np.float32)
-        # Tokens already seen (prompt and output), for the repetition penalty: a mask to test
-        # membership and the distinct ids, so a step touches only those logits.
         self._penalize = options.repetition_penalty != 1.0
-        self._seen = np.zeros(vocab_size, dtype=bool)
-        self._seen[context] = True
-        self._seen_ids = np.zeros(vocab_size, np.int64)
-        distinct = np.flatnonzero(self._seen)
-        self._seen_count = distinct.size
-        self._seen_ids[: distinct.size] = distinct
+        # Buffers only for what these options use: greedy decoding without a penalty needs none.
+        if not options.greedy:
+            # Scaled logits, padded to whole blocks with -inf (weight 0 after exp).
+            blocks = -(-vocab_size // BLOCK)
+            self._scores = np.full(blocks * BLOCK, -np.inf, np.float32)
+            self._blocks = self._scores.reshape(blocks, BLOCK)
+            self._weights = np.zeros_like(self._blocks)
+            self._distance = np.empty(vocab_size, np.float32)
+        if self._penalize:
+            # Tokens already seen (prompt and output): a mask to test membership and the distinct
+            # ids, so a step touches only those logits.
+            self._seen = np.zeros(vocab_size, dtype=bool)
+            self._seen[context] = True
+            distinct = np.flatnonzero(self._seen)
+            self._seen_ids = np.zeros(vocab_size, np.int64)
+            self._seen_ids[: distinct.size] = distinct
+            self._seen_count = distinct.size
 
     def __call__(self, logits: np.ndarray) -> int:
         """Pick a token from one position's logits [vocab]. May modify `logits` in place."""
