@@ -152,25 +152,20 @@ class NBitsQuantizer(LinearQuantizer):
         return g.op("Reshape", [rows, g.constant([0, 0, width])], f"{name}/Reshape")  # [batch, seq, width]
 
     def _gather_and_dequantize(self, g: _Graph, name: str, tied: _Quantized, ids: str) -> str:
-        """Standard ops: gather the packed rows, unpack, subtract the zero points, scale. Used where
-        GatherBlockQuantized cannot read MatMulNBits' zero points (4 bits with zero points)."""
+        """Standard ops for the one case GatherBlockQuantized cannot read: 4 bits with zero points
+        (MatMulNBits packs those two per byte). Gather the packed rows, unpack, subtract, scale."""
         width = tied.shape[1]
-        bits, block = tied.bits, tied.block
-        b, s = tied.inputs[:2]
-        rows = g.op("Gather", [b, ids], f"{name}/rows/Gather")  # [batch, seq, blocks, block bytes]
-        row_scales = g.op("Gather", [s, ids], f"{name}/scales/Gather")  # [batch, seq, blocks]
-        if bits == 4:
-            rows = _unpack_nibbles(g, f"{name}/rows", rows)
-        values = g.op("Cast", [rows], f"{name}/rows/Cast", to=1)
-        zeros = g.op("Gather", [tied.inputs[2], ids], f"{name}/zeros/Gather")
-        if bits == 4:
-            zeros = _unpack_nibbles(g, f"{name}/zeros", zeros)
-            blocks = width // block
-            if zeros_padded(blocks):
-                zeros = g.op("Slice", [zeros, g.constant([0]), g.constant([blocks]), g.constant([-1])],
-                             f"{name}/zeros/trim/Slice")
+        blocks = width // tied.block
+        packed, scales, packed_zeros = tied.inputs
+        rows = g.op("Gather", [packed, ids], f"{name}/rows/Gather")  # [batch, seq, blocks, block bytes]
+        values = g.op("Cast", [_unpack_nibbles(g, f"{name}/rows", rows)], f"{name}/rows/Cast", to=1)
+        zeros = _unpack_nibbles(g, f"{name}/zeros", g.op("Gather", [packed_zeros, ids], f"{name}/zeros/Gather"))
+        if zeros_padded(blocks):
+            zeros = g.op("Slice", [zeros, g.constant([0]), g.constant([blocks]), g.constant([-1])],
+                         f"{name}/zeros/trim/Slice")
         zeros = g.op("Cast", [zeros], f"{name}/zeros/Cast", to=1)
         zeros = g.op("Unsqueeze", [zeros, g.constant([-1])], f"{name}/zeros/Unsqueeze")
+        row_scales = g.op("Gather", [scales, ids], f"{name}/scales/Gather")  # [batch, seq, blocks]
         row_scales = g.op("Unsqueeze", [row_scales, g.constant([-1])], f"{name}/scales/Unsqueeze")
         values = g.op("Sub", [values, zeros], f"{name}/Sub")
         values = g.op("Mul", [values, row_scales], f"{name}/Mul")
