@@ -50,17 +50,18 @@ def test_malformed_manifest(broken):
         Generator(broken)
 
 
-@pytest.mark.parametrize("name", ["model.onnx", "tokenizer.json"])
+@pytest.mark.parametrize("name", ["model.onnx", "model.onnx.data", "tokenizer.json"])
 def test_missing_file(broken, name):
     (broken / name).unlink()
     with pytest.raises(PackageError, match=f"incomplete: {name} is missing"):
         Generator(broken)
 
 
-def test_truncated_file(broken):
-    data = (broken / "model.onnx").read_bytes()
-    (broken / "model.onnx").write_bytes(data[: len(data) // 2])
-    with pytest.raises(PackageError, match="model.onnx is corrupt"):
+@pytest.mark.parametrize("name", ["model.onnx", "model.onnx.data"])
+def test_truncated_file(broken, name):
+    data = (broken / name).read_bytes()
+    (broken / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(PackageError, match=f"{name} is corrupt"):
         Generator(broken)
 
 
@@ -73,6 +74,16 @@ def test_corrupt_file_same_size(broken):
         Generator(broken, verify=True)
     with pytest.raises(PackageError, match="cannot load model graph"):
         Generator(broken)
+
+
+def test_altered_weights_caught_by_verify(broken):
+    """Flipped weight bytes keep the size and still load: only the opt-in hash check can tell."""
+    path = broken / "model.onnx.data"
+    data = bytearray(path.read_bytes())
+    data[-64:] = bytes(255 - b for b in data[-64:])
+    path.write_bytes(bytes(data))
+    with pytest.raises(PackageError, match="model.onnx.data is corrupt: sha256 does not match"):
+        Generator(broken, verify=True)
 
 
 def test_graph_that_does_not_match_its_manifest(broken):

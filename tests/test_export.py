@@ -1,18 +1,15 @@
-"""Export: the package's files, the optimized graph, and external data for models over 2 GB."""
+"""Export: the package's files (graph, weights beside it, tokenizer), the optimized graph."""
 
 from __future__ import annotations
 
-import json
-
 import onnx
 
-from neoedge import Generator, Manifest
-from neoedge.export import export_package, pipeline
+from neoedge import Manifest
 
 
 def test_package_files_and_hashes(package):
     manifest = Manifest.read(package)
-    assert set(manifest.files) == {"model.onnx", "tokenizer.json"}
+    assert set(manifest.files) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
     manifest.check_files(package, verify_hashes=True)
     assert manifest.validation["positions"] > 2 * manifest.model.window_size
 
@@ -24,14 +21,12 @@ def test_shipped_graph_is_already_fused(package):
     assert "LayerNormalization" not in ops or "SkipLayerNormalization" in ops
 
 
-def test_external_data_for_large_models(checkpoints, tmp_path, monkeypatch):
-    """Models over protobuf's 2 GB keep weights in model.onnx.data; forced here on a tiny model."""
-    monkeypatch.setattr(pipeline, "EXTERNAL_DATA_THRESHOLD", 0)
-    out = tmp_path / "ext"
-    export_package(str(checkpoints["window8"]), out, progress=False)
-    manifest = json.loads((out / "neoedge.json").read_text())
-    assert set(manifest["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
-    assert (out / "model.onnx").stat().st_size < (out / "model.onnx.data").stat().st_size
-    assert manifest["validation"]["max_abs_logit_diff_prefill"] < 1e-4
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "neoedge.json", "tokenizer.json"]
-    assert Generator(out).generate("Open", max_new_tokens=4, stop_at_eos=False)
+def test_weights_live_beside_the_graph(package):
+    """The graph file holds the structure only; every weight is read from model.onnx.data."""
+    graph = onnx.load(str(package / "model.onnx"), load_external_data=False).graph
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and not [t.name for t in graph.initializer if len(t.raw_data) >= 1024]
+    assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"model.onnx.data"}
+    assert (package / "model.onnx").stat().st_size < (package / "model.onnx.data").stat().st_size
+    assert sorted(p.name for p in package.iterdir()) == ["model.onnx", "model.onnx.data", "neoedge.json",
+                                                         "tokenizer.json"]
