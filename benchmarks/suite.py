@@ -1,6 +1,6 @@
 """Side-by-side CPU latency: neoedge against what users would otherwise pick, in one run.
 
-    python benchmarks/suite.py            # full: 3 rounds, contexts 128..1900
+    python benchmarks/suite.py            # full: 5 rounds, contexts 128..1900
     python benchmarks/suite.py --quick    # 1 round, short sweep (~5 min after the one-time exports)
     python benchmarks/suite.py --checkpoint EleutherAI/gpt-neo-125m   # a real model, when online
 
