@@ -20,7 +20,7 @@ from .graph import build_decoder
 from .calibrate import calibration_batches, kv_cache_scales
 from .load import load_checkpoint
 from .quantize import make_quantizer
-from .validate import validate_package
+from .validate import describe_failure, validate_package
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +108,11 @@ def export_package(
 
         if validate:
             bar.set_postfix_str(steps[3])
-            report = validate_package(staging, checkpoint.model)
-            worst = max(report["max_abs_logit_diff_prefill"], report["max_abs_logit_diff_stepwise"])
             exact = quantize == "none" and kv_cache == "float32"
-            report["tolerance"] = tolerance if exact else None
+            report = validate_package(staging, checkpoint.model, tolerance=tolerance if exact else None)
             log.info("validation against transformers: %s", report)
-            if exact and worst > tolerance:
-                raise ExportError(
-                    f"validation failed: the exported graph's logits differ from transformers by "
-                    f"{worst:.3g} (tolerance {tolerance:g}) over {report['positions']} positions")
+            if exact and not report["passed"]:
+                raise ExportError(f"validation failed: {describe_failure(report)}")
             manifest = replace(manifest, validation=report)
             manifest.write(staging)
         bar.update()

@@ -170,8 +170,12 @@ def test_interrupted_forced_export_keeps_the_old_package(package, checkpoints, t
 
 def test_failed_validation_is_loud(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "validate_package", lambda *a, **k: {
-        "positions": 32, "max_abs_logit_diff_prefill": 0.5, "max_abs_logit_diff_stepwise": 0.0})
-    with pytest.raises(ExportError, match="validation failed"):
+        "positions": 32, "max_abs_logit_diff_prefill": 0.5, "max_abs_logit_diff_stepwise": 0.0,
+        "tolerance": 1e-4, "passed": False,
+        "float64": {"max_abs_error_transformers": 1e-6, "max_abs_error_prefill": 0.5,
+                    "max_abs_error_stepwise": 0.0, "margin": 2.0}})
+    with pytest.raises(ExportError, match=r"validation failed: .* differ from transformers by 0\.5 .* from the "
+                                          r"exact float64 logits by 0\.5"):
         export_package(str(checkpoints["window8"]), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
