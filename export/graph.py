@@ -18,6 +18,7 @@ one, and the lm_head is tied to the token embedding (stored once).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -77,9 +78,11 @@ class _Graph:
 
 def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
                   quantizer: LinearQuantizer, layer_norm_eps: float = 1e-5,
-                  kv_scales: list[tuple[np.ndarray, np.ndarray]] | None = None) -> onnx.ModelProto:
+                  kv_scales: list[tuple[np.ndarray, np.ndarray]] | None = None,
+                  on_layer: Callable[[], None] | None = None) -> onnx.ModelProto:
     """The decoder graph. `kv_scales` (per layer: key and value scales [heads, 1, head_size]) are
-    required when graph_info.kv_cache is "int8"."""
+    required when graph_info.kv_cache is "int8". `on_layer` is called as each layer is finished
+    (quantizing a large model's layers takes minutes: a progress bar's hook)."""
     g = _Graph()
     gi = graph_info
     hidden, heads, head_size = model.hidden_size, model.num_heads, model.head_size
@@ -192,6 +195,8 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
         next_norm = "transformer.ln_f" if last else f"transformer.h.{layer + 1}.ln_1"
         x, h = skip_layer_norm(h, proj, bias(f"{p}.mlp.c_proj.bias"), next_norm,
                                "/ln_f/SkipLayerNorm" if last else f"/layers.{layer + 1}/ln_1/SkipLayerNorm")
+        if on_layer is not None:
+            on_layer()
 
     h = x
     # Only the requested positions go through the lm_head (one position per decode step).

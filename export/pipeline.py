@@ -82,11 +82,16 @@ def export_package(
         if kv_cache == "int8":
             batches = calibration_batches(checkpoint.tokenizer_json, min(512, checkpoint.info.context_length))
             kv_scales = kv_cache_scales(checkpoint.model, batches, checkpoint.info.num_heads)
+        layers = tqdm(total=checkpoint.info.num_layers, desc="layers", unit="layer", leave=False,
+                      disable=not progress)
         try:
             model = build_decoder(checkpoint.info, checkpoint.weights(), graph_info, quantizer,
-                                  layer_norm_eps=checkpoint.layer_norm_eps, kv_scales=kv_scales)
+                                  layer_norm_eps=checkpoint.layer_norm_eps, kv_scales=kv_scales,
+                                  on_layer=layers.update)
         except ValueError as exc:
             raise ExportError(str(exc)) from exc
+        finally:
+            layers.close()
         bar.update()
 
         bar.set_postfix_str(steps[2])
