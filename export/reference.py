@@ -25,6 +25,7 @@ def _layer_norm(x: np.ndarray, module: Any, eps: float) -> np.ndarray:
 
 
 def _f64(tensor: Any) -> np.ndarray:
+    # detach(): no autograd graph is recorded, so no torch.no_grad() is needed around the pass.
     return tensor.detach().double().numpy()
 
 
@@ -39,8 +40,6 @@ def _gelu_new(x: np.ndarray) -> np.ndarray:
 
 def exact_logits(model: Any, ids: np.ndarray) -> np.ndarray:
     """Logits [positions, vocab] of a transformers GPTNeoForCausalLM for `ids`, computed in float64."""
-    import torch
-
     config, body = model.config, model.transformer
     if config.activation_function != "gelu_new":
         raise ValueError(f"the float64 reference implements gelu_new, not {config.activation_function}")
@@ -51,19 +50,18 @@ def exact_logits(model: Any, ids: np.ndarray) -> np.ndarray:
     causal = distance >= 0
     # GPT-Neo's local window holds window_size positions, the current one included.
     local = causal & (distance < config.window_size)
-    with torch.no_grad():
-        hidden = _f64(body.wte.weight)[ids] + _f64(body.wpe.weight)[positions]
-        for block, kind in zip(body.h, config.attention_layers):
-            attention = block.attn.attention
-            x = _layer_norm(hidden, block.ln_1, eps)
-            q, k, v = (_linear(x, proj).reshape(count, heads, head_size).transpose(1, 0, 2)
-                       for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
-            scores = q @ k.transpose(0, 2, 1)  # GPT-Neo does not scale its scores
-            scores = np.where(local if kind == "local" else causal, scores, -np.inf)
-            probs = np.exp(scores - scores.max(-1, keepdims=True))
-            probs /= probs.sum(-1, keepdims=True)
-            context = (probs @ v).transpose(1, 0, 2).reshape(count, config.hidden_size)
-            hidden = hidden + _linear(context, attention.out_proj)
-            x = _layer_norm(hidden, block.ln_2, eps)
-            hidden = hidden + _linear(_gelu_new(_linear(x, block.mlp.c_fc)), block.mlp.c_proj)
-        return _layer_norm(hidden, body.ln_f, eps) @ _f64(model.lm_head.weight).T
+    hidden = _f64(body.wte.weight)[ids] + _f64(body.wpe.weight)[positions]
+    for block, kind in zip(body.h, config.attention_layers):
+        attention = block.attn.attention
+        x = _layer_norm(hidden, block.ln_1, eps)
+        q, k, v = (_linear(x, proj).reshape(count, heads, head_size).transpose(1, 0, 2)
+                   for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
+        scores = q @ k.transpose(0, 2, 1)  # GPT-Neo does not scale its scores
+        scores = np.where(local if kind == "local" else causal, scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        context = (probs @ v).transpose(1, 0, 2).reshape(count, config.hidden_size)
+        hidden = hidden + _linear(context, attention.out_proj)
+        x = _layer_norm(hidden, block.ln_2, eps)
+        hidden = hidden + _linear(_gelu_new(_linear(x, block.mlp.c_fc)), block.mlp.c_proj)
+    return _layer_norm(hidden, body.ln_f, eps) @ _f64(model.lm_head.weight).T
