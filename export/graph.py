@@ -17,7 +17,9 @@ one, and the lm_head is tied to the token embedding (stored once).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -47,13 +49,55 @@ class Weights:
         return self.arrays[f"transformer.h.{index}.{name}"]
 
 
+class ExternalWeights:
+    """Writes each initializer's bytes to a weights file as the graph is built; the graph keeps only
+    where they are (ONNX external data).
+
+    Built in memory, a graph holds a protobuf copy of every weight beside the checkpoint's own: a
+    2.7B fp32 model would need twice its 10.6 GB before anything is written.
+    """
+
+    # Tensors smaller than this stay inside the graph; offsets are page-aligned so that onnxruntime
+    # can map the file instead of reading it.
+    MIN_SIZE, ALIGNMENT = 1024, 4096
+
+    def __init__(self, path: Path) -> None:
+        if sys.byteorder != "little":  # ONNX stores raw tensor data little-endian
+            raise ValueError("external weights are written in this machine's byte order, which is not little-endian")
+        self.path = Path(path)
+        self._file = open(self.path, "wb")
+
+    def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        array = np.ascontiguousarray(array)
+        if array.nbytes < self.MIN_SIZE:
+            return numpy_helper.from_array(array, name)
+        offset = (self._file.tell() + self.ALIGNMENT - 1) // self.ALIGNMENT * self.ALIGNMENT
+        self._file.seek(offset)
+        self._file.write(array.data)
+        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                                  dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", self.path.name), ("offset", offset), ("length", array.nbytes)):
+            tensor.external_data.add(key=key, value=str(value))
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> ExternalWeights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class _Graph:
     """Accumulates nodes and initializers; names carry their place in the model."""
 
-    def __init__(self) -> None:
+    def __init__(self, weights_file: ExternalWeights | None = None) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._constants: dict[tuple, str] = {}
+        self._weights_file = weights_file
 
     def node(self, op: str, inputs: list[str], name: str, *, outputs: int = 1,
              domain: str = "", **attrs) -> list[str]:
@@ -65,7 +109,10 @@ class _Graph:
         return self.node(op, inputs, name, **attrs)[0]
 
     def initializer(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        if self._weights_file is not None:
+            self.initializers.append(self._weights_file.tensor(name, array))
+        else:
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def constant(self, value, dtype=np.int64) -> str:
@@ -79,11 +126,13 @@ class _Graph:
 def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
                   quantizer: LinearQuantizer, layer_norm_eps: float = 1e-5,
                   kv_scales: list[tuple[np.ndarray, np.ndarray]] | None = None,
-                  on_layer: Callable[[], None] | None = None) -> onnx.ModelProto:
+                  on_layer: Callable[[], None] | None = None,
+                  weights_file: ExternalWeights | None = None) -> onnx.ModelProto:
     """The decoder graph. `kv_scales` (per layer: key and value scales [heads, 1, head_size]) are
     required when graph_info.kv_cache is "int8". `on_layer` is called as each layer is finished
-    (quantizing a large model's layers takes minutes: a progress bar's hook)."""
-    g = _Graph()
+    (quantizing a large model's layers takes minutes: a progress bar's hook). With `weights_file`
+    the weights go there as they are made, and the graph must be saved beside it."""
+    g = _Graph(weights_file)
     gi = graph_info
     hidden, heads, head_size = model.hidden_size, model.num_heads, model.head_size
 

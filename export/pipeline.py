@@ -16,7 +16,7 @@ from neoedge import __version__
 from neoedge.errors import ExportError
 from neoedge.manifest import GraphInfo, Manifest, Quantization, file_entries
 
-from .graph import build_decoder
+from .graph import ExternalWeights, build_decoder
 from .calibrate import calibration_batches, kv_cache_scales
 from .load import load_checkpoint
 from .quantize import make_quantizer
@@ -85,9 +85,10 @@ def export_package(
         layers = tqdm(total=checkpoint.info.num_layers, desc="layers", unit="layer", leave=False,
                       disable=not progress)
         try:
-            model = build_decoder(checkpoint.info, checkpoint.weights(), graph_info, quantizer,
-                                  layer_norm_eps=checkpoint.layer_norm_eps, kv_scales=kv_scales,
-                                  on_layer=layers.update)
+            with ExternalWeights(staging / WEIGHTS_FILE) as weights_file:
+                model = build_decoder(checkpoint.info, checkpoint.weights(), graph_info, quantizer,
+                                      layer_norm_eps=checkpoint.layer_norm_eps, kv_scales=kv_scales,
+                                      on_layer=layers.update, weights_file=weights_file)
         except ValueError as exc:
             raise ExportError(str(exc)) from exc
         finally:
@@ -95,7 +96,8 @@ def export_package(
         bar.update()
 
         bar.set_postfix_str(steps[2])
-        _save_graph(model, staging / MODEL_FILE)
+        onnx.save_model(model, str(staging / MODEL_FILE))
+        del model
         if optimize:
             _optimize_graph(staging / MODEL_FILE)
         (staging / TOKENIZER_FILE).write_text(checkpoint.tokenizer_json, encoding="utf-8")
@@ -133,11 +135,6 @@ def export_package(
     return manifest
 
 
-def _save_graph(model: onnx.ModelProto, path: Path) -> None:
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=WEIGHTS_FILE, size_threshold=1024)
-
-
 def _optimize_graph(path: Path) -> None:
     """Replace the graph with onnxruntime's optimized form (fused LayerNorm/SkipLayerNorm, Gelu, ...)
     so that loading it does less work.
@@ -150,6 +147,8 @@ def _optimize_graph(path: Path) -> None:
     optimized, optimized_weights = path.with_name("optimized.onnx"), "optimized.onnx.data"
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    # Nothing runs in this session: repacking the weights would only cost time and a second copy.
+    options.add_session_config_entry("session.disable_prepacking", "1")
     options.optimized_model_filepath = str(optimized)
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                      optimized_weights)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from neoedge.generator import Generator
+from neoedge.manifest import Manifest
 
 from .reference import exact_logits
 
@@ -34,7 +35,10 @@ def validate_package(package_dir: Path, model: Any, *, tolerance: float | None =
     tolerance of transformers, or, for models large enough that fp32 rounding alone exceeds it, as
     close to the float64 logits as transformers' fp32 logits are (within ROUNDING_MARGIN).
     """
-    generator = Generator(package_dir)
+    # fp32 weights are checked as stored, memory-mapped: repacking them would put a second copy of a
+    # large model in memory (and take a minute at 1.3B). Quantized kernels need their packed layout.
+    quantized = Manifest.read(package_dir).quantization.scheme != "none"
+    generator = Generator(package_dir, prepack=quantized)
     info = generator.manifest.model
     length = min(info.context_length, 2 * info.window_size + 16)
     ids = np.random.default_rng(seed).integers(0, info.vocab_size, size=length, dtype=np.int64)

@@ -28,6 +28,7 @@ class BenchSettings:
     warmup: int = 1
     threads: int = 0
     spinning: bool = True
+    prepack: bool = True
     contexts: tuple[int, ...] = ()
     sweep_tokens: int = 32
     seed: int = 0
@@ -118,7 +119,7 @@ def cold_start_seconds(package: Path, settings: BenchSettings) -> float:
         "import sys, time\n"
         "from neoedge import Generator, GenerationOptions\n"
         "from neoedge.bench import random_prompt\n"
-        f"g = Generator({str(package)!r}, intra_threads={settings.threads})\n"
+        f"g = Generator({str(package)!r}, intra_threads={settings.threads}, prepack={settings.prepack})\n"
         f"p = random_prompt(g, {settings.prompt_tokens}, {settings.seed})\n"
         "next(g.generate_tokens(p, GenerationOptions(max_new_tokens=1, stop_at_eos=False)))\n"
         "print('ready', flush=True)\n"
@@ -136,7 +137,8 @@ def run_bench(package: str | os.PathLike[str], settings: BenchSettings, *, progr
 
     package = Path(package)
     start = time.perf_counter()
-    generator = Generator(package, intra_threads=settings.threads, spinning=settings.spinning)
+    generator = Generator(package, intra_threads=settings.threads, spinning=settings.spinning,
+                          prepack=settings.prepack)
     load_s = time.perf_counter() - start
     prompt = random_prompt(generator, settings.prompt_tokens, settings.seed)
     text = generator.tokenizer.decode(prompt)

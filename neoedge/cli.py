@@ -92,11 +92,20 @@ def export(source: str, output: Path, quantize: str, block_size: int | None, lm_
 
 
 def _session_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    func = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-                        help="onnxruntime intra-op threads (0: one per physical core).")(func)
-    func = click.option("--spinning/--no-spinning", default=True, show_default=True,
-                        help="Keep worker threads spinning between ops.")(func)
-    return func
+    """--threads, --spinning and --prepack, handed to the command as one `session` dict of
+    Generator keyword arguments."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, threads: int, spinning: bool, prepack: bool, **kwargs: Any) -> Any:
+        return func(*args, session=dict(intra_threads=threads, spinning=spinning, prepack=prepack), **kwargs)
+
+    wrapper = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+                           help="onnxruntime intra-op threads (0: one per physical core).")(wrapper)
+    wrapper = click.option("--spinning/--no-spinning", default=True, show_default=True,
+                           help="Keep worker threads spinning between ops.")(wrapper)
+    wrapper = click.option("--prepack/--no-prepack", default=True, show_default=True,
+                           help="Repack weights at load: faster fp32 decode; --no-prepack loads a large "
+                                "fp32 package in milliseconds and with half the memory.")(wrapper)
+    return wrapper
 
 
 @main.command()
@@ -113,12 +122,12 @@ def _session_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--stream/--no-stream", default=True, show_default=True, help="Print text as it is made.")
 @_session_options
 @_friendly_errors
-def generate(package: Path, prompt: str, stream: bool, threads: int, spinning: bool,
+def generate(package: Path, prompt: str, stream: bool, session: dict[str, Any],
              stop: tuple[str, ...], ignore_eos: bool, **options: Any) -> None:
     """Generate a continuation of PROMPT with the model PACKAGE."""
     from .generator import Generator
 
-    generator = Generator(package, intra_threads=threads, spinning=spinning)
+    generator = Generator(package, **session)
     opts = generator.options(stop=stop or None, stop_at_eos=False if ignore_eos else None, **options)
     if stream:
         for chunk in generator.stream(prompt, opts):
@@ -182,14 +191,14 @@ def info(package: Path, as_json: bool, verify: bool) -> None:
 @_session_options
 @_friendly_errors
 def eval_(package: Path, text_file: Path, window: int | None, stride: int | None, reference: Path | None,
-          as_json: bool, threads: int, spinning: bool) -> None:
+          as_json: bool, session: dict[str, Any]) -> None:
     """Perplexity of a text under PACKAGE, computed by the runtime (no torch)."""
     from .evaluate import evaluate, read_text
     from .generator import Generator
 
     text = read_text(text_file)
-    generator = Generator(package, intra_threads=threads, spinning=spinning)
-    ref = Generator(reference, intra_threads=threads, spinning=spinning) if reference else None
+    generator = Generator(package, **session)
+    ref = Generator(reference, **session) if reference else None
     report = evaluate(generator, text, window=window, stride=stride, reference=ref, progress=True)
     if as_json:
         click.echo(json.dumps({"package": str(package), "text": str(text_file),
@@ -220,7 +229,7 @@ def eval_(package: Path, text_file: Path, window: int | None, stride: int | None
 @_friendly_errors
 def bench(package: Path, prompt_tokens: int, new_tokens: int, runs: int, warmup: int, contexts: str,
           cold_start: bool, json_path: Path | None, temperature: float, top_k: int, top_p: float,
-          threads: int, spinning: bool) -> None:
+          session: dict[str, Any]) -> None:
     """Latency of PACKAGE on this machine: prefill, decode ms/token, load, cold start, memory."""
     from .bench import BenchSettings, format_report, run_bench, write_json
 
@@ -229,7 +238,8 @@ def bench(package: Path, prompt_tokens: int, new_tokens: int, runs: int, warmup:
     except ValueError as exc:
         raise click.BadParameter(f"--context takes comma-separated integers, got {contexts!r}") from exc
     settings = BenchSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs, warmup=warmup,
-                             threads=threads, spinning=spinning, contexts=sweep, cold_start=cold_start,
+                             threads=session["intra_threads"], spinning=session["spinning"],
+                             prepack=session["prepack"], contexts=sweep, cold_start=cold_start,
                              temperature=temperature, top_k=top_k, top_p=top_p)
     report = run_bench(package, settings, progress=True)
     click.echo(format_report(report))

@@ -30,18 +30,23 @@ class Generator:
     """
 
     def __init__(self, package_dir: str | os.PathLike[str], *, intra_threads: int = 0,
-                 spinning: bool = True, verify: bool = False) -> None:
+                 spinning: bool = True, prepack: bool = True, verify: bool = False) -> None:
         """
         package_dir: a directory written by `neoedge export`.
         intra_threads: onnxruntime threads per op (0: one per physical core).
         spinning: keep worker threads spinning between ops (faster decode, busier CPU).
+        prepack: let onnxruntime repack weights at load (faster fp32 decode; slower load, and a
+            second copy of fp32 weights in memory).
         verify: check every file's sha256 against the manifest (reads the whole package).
         """
         self.package_dir = Path(package_dir)
         self.manifest = Manifest.read(self.package_dir)
         self.manifest.check_files(self.package_dir, verify_hashes=verify)
         self.tokenizer = Tokenizer(self.package_dir / self.manifest.tokenizer)
-        settings = SessionSettings(intra_threads=intra_threads, spinning=spinning)
+        settings = SessionSettings(intra_threads=intra_threads, spinning=spinning, prepack=prepack)
+        if not prepack and self.manifest.quantization.scheme != "none":
+            log.warning("prepack=False with an %s package: its kernels need the packed weights, decode "
+                        "will be many times slower", self.manifest.quantization.scheme)
         self.session = create_session(self.package_dir / self.manifest.graph.file, settings)
         self._runner: Runner = make_runner(self.session, self.manifest)
 

@@ -29,6 +29,9 @@ def test_generate_prints_only_text(cli, package):
     assert result.stdout == expected + "\n"
     streamed = cli("generate", package, "Open the", "--max-new-tokens", "10")
     assert streamed.stdout == result.stdout
+    unpacked = cli("generate", package, "Open the", "--max-new-tokens", "10", "--no-prepack", "--threads", "1")
+    assert unpacked.exit_code == 0, unpacked.output
+    assert unpacked.stdout == result.stdout
 
 
 def test_generate_sampling_options_and_stop(cli, package):

@@ -1,10 +1,17 @@
-"""Export: the package's files (graph, weights beside it, tokenizer), the optimized graph."""
+"""Export: the package's files (graph, weights beside it, tokenizer), the optimized graph, weights
+written to disk as the graph is built."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from neoedge import Manifest
+from neoedge.export.graph import ExternalWeights, build_decoder
+from neoedge.export.load import load_checkpoint
+from neoedge.export.quantize import make_quantizer
+from neoedge.manifest import GraphInfo
 
 
 def test_package_files_and_hashes(package):
@@ -30,3 +37,27 @@ def test_weights_live_beside_the_graph(package):
     assert (package / "model.onnx").stat().st_size < (package / "model.onnx.data").stat().st_size
     assert sorted(p.name for p in package.iterdir()) == ["model.onnx", "model.onnx.data", "neoedge.json",
                                                          "tokenizer.json"]
+
+
+def test_weights_are_written_as_the_graph_is_built(checkpoints, tmp_path):
+    """With a weights file the graph never holds the weights in memory: each initializer is written
+    as it is made (page-aligned), and reading them back gives exactly the in-memory graph's arrays."""
+    checkpoint = load_checkpoint(str(checkpoints["window8"]))
+    quantizer = make_quantizer("int4")
+
+    def build(weights_file=None):
+        return build_decoder(checkpoint.info, checkpoint.weights(), GraphInfo(file="model.onnx", attention="gqa"), quantizer,
+                             layer_norm_eps=checkpoint.layer_norm_eps, weights_file=weights_file)
+
+    in_memory = {t.name: numpy_helper.to_array(t) for t in build().graph.initializer}
+    with ExternalWeights(tmp_path / "model.onnx.data") as weights_file:
+        streamed = build(weights_file)
+    assert not [t.name for t in streamed.graph.initializer if len(t.raw_data) >= ExternalWeights.MIN_SIZE]
+    offsets = [int(e.value) for t in streamed.graph.initializer for e in t.external_data if e.key == "offset"]
+    assert len(offsets) > 10 and all(offset % ExternalWeights.ALIGNMENT == 0 for offset in offsets)
+
+    onnx.save_model(streamed, str(tmp_path / "model.onnx"))
+    loaded = onnx.load(str(tmp_path / "model.onnx"))
+    assert [t.name for t in loaded.graph.initializer] == list(in_memory)
+    for tensor in loaded.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), in_memory[tensor.name], err_msg=tensor.name)

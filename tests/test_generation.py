@@ -81,3 +81,13 @@ def test_generation_stops_at_context_end(generator):
 def test_package_generation_defaults_apply(generator):
     assert generator.options().max_new_tokens == generator.manifest.generation["max_new_tokens"]
     assert generator.options(max_new_tokens=3).max_new_tokens == 3
+
+
+def test_unpacked_weights_give_the_same_logits(package, generator):
+    """prepack=False runs the MatMuls on the memory-mapped weights as stored: the same model."""
+    import numpy as np
+
+    ids = np.random.default_rng(3).integers(0, 512, size=40)
+    unpacked = Generator(package, intra_threads=1, prepack=False)
+    np.testing.assert_allclose(unpacked.logits(ids), generator.logits(ids), atol=1e-5, rtol=0)
+    assert unpacked.generate("The file", max_new_tokens=12) == generator.generate("The file", max_new_tokens=12)

@@ -167,3 +167,13 @@ def test_block_size_that_does_not_divide_is_refused(checkpoints, tmp_path):
     with pytest.raises(ExportError, match="blocks of 128"):
         export_package(str(checkpoints["window8"]), tmp_path / "q", quantize="int8", block_size=128, progress=False)
     assert not (tmp_path / "q").exists()
+
+
+def test_unpacked_quantized_package_warns_and_still_computes_the_same(quantized, caplog):
+    """Quantized kernels without their packed weights are many times slower: say so, stay correct."""
+    ids = np.random.default_rng(4).integers(0, 512, size=24)
+    packed = Generator(quantized["int4"]).logits(ids)
+    with caplog.at_level("WARNING", logger="neoedge.generator"):
+        unpacked = Generator(quantized["int4"], prepack=False)
+    assert "many times slower" in caplog.text
+    assert (unpacked.logits(ids).argmax(-1) == packed.argmax(-1)).mean() > 0.9
