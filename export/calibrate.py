@@ -7,7 +7,7 @@ each channel produces.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -30,8 +30,10 @@ def calibration_batches(tokenizer_json: str, length: int, count: int = 8) -> lis
     return [stream[i * length:(i + 1) * length] for i in range(count)]
 
 
-def kv_cache_scales(model: Any, batches: list[np.ndarray], num_heads: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per layer, (key scale, value scale), each float32 [heads, 1, head_size]: max |x| / 127."""
+def kv_cache_scales(model: Any, batches: list[np.ndarray], num_heads: int,
+                    on_batch: Callable[[], None] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer, (key scale, value scale), each float32 [heads, 1, head_size]: max |x| / 127.
+    `on_batch` is called after each batch (minutes in all for a 2.7B model: a progress bar's hook)."""
     import torch
 
     maxima: dict[tuple[int, str], torch.Tensor] = {}
@@ -46,6 +48,8 @@ def kv_cache_scales(model: Any, batches: list[np.ndarray], num_heads: int) -> li
         with torch.no_grad():
             for batch in batches:
                 model(torch.from_numpy(batch[None]))
+                if on_batch is not None:
+                    on_batch()
     finally:
         for hook in hooks:
             hook.remove()

@@ -81,7 +81,10 @@ def export_package(
         kv_scales = None
         if kv_cache == "int8":
             batches = calibration_batches(checkpoint.tokenizer_json, min(512, checkpoint.info.context_length))
-            kv_scales = kv_cache_scales(checkpoint.model, batches, checkpoint.info.num_heads)
+            with tqdm(total=len(batches), desc="calibrate KV cache", unit="batch", leave=False,
+                      disable=not progress) as calibrating:
+                kv_scales = kv_cache_scales(checkpoint.model, batches, checkpoint.info.num_heads,
+                                            on_batch=calibrating.update)
         layers = tqdm(total=checkpoint.info.num_layers, desc="layers", unit="layer", leave=False,
                       disable=not progress)
         try:
