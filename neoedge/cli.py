@@ -103,8 +103,9 @@ def _session_options(func: Callable[..., Any]) -> Callable[..., Any]:
     wrapper = click.option("--spinning/--no-spinning", default=True, show_default=True,
                            help="Keep worker threads spinning between ops.")(wrapper)
     wrapper = click.option("--prepack/--no-prepack", default=True, show_default=True,
-                           help="Repack weights at load: faster fp32 decode; --no-prepack loads a large "
-                                "fp32 package in milliseconds and with half the memory.")(wrapper)
+                           help="Repack weights at load (int8/int4 need it; faster 125M fp32). --no-prepack "
+                                "loads a large fp32 package in under a second, without a second copy "
+                                "of its weights.")(wrapper)
     return wrapper
 
 
