@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from neoedge.generator import Generator
-from neoedge.manifest import Manifest
+from neoedge.manifest import Manifest, worst_validation_error
 
 from .reference import exact_logits
 
@@ -56,7 +56,7 @@ def validate_package(package_dir: Path, model: Any, *, tolerance: float | None =
     }
     if tolerance is None:
         return report
-    report["passed"] = _worst(report, "max_abs_logit_diff") <= tolerance
+    report["passed"] = worst_validation_error(report, "max_abs_logit_diff") <= tolerance
     if not report["passed"]:
         exact = exact_logits(model, ids)
         errors = {
@@ -67,22 +67,17 @@ def validate_package(package_dir: Path, model: Any, *, tolerance: float | None =
         }
         report["float64"] = errors
         rounding = errors["max_abs_error_transformers"]
-        report["passed"] = _worst(errors, "max_abs_error") <= ROUNDING_MARGIN * rounding
+        report["passed"] = worst_validation_error(errors, "max_abs_error") <= ROUNDING_MARGIN * rounding
     return report
 
 
-def _worst(measures: dict[str, Any], prefix: str) -> float:
-    """The larger of the prefill and step-wise figures named `prefix`_prefill / `prefix`_stepwise."""
-    return max(measures[f"{prefix}_prefill"], measures[f"{prefix}_stepwise"])
-
-
 def describe_failure(report: dict[str, Any]) -> str:
-    worst = _worst(report, "max_abs_logit_diff")
+    worst = worst_validation_error(report, "max_abs_logit_diff")
     text = (f"the exported graph's logits differ from transformers by {worst:.3g} "
             f"(tolerance {report['tolerance']:g}) over {report['positions']} positions")
     if "float64" in report:
         f = report["float64"]
-        text += (f", and from the exact float64 logits by {_worst(f, 'max_abs_error'):.3g}, "
+        text += (f", and from the exact float64 logits by {worst_validation_error(f, 'max_abs_error'):.3g}, "
                  f"more than {f['margin']:g}× transformers' own fp32 error "
                  f"({f['max_abs_error_transformers']:.3g})")
     return text

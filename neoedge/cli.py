@@ -16,6 +16,7 @@ from typing import Any, Callable
 import click
 
 from .errors import NeoedgeError
+from .manifest import worst_validation_error
 
 DEMO_HUB_MODEL = "EleutherAI/gpt-neo-125m"
 
@@ -86,7 +87,7 @@ def export(source: str, output: Path, quantize: str, block_size: int | None, lm_
         if "float64" in report:
             f = report["float64"]
             click.echo(f"beyond the {report['tolerance']:g} tolerance, so checked against float64 logits: "
-                       f"max error {max(f['max_abs_error_prefill'], f['max_abs_error_stepwise']):.2e}, "
+                       f"max error {worst_validation_error(f, 'max_abs_error'):.2e}, "
                        f"transformers' own fp32 {f['max_abs_error_transformers']:.2e} (fp32 rounding)", err=True)
     click.echo(f"wrote {output}", err=True)
 
@@ -169,11 +170,11 @@ def info(package: Path, as_json: bool, verify: bool) -> None:
     ]
     if manifest.validation:
         v = manifest.validation
-        worst = max(v["max_abs_logit_diff_prefill"], v["max_abs_logit_diff_stepwise"])
+        worst = worst_validation_error(v, "max_abs_logit_diff")
         lines.append(f"validation     max |Δlogit| vs transformers {worst:.2e} over {v['positions']} positions")
         if "float64" in v:
             f = v["float64"]
-            lines.append(f"               vs float64 {max(f['max_abs_error_prefill'], f['max_abs_error_stepwise']):.2e} "
+            lines.append(f"               vs float64 {worst_validation_error(f, 'max_abs_error'):.2e} "
                          f"(transformers fp32: {f['max_abs_error_transformers']:.2e})")
     if verify:
         lines.append("integrity      all sha256 match")

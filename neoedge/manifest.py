@@ -203,3 +203,9 @@ def file_entries(directory: str | os.PathLike[str]) -> dict[str, FileEntry]:
         for path in sorted(directory.iterdir())
         if path.is_file() and path.name != MANIFEST_NAME
     }
+
+
+def worst_validation_error(measures: dict[str, Any], prefix: str) -> float:
+    """The larger of a validation report's prefill and step-wise figures, `prefix`_prefill and
+    `prefix`_stepwise (e.g. "max_abs_logit_diff", or "max_abs_error" in its float64 part)."""
+    return max(measures[f"{prefix}_prefill"], measures[f"{prefix}_stepwise"])
