@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .events import Completion
+
 
 class NeoedgeError(Exception):
     """Base class of all neoedge errors."""
@@ -12,7 +17,35 @@ class PackageError(NeoedgeError):
 
 
 class PromptError(NeoedgeError, ValueError):
-    """A prompt cannot be generated from (for example: longer than the model's context)."""
+    """A prompt or token sequence cannot be used (empty, ids out of range, too long for the context)."""
+
+
+class ContextFullError(PromptError):
+    """A sequence needs more positions than the model's context has, and its policy is "error".
+
+    Raised by an append that does not fit, or by a generation that runs into the end of the context;
+    then `completion` holds what was generated until then (the sequence keeps those tokens too).
+    """
+
+    def __init__(self, message: str, completion: Completion | None = None) -> None:
+        super().__init__(message)
+        self.completion = completion
+
+
+class SequenceBusyError(NeoedgeError, RuntimeError):
+    """A sequence was used while another call (another thread, or an open stream) is using it.
+
+    A sequence holds one KV cache and one position: two calls at once would corrupt both, so the
+    second one is refused immediately instead of returning wrong text.
+    """
+
+
+class StateFileError(NeoedgeError):
+    """A saved sequence state cannot be loaded: not a state file, corrupt, or from another package."""
+
+
+class RuntimeFailure(NeoedgeError):
+    """onnxruntime failed while running the model (the message says which call and why)."""
 
 
 class ExportError(NeoedgeError):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
+
+
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,10 @@ class GenerationOptions:
     """Generation ends when one of these strings appears; the stop text is not returned."""
     stop_at_eos: bool = True
     """End at the end-of-sequence token (benchmarks turn this off to produce every token)."""
+    logprobs: bool = False
+    """Report each generated token's log-probability under the model (costs ~2% per token)."""
+    top_logprobs: int = 0
+    """Also report this many most likely alternatives at each step, with their log-probs (implies logprobs)."""
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
@@ -45,12 +52,20 @@ class GenerationOptions:
             if not isinstance(text, str) or not text:
                 raise ValueError(f"stop strings must be non-empty strings, got {text!r}")
         object.__setattr__(self, "stop", stop)
-        if not isinstance(self.stop_at_eos, bool):
-            raise ValueError(f"stop_at_eos must be a bool, got {self.stop_at_eos!r}")
+        for name in ("stop_at_eos", "logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        _check_int("top_logprobs", self.top_logprobs, minimum=0)
+        if self.top_logprobs > MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
 
     @classmethod
     def merged(cls, defaults: dict[str, Any], overrides: dict[str, Any]) -> GenerationOptions:
@@ -62,6 +77,28 @@ class GenerationOptions:
         values = {k: v for k, v in defaults.items() if k in known}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class ContextPolicy:
+    """What a sequence does when it needs more positions than the model's context has.
+
+    GPT-Neo's positions are absolute (learned position embeddings added at the input), so a full
+    cache cannot simply slide: every kept token's keys and values depend on its position.
+    """
+
+    on_full: Literal["error", "stop", "shift"] = "error"
+    """"error": raise ContextFullError (a generation's partial result rides on the exception);
+    "stop": end the generation with finish reason "context";
+    "shift": keep the first `keep` tokens and the most recent ones (half the context in all), and
+    run them again from position 0 (costs a prefill of about half the context), then go on."""
+    keep: int = 0
+    """Tokens at the start that "shift" never drops (a system prompt, say)."""
+
+    def __post_init__(self) -> None:
+        if self.on_full not in ("error", "stop", "shift"):
+            raise ValueError(f"on_full must be 'error', 'stop' or 'shift', got {self.on_full!r}")
+        _check_int("keep", self.keep, minimum=0)
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:

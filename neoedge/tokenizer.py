@@ -52,6 +52,11 @@ class TextStream:
         self._held.clear()
         return text
 
+    @property
+    def clean(self) -> bool:
+        """True when every pushed token has been released as text (nothing held back)."""
+        return not self._held
+
     def flush(self) -> str:
         """Whatever is left at the end (an incomplete character decodes to U+FFFD here)."""
         text = self._tokenizer.decode(self._held) if self._held else ""

@@ -21,9 +21,9 @@ def cli():
 
 
 def test_generate_prints_only_text(cli, package):
-    from neoedge import Generator
+    from neoedge import Model
 
-    expected = Generator(package).generate("Open the", max_new_tokens=10)
+    expected = Model(package).generate("Open the", max_new_tokens=10).text
     result = cli("generate", package, "Open the", "--max-new-tokens", "10", "--no-stream")
     assert result.exit_code == 0, result.output
     assert result.stdout == expected + "\n"
@@ -50,6 +50,7 @@ def test_info_human_and_json(cli, package):
     result = cli("info", package)
     assert result.exit_code == 0, result.output
     assert "window 8" in result.stdout and "gqa" in result.stdout and "validation" in result.stdout
+    assert "weights        none (fp32 weights)" in result.stdout and "0.0 MB" not in result.stdout
     data = json.loads(cli("info", package, "--json").stdout)
     assert data["format_version"] == 1
     assert data["model"]["attention_layers"] == ["global", "local", "global", "local"]
@@ -106,7 +107,7 @@ def test_export_force_replaces(cli, checkpoints, tmp_path):
 def test_bench_reports_every_measurement(cli, package, tmp_path):
     out = tmp_path / "bench.json"
     result = cli("bench", package, "--prompt-tokens", "16", "--new-tokens", "6", "--runs", "2",
-                 "--context", "32,64", "--json", out, "--threads", "1")
+                 "--context", "32,64", "--output", out, "--threads", "1", "--chat-turns", "3", "--cancel")
     assert result.exit_code == 0, result.output
     assert "decode" in result.stdout and "cold start" in result.stdout
     report = json.loads(out.read_text())
@@ -115,12 +116,26 @@ def test_bench_reports_every_measurement(cli, package, tmp_path):
     assert [p["context"] for p in report["context_sweep"]] == [32, 64]
     assert report["cold_start_s"] > 0 and report["peak_rss_mb"] > 0
     assert report["machine"]["onnxruntime"]
+    assert len(report["chat"]["cached_ms"]) == 3 and len(report["chat"]["uncached_ms"]) == 3
+    assert report["cancel"]["prefill_tokens"] == 254 and report["cancel"]["decode_ms"]["max"] > 0
+    assert "chat" in result.stdout and "cancel" in result.stdout
+
+
+def test_bench_json_conventions(cli, package, tmp_path):
+    """--json prints JSON on stdout; the old --json FILE still works, with a deprecation notice."""
+    args = ["bench", package, "--prompt-tokens", "8", "--new-tokens", "3", "--runs", "1", "--no-cold-start"]
+    printed = cli(*args, "--json")
+    assert printed.exit_code == 0, printed.output
+    assert json.loads(printed.stdout)["settings"]["prompt_tokens"] == 8
+    old = cli(*args, "--json", tmp_path / "old.json")
+    assert old.exit_code == 0, old.output
+    assert "deprecated" in old.stderr and json.loads((tmp_path / "old.json").read_text())["settings"]["runs"] == 1
 
 
 def test_bench_times_sampled_generation(cli, package, tmp_path):
     out = tmp_path / "bench.json"
     result = cli("bench", package, "--prompt-tokens", "8", "--new-tokens", "6", "--runs", "1", "--no-cold-start",
-                 "--temperature", "0.8", "--top-p", "0.9", "--json", out)
+                 "--temperature", "0.8", "--top-p", "0.9", "--output", out)
     assert result.exit_code == 0, result.output
     assert "sampling: temperature 0.8, top_p 0.9" in result.stdout
     settings = json.loads(out.read_text())["settings"]
@@ -136,7 +151,15 @@ def test_bench_rejects_invalid_sampling_settings(cli, package):
 def test_bench_rejects_a_prompt_longer_than_the_context(cli, package):
     result = cli("bench", package, "--prompt-tokens", "999", "--no-cold-start")
     assert result.exit_code != 0
-    assert "does not fit the context" in result.stderr
+    assert "does not fit the model's context (256)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1  # refused before any run, no progress bar
+
+
+def test_bench_rejects_a_context_sweep_beyond_the_model(cli, package):
+    result = cli("bench", package, "--prompt-tokens", "8", "--new-tokens", "4", "--context", "64,300",
+                 "--no-cold-start")
+    assert result.exit_code != 0
+    assert "--context 300 + 32 tokens = 332 tokens does not fit the model's context (256)" in result.stderr
 
 
 def test_demo_exports_and_generates(cli, tmp_path):

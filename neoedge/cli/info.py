@@ -1,0 +1,63 @@
+"""`neoedge info`: what a package is, from its manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..manifest import Manifest, worst_validation_error
+from .common import Emitter, friendly_errors, megabytes, output_options
+
+
+def describe_quantization(manifest: Manifest) -> str:
+    q = manifest.quantization
+    if q.scheme == "none":
+        return "none (fp32 weights)"
+    settings: dict[str, Any] = dict(q.settings)
+    parts = [q.scheme]
+    order = ("method", "block_size", "zero_point", "lm_head_bits", "accuracy_level", "embedding")
+    for key in order + tuple(k for k in settings if k not in order and k != "bits"):
+        if key in settings:
+            value = settings[key]
+            label = key.replace("_", " ")
+            parts.append(f"{label} {'/'.join(map(str, value)) if isinstance(value, list) else value}")
+    return ", ".join(parts)
+
+
+@click.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--verify", is_flag=True, help="Also check every file's sha256.")
+@output_options
+@friendly_errors
+def info(package: Path, verify: bool, emit: Emitter) -> None:
+    """Describe the model PACKAGE (its manifest)."""
+    manifest = Manifest.read(package)
+    manifest.check_files(package, verify_hashes=verify)
+    m = manifest.model
+    layers = ", ".join(f"{kind}×{m.attention_layers.count(kind)}" for kind in ("global", "local"))
+    total = sum(entry.bytes for entry in manifest.files.values())
+    lines = [
+        f"package        {package}",
+        f"format         neoedge-model-package v{manifest.format_version} ({manifest.created_by})",
+        f"model          {m.architecture} from {m.source or '?'}",
+        f"size           {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads, vocab {m.vocab_size}",
+        f"context        {m.context_length} tokens; local window {m.window_size} ({layers})",
+        f"tokens         bos {m.bos_token_id}, eos {m.eos_token_id}",
+        f"attention      {manifest.graph.attention}, {manifest.graph.kv_cache} KV cache",
+        f"weights        {describe_quantization(manifest)}",
+        f"files          {megabytes(total)}: " + ", ".join(
+            f"{name} ({megabytes(entry.bytes)})" for name, entry in manifest.files.items()),
+    ]
+    if manifest.validation:
+        v = manifest.validation
+        worst = worst_validation_error(v, "max_abs_logit_diff")
+        lines.append(f"validation     max |Δlogit| vs transformers {worst:.2e} over {v['positions']} positions")
+        if "float64" in v:
+            f = v["float64"]
+            lines.append(f"               vs float64 {worst_validation_error(f, 'max_abs_error'):.2e} "
+                         f"(transformers fp32: {f['max_abs_error_transformers']:.2e})")
+    if verify:
+        lines.append("integrity      all sha256 match")
+    emit({**manifest.to_dict(), **({"verified": True} if verify else {})}, "\n".join(lines))
