@@ -40,6 +40,14 @@ class SequenceBusyError(NeoedgeError, RuntimeError):
     """
 
 
+class QueueFullError(NeoedgeError):
+    """The engine's request queue is full: try again later (a server answers 503)."""
+
+
+class EngineClosedError(NeoedgeError):
+    """The engine was closed: it takes no more requests, and its unfinished ones end with this."""
+
+
 class StateFileError(NeoedgeError):
     """A saved sequence state cannot be loaded: not a state file, corrupt, or from another package."""
 

@@ -124,10 +124,11 @@ class Stream:
         self._release_sequence = release
         self._released = False
         self._lock = threading.Lock()
-        self._progress = _Progress(text=[], tokens=[], logprobs=[])
         self._completion: Completion | None = None
-        self._events = _events(cursor, tokenizer, options, vocab_size, eos_token_id, self.cancel_token,
-                               self._progress)
+        prompt, cached = cursor.prompt_usage()
+        self._decoder = Decoder(tokenizer, options, vocab_size, eos_token_id, cursor.context_tokens(),
+                                prompt, cached)
+        self._events = _events(cursor, self._decoder, self.cancel_token)
 
     # -- iteration ----------------------------------------------------------------------------------
     def __iter__(self) -> Stream:
@@ -194,102 +195,134 @@ class Stream:
         if self._released:
             return
         self._released = True
-        self._progress.finish = self._progress.finish or FinishReason.CANCELLED
-        self._completion = self._progress.completion(self.options.wants_logprobs)
+        self._completion = self._decoder.completion()
         self._release_sequence()
 
 
-def _events(cursor: Cursor, tokenizer: Tokenizer, options: GenerationOptions, vocab_size: int,
-            eos_token_id: int, cancel: CancelToken, progress: _Progress) -> Iterator[TokenEvent]:
-    progress.started = time.perf_counter()
-    progress.prompt_tokens, progress.cached_tokens = cursor.prompt_usage()
-    sampler = Sampler(options, vocab_size, cursor.context_tokens() if options.repetition_penalty != 1.0
-                      else np.zeros(0, np.int64))
-    logprobs = _Logprobs(vocab_size, options.top_logprobs) if options.wants_logprobs else None
-    text = tokenizer.stream()
-    stops = StopMatcher(options.stop)
-    start = cursor.length
-    # Per generated token: characters of text released once it was decoded, and whether it ended on
-    # a character boundary (a stop string is cut out by rewinding to such a boundary).
-    released_after: list[int] = []
-    clean_after: list[bool] = []
-    released = 0
-    raw: list[str] = []
+class Decoder:
+    """One generation's decoding state: successive next-token logits in, one TokenEvent out each.
 
-    def finish(reason: FinishReason, index: int, token: int | None, piece: str, logprob: float | None = None,
-               top: tuple[TopLogprob, ...] = ()) -> TokenEvent:
-        progress.finish = reason
+    It owns the sampler, the streaming detokenizer, the stop-string matcher and what was produced,
+    and knows nothing of how the logits were computed: a sequence's stream feeds it one position at
+    a time, the batching engine one row of a batched step. After an event, `token` says which token
+    the caller must append to its sequence (None when the generation ended without one), and on a
+    stop, `cut` says how to make the sequence hold exactly the returned text.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, options: GenerationOptions, vocab_size: int, eos_token_id: int,
+                 context: np.ndarray, prompt_tokens: int, cached_tokens: int) -> None:
+        self.options = options
+        self._eos = eos_token_id
+        self._sampler = Sampler(options, vocab_size, context if options.repetition_penalty != 1.0
+                                else np.zeros(0, np.int64))
+        self._logprobs = _Logprobs(vocab_size, options.top_logprobs) if options.wants_logprobs else None
+        self._text = tokenizer.stream()
+        self._stops = StopMatcher(options.stop)
+        self.progress = _Progress(text=[], tokens=[], logprobs=[], prompt_tokens=prompt_tokens,
+                                  cached_tokens=cached_tokens, started=time.perf_counter())
+        # Per generated token: characters of text released once it was decoded, and whether it ended
+        # on a character boundary (a stop string is cut out by rewinding to such a boundary).
+        self._released_after: list[int] = []
+        self._clean_after: list[bool] = []
+        self._released = 0
+        self._raw: list[str] = []
+        self.token: int | None = None
+        self.cut: tuple[int, str] | None = None
+        """(generated tokens to keep, text to append after them) after a stop string."""
+        self.finished = False
+
+    @property
+    def index(self) -> int:
+        return len(self.progress.tokens)
+
+    def step(self, logits: np.ndarray) -> TokenEvent:
+        """Sample the next token from `logits` [vocab] (left unchanged) and return its event."""
+        progress, options = self.progress, self.options
+        token = self._sampler(logits)
+        if progress.first_token is None:
+            progress.first_token = time.perf_counter()
+        chosen, top = self._logprobs(logits, token) if self._logprobs is not None else (None, ())
+        index = self.index
+        if token == self._eos and options.stop_at_eos:
+            return self.finish(FinishReason.EOS)
+        self.token = token
+        progress.tokens.append(token)
+        if chosen is not None:
+            progress.logprobs.append(chosen)
+        piece = self._text.push(token)
+        self._raw.append(piece)
+        self._released += len(piece)
+        self._released_after.append(self._released)
+        self._clean_after.append(self._text.clean)
+        safe = self._stops.push(piece)
+        if self._stops.stopped:
+            self.cut = self._stop_cut("".join(progress.text) + safe)
+            return self._close(FinishReason.STOP, index, token, safe, chosen, top)
+        if len(progress.tokens) == options.max_new_tokens:
+            return self._close(FinishReason.LENGTH, index, token, safe + self._tail(), chosen, top)
+        if safe:
+            progress.text.append(safe)
+        return TokenEvent(index=index, token=token, text=safe, logprob=chosen, top_logprobs=top)
+
+    def finish(self, reason: FinishReason) -> TokenEvent:
+        """End without a new token (eos, cancel, the context's end): the closing event."""
+        self.token = None
+        return self._close(reason, self.index, None, "" if reason == FinishReason.CANCELLED else self._tail())
+
+    def completion(self) -> Completion:
+        return self.progress.completion(self.options.wants_logprobs)
+
+    def _close(self, reason: FinishReason, index: int, token: int | None, piece: str,
+               logprob: float | None = None, top: tuple[TopLogprob, ...] = ()) -> TokenEvent:
+        self.finished = True
+        self.progress.finish = reason
         if piece:
-            progress.text.append(piece)
+            self.progress.text.append(piece)
         return TokenEvent(index=index, token=token, text=piece, logprob=logprob, top_logprobs=top,
                           finish_reason=reason)
 
-    def tail() -> str:
+    def _tail(self) -> str:
         """Text still held back at the end (a partial character, a possible stop-string prefix)."""
-        piece = stops.push(text.flush())
-        return piece if stops.stopped else piece + stops.flush()
+        piece = self._stops.push(self._text.flush())
+        return piece if self._stops.stopped else piece + self._stops.flush()
 
-    index = 0
+    def _stop_cut(self, returned: str) -> tuple[int, str]:
+        """Keep the generated tokens before the one where the stop string begins (rewinding to a
+        character boundary), and the text before the stop that the dropped tokens carried."""
+        keep = 0
+        for count, (chars, clean) in enumerate(zip(self._released_after, self._clean_after), start=1):
+            if chars > len(returned):
+                break
+            if clean:
+                keep = count
+        del self.progress.tokens[keep:]
+        del self.progress.logprobs[keep:]
+        return keep, returned[len("".join(self._raw[:keep])):]
+
+
+def _events(cursor: Cursor, decoder: Decoder, cancel: CancelToken) -> Iterator[TokenEvent]:
+    """Drive a decoder over one sequence: one forward pass per token."""
+    start = cursor.length
     try:
         while True:
             if cancel.cancelled:
-                yield finish(FinishReason.CANCELLED, index, None, "")
+                yield decoder.finish(FinishReason.CANCELLED)
                 return
             if cursor.room == 0 and not cursor.make_room():
-                yield finish(FinishReason.CONTEXT, index, None, tail())
+                yield decoder.finish(FinishReason.CONTEXT)
                 return
-            logits = cursor.next_logits()
-            token = sampler(logits)
-            now = time.perf_counter()
-            if progress.first_token is None:
-                progress.first_token = now
-            chosen, top = logprobs(logits, token) if logprobs is not None else (None, ())
-            if token == eos_token_id and options.stop_at_eos:
-                yield finish(FinishReason.EOS, index, None, tail())
+            event = decoder.step(cursor.next_logits())
+            if decoder.token is not None:
+                cursor.push(decoder.token)
+            if decoder.cut is not None:
+                keep, text = decoder.cut
+                cursor.truncate(start + keep, text)
+            yield event
+            if decoder.finished:
                 return
-            cursor.push(token)
-            progress.tokens.append(token)
-            if chosen is not None:
-                progress.logprobs.append(chosen)
-            piece = text.push(token)
-            raw.append(piece)
-            released += len(piece)
-            released_after.append(released)
-            clean_after.append(text.clean)
-            safe = stops.push(piece)
-            if stops.stopped:
-                _cut_stop(cursor, progress, start, "".join(progress.text) + safe, raw, released_after,
-                          clean_after)
-                yield finish(FinishReason.STOP, index, token, safe, chosen, top)
-                return
-            if len(progress.tokens) == options.max_new_tokens:
-                yield finish(FinishReason.LENGTH, index, token, safe + tail(), chosen, top)
-                return
-            if safe:
-                progress.text.append(safe)
-            yield TokenEvent(index=index, token=token, text=safe, logprob=chosen, top_logprobs=top)
-            index += 1
     except Cancelled:
-        yield finish(FinishReason.CANCELLED, index, None, "")
+        yield decoder.finish(FinishReason.CANCELLED)
     except ContextFullError as exc:
-        progress.finish = FinishReason.CONTEXT
-        exc.completion = progress.completion(options.wants_logprobs)
+        decoder.progress.finish = FinishReason.CONTEXT
+        exc.completion = decoder.completion()
         raise
-
-
-def _cut_stop(cursor: Cursor, progress: _Progress, start: int, returned: str, raw: list[str],
-              released_after: list[int], clean_after: list[bool]) -> None:
-    """Leave the sequence holding exactly the text returned: drop the tokens from the one where the
-    stop string begins (rewinding to a character boundary) and re-append the text before it that
-    those tokens carried."""
-    keep = 0  # generated tokens kept
-    for count, (chars, clean) in enumerate(zip(released_after, clean_after), start=1):
-        if chars > len(returned):
-            break
-        if clean:
-            keep = count
-    kept_text = "".join(raw[:keep])
-    remainder = returned[len(kept_text):]
-    cursor.truncate(start + keep, remainder)
-    del progress.tokens[keep:]
-    del progress.logprobs[keep:]
