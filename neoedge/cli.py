@@ -142,14 +142,14 @@ def generate(package: Path, prompt: str, stream: bool, session: dict[str, Any],
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-@click.option("--verify", is_flag=True, help="Also check every file's sha256.")
+@click.option("--verify", is_flag=True,
+              help="Hash every file now, even those a verified stamp shows unchanged since last hashed.")
 @_friendly_errors
 def info(package: Path, as_json: bool, verify: bool) -> None:
-    """Describe the model PACKAGE (its manifest)."""
-    from .manifest import Manifest
+    """Describe the model PACKAGE (its manifest), after checking it as a load does."""
+    from .package import open_package
 
-    manifest = Manifest.read(package)
-    manifest.check_files(package, verify_hashes=verify)
+    manifest = open_package(package, verify="full" if verify else "auto").manifest
     if as_json:
         click.echo(json.dumps(manifest.to_dict(), indent=2))
         return
@@ -176,8 +176,7 @@ def info(package: Path, as_json: bool, verify: bool) -> None:
             f = v["float64"]
             lines.append(f"               vs float64 {worst_validation_error(f, 'max_abs_error'):.2e} "
                          f"(transformers fp32: {f['max_abs_error_transformers']:.2e})")
-    if verify:
-        lines.append("integrity      all sha256 match")
+    lines.append(f"integrity      all sha256 match{' (every file hashed now)' if verify else ''}")
     click.echo("\n".join(lines))
 
 

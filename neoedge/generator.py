@@ -10,12 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PromptError
-from .manifest import Manifest
+from .crosscheck import check_graph, check_tokenizer
+from .errors import OptionsError, PromptError
+from .inputs import token_ids as checked_token_ids
 from .options import GenerationOptions
+from .package import VerifyMode, opening_package
 from .runner import Runner, make_runner
 from .sampling import Sampler
-from .session import SessionSettings, create_session
+from .session import ORT_ERRORS, SessionSettings, create_session, run_error
 from .stopping import StopMatcher
 from .tokenizer import Tokenizer
 
@@ -30,24 +32,34 @@ class Generator:
     """
 
     def __init__(self, package_dir: str | os.PathLike[str], *, intra_threads: int = 0,
-                 spinning: bool = True, prepack: bool = True, verify: bool = False) -> None:
+                 spinning: bool = True, prepack: bool = True, verify: VerifyMode | bool = "auto") -> None:
         """
         package_dir: a directory written by `neoedge export`.
         intra_threads: onnxruntime threads per op (0: one per physical core).
         spinning: keep worker threads spinning between ops (faster decode, busier CPU).
         prepack: let onnxruntime repack weights at load (faster fp32 decode; slower load, and a
             second copy of fp32 weights in memory).
-        verify: check every file's sha256 against the manifest (reads the whole package).
+        verify: every file is checked against the manifest's sha256 on every load ("auto": a file a
+            verified stamp shows unchanged since it was hashed is not hashed again); "full" (or True)
+            hashes every byte whatever the stamps say. See neoedge.package.
         """
-        self.package_dir = Path(package_dir)
-        self.manifest = Manifest.read(self.package_dir)
-        self.manifest.check_files(self.package_dir, verify_hashes=verify)
-        self.tokenizer = Tokenizer(self.package_dir / self.manifest.tokenizer)
+        if verify is True:
+            verify = "full"
+        if verify not in ("auto", "full"):
+            raise OptionsError(f"verify must be 'auto' or 'full' (checking cannot be turned off), got {verify!r}")
         settings = SessionSettings(intra_threads=intra_threads, spinning=spinning, prepack=prepack)
-        if not prepack and self.manifest.quantization.scheme != "none":
-            log.warning("prepack=False with an %s package: its kernels need the packed weights, decode "
-                        "will be many times slower", self.manifest.quantization.scheme)
-        self.session = create_session(self.package_dir / self.manifest.graph.file, settings)
+        self.package_dir = Path(package_dir)
+        # The large files are hashed while the session is built; leaving the block waits for them.
+        with opening_package(self.package_dir, verify=verify) as package:
+            self.manifest = package.manifest
+            if not prepack and self.manifest.quantization.scheme != "none":
+                log.warning("prepack=False with an %s package: its kernels need the packed weights, decode "
+                            "will be many times slower", self.manifest.quantization.scheme)
+            self.session = create_session(package.graph_path, settings)
+            check_graph(self.session, self.manifest, package.graph)
+            self.tokenizer = Tokenizer(package.tokenizer_path)
+            check_tokenizer(self.tokenizer, self.manifest)
+        self._graph_path = package.graph_path
         self._runner: Runner = make_runner(self.session, self.manifest)
 
     @classmethod
@@ -59,35 +71,33 @@ class Generator:
         """The package's generation defaults, overridden by `options` or keyword arguments."""
         if options is not None:
             if overrides:
-                raise ValueError("pass either a GenerationOptions or keyword options, not both")
+                raise OptionsError("pass either a GenerationOptions or keyword options, not both")
+            if not isinstance(options, GenerationOptions):
+                raise OptionsError(f"options must be a GenerationOptions, got {type(options).__name__}")
             return options
-        return GenerationOptions.merged(self.manifest.generation, overrides)
+        return GenerationOptions.merged(self.manifest.generation.as_options(), overrides)
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        ids = self.tokenizer.encode(prompt)
+        context = self.manifest.model.context_length
+        ids = self.tokenizer.encode(prompt, max_tokens=context - 1, why=self._context_note)
         if not ids:
             # Nothing to condition on: start from <|endoftext|>, as GPT-Neo was trained.
             ids = [self.manifest.model.bos_token_id]
-        self._check_prompt_length(len(ids))
         return ids
 
-    def _check_prompt_length(self, length: int) -> None:
-        context = self.manifest.model.context_length
-        if length >= context:
-            raise PromptError(
-                f"prompt is {length} tokens but the model's context is {context}: "
-                f"shorten it to at most {context - 1} tokens to leave room for generation")
+    @property
+    def _context_note(self) -> str:
+        return (f" (the model's context is {self.manifest.model.context_length}, one position of it "
+                "left for generation)")
 
     # -- generation -----------------------------------------------------------------------------
     def generate_tokens(self, prompt_ids: Sequence[int], options: GenerationOptions) -> Iterator[int]:
         """Yield new token ids one at a time. Closing the iterator stops the work."""
-        if len(prompt_ids) == 0:
-            raise PromptError("prompt_ids is empty: pass at least one token (e.g. the bos id)")
-        self._check_prompt_length(len(prompt_ids))
         model = self.manifest.model
-        ids = np.asarray(prompt_ids, dtype=np.int64)
-        if ids.min() < 0 or ids.max() >= model.vocab_size:
-            raise PromptError(f"prompt token ids must be in [0, {model.vocab_size})")
+        ids = checked_token_ids(prompt_ids, vocab_size=model.vocab_size, max_length=model.context_length - 1,
+                                what="prompt_ids", why=self._context_note)
+        if not isinstance(options, GenerationOptions):
+            raise OptionsError(f"options must be a GenerationOptions, got {type(options).__name__}")
         capacity = min(model.context_length, len(ids) + options.max_new_tokens)
         if len(ids) + options.max_new_tokens > model.context_length:
             log.warning("prompt (%d tokens) + max_new_tokens (%d) exceeds the context (%d): "
@@ -97,7 +107,10 @@ class Generator:
         runner = self._runner
         runner.reset(capacity)
 
-        logits = runner.prefill(ids)
+        try:
+            logits = runner.prefill(ids)
+        except ORT_ERRORS as exc:
+            raise run_error(exc, f"the prefill of {len(ids)} tokens", self._graph_path) from exc
         for produced in range(1, options.max_new_tokens + 1):
             token = sampler(logits)
             if token == model.eos_token_id and options.stop_at_eos:
@@ -105,7 +118,10 @@ class Generator:
             yield token
             if produced == options.max_new_tokens or runner.length == capacity:
                 return
-            logits = runner.step(token)
+            try:
+                logits = runner.step(token)
+            except ORT_ERRORS as exc:
+                raise run_error(exc, f"the decode step at position {runner.length}", self._graph_path) from exc
 
     def stream(self, prompt: str, options: GenerationOptions | None = None, **overrides: Any) -> Iterator[str]:
         """Yield generated text as it is produced: whole characters only, stop strings withheld."""
@@ -136,23 +152,29 @@ class Generator:
     # -- scoring --------------------------------------------------------------------------------
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Next-token logits at every position of `token_ids`: [len(token_ids), vocab] float32."""
-        if len(token_ids) == 0:
-            raise PromptError("token_ids is empty")
-        if len(token_ids) > self.manifest.model.context_length:
-            raise PromptError(f"{len(token_ids)} tokens exceed the model's context "
-                              f"({self.manifest.model.context_length})")
-        self._runner.reset(len(token_ids))
-        return self._runner.prefill(np.asarray(token_ids, dtype=np.int64), all_logits=True)
+        model = self.manifest.model
+        ids = checked_token_ids(token_ids, vocab_size=model.vocab_size, max_length=model.context_length,
+                                why=f" (the model's context is {model.context_length})")
+        self._runner.reset(len(ids))
+        try:
+            return self._runner.prefill(ids, all_logits=True)
+        except ORT_ERRORS as exc:
+            raise run_error(exc, f"scoring {len(ids)} tokens", self._graph_path) from exc
 
     def stepwise_logits(self, token_ids: Sequence[int], *, prefill: int = 1) -> np.ndarray:
         """Logits as generation sees them: prefill the first `prefill` tokens, then one step per
         token through the KV cache. [len(token_ids), vocab]; used to validate the cache path."""
-        if not 1 <= prefill <= len(token_ids) <= self.manifest.model.context_length:
-            raise PromptError("need 1 <= prefill <= len(token_ids) <= context length")
-        ids = np.asarray(token_ids, dtype=np.int64)
-        out = np.empty((len(ids), self.manifest.model.vocab_size), np.float32)
+        model = self.manifest.model
+        ids = checked_token_ids(token_ids, vocab_size=model.vocab_size, max_length=model.context_length,
+                                why=f" (the model's context is {model.context_length})")
+        if isinstance(prefill, bool) or not isinstance(prefill, int) or not 1 <= prefill <= len(ids):
+            raise PromptError(f"prefill must be an integer from 1 to len(token_ids) ({len(ids)}), got {prefill!r}")
+        out = np.empty((len(ids), model.vocab_size), np.float32)
         self._runner.reset(len(ids))
-        out[:prefill] = self._runner.prefill(ids[:prefill], all_logits=True)
-        for position in range(prefill, len(ids)):
-            out[position] = self._runner.step(int(ids[position]))
+        try:
+            out[:prefill] = self._runner.prefill(ids[:prefill], all_logits=True)
+            for position in range(prefill, len(ids)):
+                out[position] = self._runner.step(int(ids[position]))
+        except ORT_ERRORS as exc:
+            raise run_error(exc, f"step-wise scoring of {len(ids)} tokens", self._graph_path) from exc
         return out

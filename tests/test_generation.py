@@ -79,7 +79,7 @@ def test_generation_stops_at_context_end(generator):
 
 
 def test_package_generation_defaults_apply(generator):
-    assert generator.options().max_new_tokens == generator.manifest.generation["max_new_tokens"]
+    assert generator.options().max_new_tokens == generator.manifest.generation.max_new_tokens
     assert generator.options(max_new_tokens=3).max_new_tokens == 3
 
 
