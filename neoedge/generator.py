@@ -45,8 +45,6 @@ class Generator:
         """
         if verify is True:
             verify = "full"
-        if verify not in ("auto", "full"):
-            raise OptionsError(f"verify must be 'auto' or 'full' (checking cannot be turned off), got {verify!r}")
         settings = SessionSettings(intra_threads=intra_threads, spinning=spinning, prepack=prepack)
         self.package_dir = Path(package_dir)
         # The large files are hashed while the session is built; leaving the block waits for them.

@@ -265,7 +265,16 @@ class _Reader:
 
     def external_entry(self, tensor: str, entries: list[tuple[int, int]]) -> ExternalData:
         values: dict[str, str] = {}
+        buf = self.buf
         for start, end in entries:
+            # The usual layout, key then value, each shorter than 128 bytes, read directly (a graph
+            # has thousands of these); anything else goes through the general reader.
+            key_length = buf[start + 1] if end - start >= 2 else 0x80
+            value_at = start + 2 + key_length
+            if buf[start] == 0x0A and key_length < 0x80 and value_at + 2 <= end and buf[value_at] == 0x12 \
+                    and buf[value_at + 1] < 0x80 and value_at + 2 + buf[value_at + 1] == end:
+                values[self.text(start + 2, value_at)] = self.text(value_at + 2, end)
+                continue
             key = value = ""
             for number, wire, a, b in self.fields(start, end):
                 if wire == 2 and number == _ENTRY_KEY:

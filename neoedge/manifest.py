@@ -11,6 +11,7 @@ checks itself when it is made, so the exporter cannot write what the runtime wou
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -105,9 +106,14 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _check_fields(obj: Any, section: str) -> None:
     """Type-check (and convert) every field of a schema dataclass, in place."""
-    hints = typing.get_type_hints(type(obj))
+    hints = _hints(type(obj))
     for f in fields(obj):
         object.__setattr__(obj, f.name, _check_type(getattr(obj, f.name), hints[f.name],
                                                       f"{section}.{f.name}" if section else f.name))
@@ -458,7 +464,10 @@ def seal(data: dict[str, Any]) -> bytes:
     """A manifest's JSON bytes, sealed: its SEAL_KEY set to the sha256 of the bytes written with
     that value zeroed. Whatever `data` holds is written as it is (tests seal bad manifests with it)."""
     body = {k: v for k, v in data.items() if k != SEAL_KEY}
-    text = json.dumps({**body, SEAL_KEY: _SEAL_PLACEHOLDER}, indent=2, allow_nan=False) + "\n"
+    try:
+        text = json.dumps({**body, SEAL_KEY: _SEAL_PLACEHOLDER}, indent=2, allow_nan=False) + "\n"
+    except ValueError as exc:  # NaN or an infinity somewhere (a validation figure): not JSON
+        raise ManifestError(f"cannot write the manifest: {exc} (a NaN or infinite value)") from None
     raw = text.encode("utf-8")
     digest = hashlib.sha256(raw).hexdigest()
     placeholder = f'"{SEAL_KEY}": "{_SEAL_PLACEHOLDER}"'.encode()

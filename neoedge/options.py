@@ -69,9 +69,11 @@ class GenerationOptions:
         return self.temperature == 0.0
 
     @classmethod
-    def merged(cls, defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> GenerationOptions:
-        """Options from a package's defaults, overridden by what the caller set (None = unset).
-        An unknown name in either is an error, never dropped."""
+    def merged(cls, defaults: Any, overrides: Mapping[str, Any]) -> GenerationOptions:
+        """Options from a package's defaults (a manifest's GenerationDefaults, or a mapping),
+        overridden by what the caller set (None = unset). An unknown name is an error, never dropped."""
+        if hasattr(defaults, "as_options"):
+            defaults = defaults.as_options()
         known = {f.name for f in fields(cls)}
         for source, names in (("package default", defaults), ("generation option", overrides)):
             unknown = set(names) - known

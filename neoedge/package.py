@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .errors import GraphMismatchError, IntegrityError, PackagePathError
+from .errors import GraphMismatchError, IntegrityError, OptionsError, PackagePathError
 from .graph_file import GraphFile, read_graph_file
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, check_package_path, read_manifest_bytes
 
@@ -88,7 +88,7 @@ def opening_package(directory: str | os.PathLike[str], *, verify: VerifyMode = "
     does not match. An integrity failure takes precedence over an error raised inside the block
     (a corrupt file is the likelier cause of both)."""
     if verify not in ("auto", "full"):
-        raise ValueError(f"verify must be 'auto' or 'full', got {verify!r}")
+        raise OptionsError(f"verify must be 'auto' or 'full' (checking cannot be turned off), got {verify!r}")
     package, pending = _open(Path(directory))
     hasher = _Hasher(package.root, pending, stamps=Stamps.default(), use_stamps=verify == "auto")
     hasher.start()
@@ -109,9 +109,12 @@ def opening_package(directory: str | os.PathLike[str], *, verify: VerifyMode = "
 
 # -- the synchronous checks -------------------------------------------------------------------------
 def _open(directory: Path) -> tuple[Package, list[tuple[str, Path, FileEntry]]]:
-    if not directory.is_dir():
-        raise IntegrityError(f"model package not found: {directory} is not a directory")
-    root = directory.resolve(strict=True)
+    try:
+        if not directory.is_dir():
+            raise IntegrityError(f"model package not found: {directory} is not a directory")
+        root = directory.resolve(strict=True)
+    except OSError as exc:
+        raise IntegrityError(f"cannot open the model package {directory}: {exc.strerror}") from None
     manifest_path = _inside(root, MANIFEST_NAME, "the manifest")
     manifest = Manifest.from_json(read_manifest_bytes(manifest_path), source=f"manifest {directory / MANIFEST_NAME}")
     paths = {name: _inside(root, name, "files entry") for name in manifest.files}
@@ -128,8 +131,10 @@ def _open(directory: Path) -> tuple[Package, list[tuple[str, Path, FileEntry]]]:
 def _inside(root: Path, name: str, what: str) -> Path:
     """root/name with every symlink resolved, if it stays inside root; the error never says
     anything about what lies outside (not even whether it exists)."""
-    lexical = root / name
-    resolved = lexical.resolve(strict=False)
+    try:
+        resolved = (root / name).resolve(strict=False)
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        raise PackagePathError(f"{what} {name} is a symlink loop") from None
     if not resolved.is_relative_to(root):
         raise PackagePathError(f"{what} {name} leads outside the package {root} (through a symlink)")
     return resolved
@@ -166,16 +171,20 @@ def _read_verified(directory: Path, name: str, path: Path, entry: FileEntry) -> 
 def _check_external_data(graph: GraphFile, manifest: Manifest, graph_name: str) -> None:
     """Every file the graph reads beside it is one the manifest lists, read within its size."""
     parent = graph_name.rpartition("/")[0]
+    checked: dict[str, str] = {}  # location -> package file (hundreds of tensors share one)
     for entry in graph.external_data:
-        # onnxruntime resolves a location against the graph file's directory.
-        location = check_package_path(entry.location, f"{graph_name}'s external data location for "
-                                                      f"{entry.tensor!r}:")
-        name = f"{parent}/{location}" if parent else location
-        if name not in manifest.files:
-            raise PackagePathError(f"{graph_name} reads its tensor {entry.tensor!r} from {name}, which "
-                                   "the manifest does not list (so it could not be checked)")
-        if name == graph_name:
-            raise PackagePathError(f"{graph_name} names itself as the external data of {entry.tensor!r}")
+        name = checked.get(entry.location)
+        if name is None:
+            # onnxruntime resolves a location against the graph file's directory.
+            location = check_package_path(entry.location, f"{graph_name}'s external data location for "
+                                                          f"{entry.tensor!r}:")
+            name = f"{parent}/{location}" if parent else location
+            if name not in manifest.files:
+                raise PackagePathError(f"{graph_name} reads its tensor {entry.tensor!r} from {name}, which "
+                                       "the manifest does not list (so it could not be checked)")
+            if name == graph_name:
+                raise PackagePathError(f"{graph_name} names itself as the external data of {entry.tensor!r}")
+            checked[entry.location] = name
         size = manifest.files[name].bytes
         end = entry.offset + (entry.length or 0)
         if end > size:

@@ -58,7 +58,7 @@ def test_perplexity_equals_transformers(package, reference_model):
     assert report.perplexity == pytest.approx(np.exp(nll / (len(ids) - 1)), rel=1e-5)
 
 
-@pytest.mark.parametrize("window,stride", [(64, 64), (48, 48), (64, 1), (40, 39)])
+@pytest.mark.parametrize("window,stride", [(64, 64), (48, 48), (40, 39)])
 def test_every_window_and_stride_equals_transformers(package, reference_model, window, stride):
     """Non-overlapping windows (stride == window) included: every token is scored once, each from
     a window's own context, exactly as computed directly."""

@@ -318,10 +318,10 @@ def test_long_text_is_tokenized_in_pieces_exactly(generator):
     """Eval encodes long texts in pieces (bounded memory): the ids are those of the whole."""
     from neoedge.export.tiny import stdlib_docstrings
 
-    text = "\n\n".join(stdlib_docstrings())[:400_000] + " café ☃ 123abc  two  spaces\tand tabs <|endoftext|> end"
+    text = "\n\n".join(stdlib_docstrings())[:200_000] + " café ☃ 123abc  two  spaces\tand tabs <|endoftext|> end"
     whole = generator.tokenizer._tok.encode(text, add_special_tokens=False).ids
     assert generator.tokenizer.encode_long(text).tolist() == whole
-    assert len(list(generator.tokenizer._pieces(text))) > 4
+    assert len(list(generator.tokenizer._pieces(text))) > 2
 
 
 def test_json_output_is_parseable(cli, package, tmp_path):

@@ -325,6 +325,22 @@ def test_symlinked_directory_that_escapes(package_copy, relist, refused, tmp_pat
     refused(package_copy, PackagePathError, "files entry docs/notes.txt leads outside the package")
 
 
+def test_symlink_loop(package_copy, refused):
+    (package_copy / "tokenizer.json").unlink()
+    (package_copy / "tokenizer.json").symlink_to("loop.json")
+    (package_copy / "loop.json").symlink_to("tokenizer.json")
+    refused(package_copy, PackagePathError, "files entry tokenizer.json is a symlink loop")
+
+
+def test_a_manifest_that_json_cannot_hold_is_not_written(package, tmp_path):
+    from dataclasses import replace
+
+    manifest = replace(Manifest.read(package), validation={"mean_kl": float("nan")})
+    with pytest.raises(ManifestError, match="cannot write the manifest: .*NaN"):
+        manifest.write(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_manifest_symlink_that_escapes(package_copy, refused):
     outside = package_copy.parent / "manifest.json"
     shutil.move(package_copy / "neoedge.json", outside)
