@@ -52,6 +52,8 @@ class ExternalData:
 
 @dataclass(frozen=True)
 class Node:
+    """One node of the main graph."""
+
     op_type: str
     domain: str
     inputs: tuple[str, ...]
@@ -61,6 +63,8 @@ class Node:
 
 @dataclass(frozen=True)
 class GraphFile:
+    """What an ONNX file holds, as far as the runtime checks it."""
+
     external_data: tuple[ExternalData, ...]
     """Every external data reference, from every tensor anywhere in the model."""
     initializers: dict[str, tuple[int, ...]]

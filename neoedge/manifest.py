@@ -142,6 +142,8 @@ def _section(cls: type, data: Any, section: str) -> Any:
 # -- the schema --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelInfo:
+    """The model's shape and special tokens (`model` in the manifest)."""
+
     architecture: Literal["GPTNeoForCausalLM"]
     vocab_size: int
     hidden_size: int
@@ -250,6 +252,8 @@ def _formats(template: str) -> bool:
 
 @dataclass(frozen=True)
 class Quantization:
+    """How the weights are stored (`quantization`)."""
+
     scheme: Literal["none", "int8", "int4"] = "none"
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -259,6 +263,8 @@ class Quantization:
 
 @dataclass(frozen=True)
 class FileEntry:
+    """One file of the package: its sha256 and size (`files`)."""
+
     sha256: str
     bytes: int
 
@@ -298,6 +304,8 @@ class GenerationDefaults:
 
 @dataclass(frozen=True)
 class Manifest:
+    """The whole manifest, `neoedge.json`."""
+
     model: ModelInfo
     graph: GraphInfo
     quantization: Quantization
@@ -328,10 +336,6 @@ class Manifest:
         if len(set(names)) != len(names):
             raise ManifestError("graph input/output names are not distinct (a template without "
                                 "'{layer}', or two names alike)")
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(entry.bytes for entry in self.files.values())
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
