@@ -525,3 +525,22 @@ def test_seal_round_trip(package):
     raw = (package / "neoedge.json").read_bytes()
     assert manifest.to_json() == raw == seal(json.loads(raw))
     assert Manifest.from_json(raw) == manifest
+
+
+def test_interrupting_a_load_stops_the_hashing(package_copy):
+    """Ctrl-C during a load propagates as itself (no integrity error in its place), and a cancelled
+    hash never counts as verified."""
+    import threading
+
+    from neoedge.package import _Hasher, opening_package
+
+    with pytest.raises(KeyboardInterrupt):
+        with opening_package(package_copy):
+            raise KeyboardInterrupt
+    entry = Manifest.read(package_copy).files["model.onnx.data"]
+    hasher = _Hasher(package_copy, [("model.onnx.data", package_copy / "model.onnx.data", entry)], stamps=None,
+                     use_stamps=False)
+    hasher.cancel()
+    hasher.start()
+    assert isinstance(hasher.result(), IntegrityError)
+    assert not [t for t in threading.enumerate() if t is hasher]
