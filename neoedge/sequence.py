@@ -129,7 +129,7 @@ class Sequence:
         opts = self.model.options(options, **overrides)
         self._acquire("an open stream")
         try:
-            if prompt:
+            if prompt is not None and prompt != "":
                 self._append(self.model.encode(prompt))
             if not self._tokens:
                 # Nothing to condition on: start from <|endoftext|>, as GPT-Neo was trained.
@@ -252,12 +252,10 @@ class Sequence:
         self._guard.release()
 
     def _new_tokens(self, text: str | None, tokens: Tokens | None) -> list[int]:
-        if (text is None) == (tokens is None):
-            raise TypeError("append() takes either text or tokens=")
-        if text is not None:
-            if not isinstance(text, str):
-                raise TypeError(f"text must be a str, got {type(text).__name__}")
-            return self.model.encode(text)
+        if text is not None and tokens is not None:
+            raise PromptError("append() takes text or tokens=, not both")
+        if tokens is None:
+            return self.model.encode(text, what="text")  # None is refused there: text must be a str
         return self.model.check_tokens(tokens, "tokens")
 
     def _append(self, ids: list[int]) -> int:

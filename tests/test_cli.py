@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from neoedge.cli import main
+from neoedge.manifest import FORMAT_VERSION
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def test_info_human_and_json(cli, package):
     assert "window 8" in result.stdout and "gqa" in result.stdout and "validation" in result.stdout
     assert "weights        none (fp32 weights)" in result.stdout and "0.0 MB" not in result.stdout
     data = json.loads(cli("info", package, "--json").stdout)
-    assert data["format_version"] == 1
+    assert data["format_version"] == FORMAT_VERSION
     assert data["model"]["attention_layers"] == ["global", "local", "global", "local"]
     assert "all sha256 match" in cli("info", package, "--verify").stdout
 
