@@ -16,7 +16,6 @@ from typing import Any, Callable
 import click
 
 from .errors import NeoedgeError
-from .manifest import worst_validation_error
 
 DEMO_HUB_MODEL = "EleutherAI/gpt-neo-125m"
 
@@ -62,33 +61,32 @@ def main(verbose: int) -> None:
 @click.option("--symmetric/--asymmetric", default=None,
               help="Zero points per block (asymmetric) or none (symmetric, faster kernels); "
                    "default: int8 asymmetric, int4 symmetric.")
-@click.option("--attention", type=click.Choice(["gqa", "plain"]), default="gqa", show_default=True,
-              help="gqa: fused attention, in-place KV cache (fast); plain: standard ONNX ops.")
+@click.option("--attention", type=click.Choice(["auto", "gqa", "plain"]), default="auto", show_default=True,
+              help="gqa: fused attention, in-place KV cache (fast); plain: standard ONNX ops; "
+                   "auto: gqa where it can take the model's head size (a multiple of 8), else plain.")
 @click.option("--kv-cache", type=click.Choice(["auto", "float32", "int8"]), default="auto", show_default=True,
               help="KV cache precision; int8 uses per-channel scales calibrated at export (gqa only). "
                    "auto: int8 for int8/int4 packages, float32 for fp32.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it holds a neoedge package (nothing else is replaced).")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against transformers.")
 @_friendly_errors
 def export(source: str, output: Path, quantize: str, block_size: int | None, lm_head_bits: str | None,
            symmetric: bool | None, attention: str, kv_cache: str, force: bool, no_validate: bool) -> None:
     """Export SOURCE (a hub id such as EleutherAI/gpt-neo-125m, or a checkpoint directory) to a
     model package at OUTPUT."""
-    manifest = _export_module().export_package(
-        source, output, quantize=quantize, attention=attention, kv_cache=kv_cache, force=force,
-        validate=not no_validate,
-        block_size=block_size, lm_head_bits=int(lm_head_bits) if lm_head_bits else None, symmetric=symmetric)
-    report = manifest.validation
-    if report:
-        click.echo(f"validated against transformers over {report['positions']} positions: max |Δlogit| "
-                   f"prefill {report['max_abs_logit_diff_prefill']:.2e}, "
-                   f"step-wise {report['max_abs_logit_diff_stepwise']:.2e}; top-1 agreement "
-                   f"{report['top1_agreement']:.1%}", err=True)
-        if "float64" in report:
-            f = report["float64"]
-            click.echo(f"beyond the {report['tolerance']:g} tolerance, so checked against float64 logits: "
-                       f"max error {worst_validation_error(f, 'max_abs_error'):.2e}, "
-                       f"transformers' own fp32 {f['max_abs_error_transformers']:.2e} (fp32 rounding)", err=True)
+    export = _export_module()
+    try:
+        manifest = export.export_package(
+            source, output, quantize=quantize, attention=attention, kv_cache=kv_cache, force=force,
+            validate=not no_validate,
+            block_size=block_size, lm_head_bits=int(lm_head_bits) if lm_head_bits else None, symmetric=symmetric)
+    except export.OutputExistsError as exc:
+        raise click.ClickException(f"{exc.output} already holds a neoedge package; add --force to replace it") from exc
+    for note in manifest.notes:
+        click.echo(f"note: {note}", err=True)
+    if manifest.validation is not None:
+        for line in ["validated " + manifest.validation.lines()[0], *manifest.validation.lines()[1:]]:
+            click.echo(line, err=True)
     click.echo(f"wrote {output}", err=True)
 
 
@@ -168,14 +166,9 @@ def info(package: Path, as_json: bool, verify: bool) -> None:
         f"files          {total / 1e6:.1f} MB: " + ", ".join(
             f"{name} ({entry.bytes / 1e6:.1f} MB)" for name, entry in manifest.files.items()),
     ]
-    if manifest.validation:
-        v = manifest.validation
-        worst = worst_validation_error(v, "max_abs_logit_diff")
-        lines.append(f"validation     max |Δlogit| vs transformers {worst:.2e} over {v['positions']} positions")
-        if "float64" in v:
-            f = v["float64"]
-            lines.append(f"               vs float64 {worst_validation_error(f, 'max_abs_error'):.2e} "
-                         f"(transformers fp32: {f['max_abs_error_transformers']:.2e})")
+    if manifest.validation is not None:
+        lines += [f"{'validation' if i == 0 else '':15}{line}" for i, line in enumerate(manifest.validation.lines())]
+    lines += [f"{'notes' if i == 0 else '':15}{note}" for i, note in enumerate(manifest.notes)]
     if verify:
         lines.append("integrity      all sha256 match")
     click.echo("\n".join(lines))

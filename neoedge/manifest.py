@@ -90,13 +90,139 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class Float64Check:
+    """An fp32 package beyond the tolerance, judged against the exact (float64) logits instead: it
+    passes if it is no further from them than `margin` × transformers' own fp32 error."""
+
+    max_abs_error_transformers: float
+    max_abs_error_prefill: float
+    max_abs_error_stepwise: float
+    margin: float
+
+    @property
+    def max_abs_error(self) -> float:
+        return max(self.max_abs_error_prefill, self.max_abs_error_stepwise)
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_error <= self.margin * self.max_abs_error_transformers
+
+
+@dataclass(frozen=True)
+class QualityCheck:
+    """A package that is not exact (quantized weights or KV cache), judged by how far its next-token
+    distributions are from the reference's, within the bounds of its precision (`bounds`).
+
+    `mean_kl` and `relative_error` are the worse of the prefill and the step-wise pass;
+    `decisive_agreement` is the top-1 agreement where the reference is decisive (None when no
+    position is, as with random weights)."""
+
+    bounds: str
+    mean_kl: float  # nats, KL(reference || package), mean over positions
+    max_mean_kl: float
+    relative_error: float  # rms of the centred logit error / rms of the centred reference logits
+    max_relative_error: float
+    decisive_positions: int
+    decisive_agreement: float | None
+    min_decisive_agreement: float
+
+    @property
+    def problems(self) -> list[str]:
+        found = []
+        if not self.mean_kl <= self.max_mean_kl:
+            found.append(f"mean KL {self.mean_kl:.3g} nats > {self.max_mean_kl:g}")
+        if not self.relative_error <= self.max_relative_error:
+            found.append(f"relative logit error {self.relative_error:.3g} > {self.max_relative_error:g}")
+        if self.decisive_agreement is not None and not self.decisive_agreement >= self.min_decisive_agreement:
+            found.append(f"top-1 agreement {self.decisive_agreement:.1%} < {self.min_decisive_agreement:.0%} "
+                         f"where the reference is decisive")
+        return found
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """What the export measured of the written package against transformers' GPTNeoForCausalLM,
+    over `positions` tokens: the prefill at every position, then `decode_steps` cached steps."""
+
+    positions: int
+    window_size: int
+    decode_steps: int
+    max_abs_logit_diff_prefill: float
+    max_abs_logit_diff_stepwise: float
+    top1_agreement: float
+    # None only in packages of an older neoedge, which recorded quantized packages without judging them.
+    passed: bool | None = None
+    tolerance: float | None = None  # exact (fp32) packages: the bound on max |Δlogit|
+    float64: Float64Check | None = None
+    quality: QualityCheck | None = None
+
+    @property
+    def max_abs_logit_diff(self) -> float:
+        return max(self.max_abs_logit_diff_prefill, self.max_abs_logit_diff_stepwise)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ValidationReport:
+        data = dict(data)
+        if data.get("float64"):
+            data["float64"] = Float64Check(**data["float64"])
+        if data.get("quality"):
+            data["quality"] = QualityCheck(**data["quality"])
+        return cls(**data)
+
+    @property
+    def problems(self) -> list[str]:
+        """Why the package failed (empty if it did not)."""
+        if self.passed is not False:
+            return []
+        if self.quality is not None:
+            return self.quality.problems
+        found = []
+        if self.tolerance is not None and not self.max_abs_logit_diff <= self.tolerance:
+            found.append(f"the logits differ from transformers' by {self.max_abs_logit_diff:.3g} "
+                         f"(tolerance {self.tolerance:g})")
+        if self.float64 is not None and not self.float64.passed:
+            found.append(f"and from the exact float64 logits by {self.float64.max_abs_error:.3g}, more than "
+                         f"{self.float64.margin:g}× transformers' own fp32 error "
+                         f"({self.float64.max_abs_error_transformers:.3g})")
+        return found
+
+    def lines(self) -> list[str]:
+        """The report in words: what `neoedge export` prints and `neoedge info` shows."""
+        lines = [f"against transformers over {self.positions} positions ({self.decode_steps} decoded "
+                 f"step-wise): max |Δlogit| prefill {self.max_abs_logit_diff_prefill:.2e}, step-wise "
+                 f"{self.max_abs_logit_diff_stepwise:.2e}; top-1 agreement {self.top1_agreement:.1%}"]
+        if self.float64 is not None:
+            f = self.float64
+            lines.append(f"beyond the {self.tolerance:g} tolerance, so checked against float64 logits: max "
+                         f"error {f.max_abs_error:.2e}, transformers' own fp32 {f.max_abs_error_transformers:.2e} "
+                         f"(allowed: {f.margin:g}×)")
+        elif self.tolerance is not None:
+            lines.append(f"exact: max |Δlogit| tolerance {self.tolerance:g}")
+        if self.quality is not None:
+            q = self.quality
+            agreement = (f"{q.decisive_agreement:.1%} at {q.decisive_positions} decisive positions "
+                         f"(>= {q.min_decisive_agreement:.0%})" if q.decisive_agreement is not None
+                         else "not judged (no decisive position)")
+            lines.append(f"{q.bounds} bounds: mean KL {q.mean_kl:.2e} nats (<= {q.max_mean_kl:g}), relative "
+                         f"logit error {q.relative_error:.3f} (<= {q.max_relative_error:g}), top-1 agreement "
+                         f"{agreement}")
+        if self.passed is None:
+            lines.append("not judged (exported by an older neoedge)")
+        elif not self.passed:
+            lines.append("FAILED: " + " ".join(self.problems))
+        return lines
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: ModelInfo
     graph: GraphInfo
     quantization: Quantization
     files: dict[str, FileEntry]
     generation: dict[str, Any] = field(default_factory=dict)
-    validation: dict[str, Any] = field(default_factory=dict)
+    validation: ValidationReport | None = None
+    # What the export decided that was not asked for (e.g. the plain attention fallback), in words.
+    notes: tuple[str, ...] = ()
     tokenizer: str = "tokenizer.json"
     created_by: str = ""
     format_version: int = FORMAT_VERSION
@@ -131,7 +257,8 @@ class Manifest:
                 quantization=Quantization(**data.get("quantization", {})),
                 files={name: FileEntry(**entry) for name, entry in data["files"].items()},
                 generation=dict(data.get("generation", {})),
-                validation=dict(data.get("validation", {})),
+                validation=ValidationReport.from_dict(data["validation"]) if data.get("validation") else None,
+                notes=tuple(str(note) for note in data.get("notes", ())),
                 tokenizer=data.get("tokenizer", "tokenizer.json"),
                 created_by=data.get("created_by", ""),
                 format_version=version,
@@ -203,9 +330,3 @@ def file_entries(directory: str | os.PathLike[str]) -> dict[str, FileEntry]:
         for path in sorted(directory.iterdir())
         if path.is_file() and path.name != MANIFEST_NAME
     }
-
-
-def worst_validation_error(measures: dict[str, Any], prefix: str) -> float:
-    """The larger of a validation report's prefill and step-wise figures, `prefix`_prefill and
-    `prefix`_stepwise (e.g. "max_abs_logit_diff", or "max_abs_error" in its float64 part)."""
-    return max(measures[f"{prefix}_prefill"], measures[f"{prefix}_stepwise"])
