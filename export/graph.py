@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from neoedge.manifest import GraphInfo, ModelInfo
 
+from .activations import ACTIVATIONS, mlp_activation
 from .quantize import LinearQuantizer
 
 OPSET = 18
@@ -242,7 +243,7 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
         m, h = skip_layer_norm(h, attn, bias(f"{p}.attn.attention.out_proj.bias"), f"{p}.ln_2",
                                f"{where}/ln_2/SkipLayerNorm")
         fc = quantizer.linear(g, f"{where}/mlp/c_fc", m, weights.layer(layer, "mlp.c_fc.weight"))
-        act = _activation(g, f"{where}/mlp", activation, fc, bias(f"{p}.mlp.c_fc.bias"))
+        act = mlp_activation(g, f"{where}/mlp", activation, fc, bias(f"{p}.mlp.c_fc.bias"))
         proj = quantizer.linear(g, f"{where}/mlp/c_proj", act, weights.layer(layer, "mlp.c_proj.weight"))
         last = layer == model.num_layers - 1
         next_norm = "transformer.ln_f" if last else f"transformer.h.{layer + 1}.ln_1"
@@ -262,61 +263,6 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
         producer_name="neoedge")
     onnx_model.ir_version = 8
     return onnx_model
-
-
-# transformers' activation functions (ACT2FN names) that have no parameters, each as ONNX ops
-# computing its exact definition. FastGelu computes the tanh approximation that gelu_new and its
-# aliases define, with the c_fc bias fused in; the rest add the bias first.
-ACTIVATIONS = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_accurate",
-               "gelu", "gelu_python", "gelu_10", "quick_gelu", "laplace", "relu", "relu6", "relu2",
-               "leaky_relu", "silu", "swish", "mish", "sigmoid", "tanh", "linear")
-
-
-def _activation(g: _Graph, where: str, name: str, x: str, bias: str) -> str:
-    if name in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_accurate"):
-        return g.op("FastGelu", [x, bias], f"{where}/FastGelu", domain=MS_DOMAIN)
-    x = g.op("Add", [x, bias], f"{where}/act/Add")
-    f32 = np.float32
-
-    def erf_gelu(v: str, scope: str) -> str:  # x * 0.5 * (1 + erf(x / sqrt(2)))
-        e = g.op("Erf", [g.op("Div", [v, g.constant(np.sqrt(2.0), f32)], f"{scope}/Div")], f"{scope}/Erf")
-        e = g.op("Add", [e, g.constant(1.0, f32)], f"{scope}/Add")
-        return g.op("Mul", [g.op("Mul", [v, g.constant(0.5, f32)], f"{scope}/half/Mul"), e], f"{scope}/Mul")
-
-    if name in ("gelu", "gelu_python"):
-        return erf_gelu(x, f"{where}/Gelu")
-    if name == "gelu_10":
-        return g.op("Clip", [erf_gelu(x, f"{where}/Gelu"), g.constant(-10.0, f32), g.constant(10.0, f32)],
-                    f"{where}/Clip")
-    if name == "quick_gelu":  # x * sigmoid(1.702 x)
-        s = g.op("Sigmoid", [g.op("Mul", [x, g.constant(1.702, f32)], f"{where}/scale/Mul")], f"{where}/Sigmoid")
-        return g.op("Mul", [x, s], f"{where}/Mul")
-    if name == "laplace":  # 0.5 * (1 + erf((x - mu) / (sigma * sqrt(2)))), mu=0.707107, sigma=0.282095
-        v = g.op("Sub", [x, g.constant(0.707107, f32)], f"{where}/Sub")
-        v = g.op("Div", [v, g.constant(0.282095 * np.sqrt(2.0), f32)], f"{where}/Div")
-        v = g.op("Add", [g.op("Erf", [v], f"{where}/Erf"), g.constant(1.0, f32)], f"{where}/Add")
-        return g.op("Mul", [v, g.constant(0.5, f32)], f"{where}/Mul")
-    if name == "relu":
-        return g.op("Relu", [x], f"{where}/Relu")
-    if name == "relu6":
-        return g.op("Clip", [x, g.constant(0.0, f32), g.constant(6.0, f32)], f"{where}/Clip")
-    if name == "relu2":
-        r = g.op("Relu", [x], f"{where}/Relu")
-        return g.op("Mul", [r, r], f"{where}/Mul")
-    if name == "leaky_relu":  # torch.nn.LeakyReLU's default slope
-        return g.op("LeakyRelu", [x], f"{where}/LeakyRelu", alpha=0.01)
-    if name in ("silu", "swish"):
-        return g.op("Mul", [x, g.op("Sigmoid", [x], f"{where}/Sigmoid")], f"{where}/Mul")
-    if name == "mish":  # x * tanh(softplus(x))
-        return g.op("Mul", [x, g.op("Tanh", [g.op("Softplus", [x], f"{where}/Softplus")], f"{where}/Tanh")],
-                    f"{where}/Mul")
-    if name == "sigmoid":
-        return g.op("Sigmoid", [x], f"{where}/Sigmoid")
-    if name == "tanh":
-        return g.op("Tanh", [x], f"{where}/Tanh")
-    if name == "linear":
-        return x
-    raise ValueError(f"activation_function {name!r} has no exact ONNX form here")
 
 
 def _plain_masks(g: _Graph, gi: GraphInfo, model: ModelInfo) -> dict[str, str]:

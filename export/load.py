@@ -17,7 +17,8 @@ import numpy as np
 from neoedge.errors import ExportError
 from neoedge.manifest import ModelInfo
 
-from .graph import ACTIVATIONS, Weights
+from .activations import ACTIVATIONS
+from .graph import Weights
 
 log = logging.getLogger(__name__)
 

@@ -90,6 +90,7 @@ class NBitsQuantizer(LinearQuantizer):
         # a block size the user asked for is used as given or refused.
         self.fit_block = fit_block
         self._blocks_used: set[int] = set()
+        self._untied = False  # set by lm_head() when given a weight of its own
         self.accuracy_level = accuracy_level
         self.scheme = f"int{bits}"
 
@@ -106,7 +107,7 @@ class NBitsQuantizer(LinearQuantizer):
                 "block_size": used[0] if len(used) == 1 else used,
                 "lm_head_bits": self.lm_head_bits, "accuracy_level": self.accuracy_level,
                 "zero_point": "symmetric" if self.symmetric else "asymmetric",
-                "embedding": "untied: lm_head stored separately" if getattr(self, "_untied", False)
+                "embedding": "untied: lm_head stored separately" if self._untied
                 else "tied, shared with lm_head"}
 
     def _weight(self, g: _Graph, prefix: str, weight: np.ndarray, bits: int) -> _Quantized:

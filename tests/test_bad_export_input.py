@@ -357,3 +357,33 @@ def test_failed_validation_writes_nothing_and_keeps_the_old_package(checkpoints,
     with pytest.raises(ExportError, match="was not written"):
         export_package(str(checkpoints["window8"]), tmp_path / "new", progress=False)
     assert not os.path.lexists(tmp_path / "new")
+
+
+needs_permissions = pytest.mark.skipif(os.geteuid() == 0, reason="permission bits do not bind root")
+
+
+@needs_permissions
+def test_an_unreadable_checkpoint(checkpoints, tmp_path, tree):
+    src = _copy(checkpoints, tmp_path)
+    (src / "model.safetensors").chmod(0)
+    before = tree(tmp_path)
+    try:
+        with pytest.raises(ExportError, match="cannot load the weights of .*Permission denied"):
+            export_package(str(src), tmp_path / "out", progress=False)
+        assert tree(tmp_path) == before
+    finally:
+        (src / "model.safetensors").chmod(0o644)
+
+
+@needs_permissions
+def test_an_unwritable_output_directory(checkpoints, tmp_path, tree):
+    parent = tmp_path / "readonly"
+    parent.mkdir()
+    parent.chmod(0o555)
+    before = tree(tmp_path)
+    try:
+        with pytest.raises(ExportError, match="cannot create the export lock .*Permission denied"):
+            export_package(str(checkpoints["window8"]), parent / "out", progress=False)
+        assert tree(tmp_path) == before
+    finally:
+        parent.chmod(0o755)

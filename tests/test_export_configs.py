@@ -12,7 +12,7 @@ import pytest
 
 from neoedge import Generator, Manifest
 from neoedge.export import export_package
-from neoedge.export.graph import ACTIVATIONS
+from neoedge.export.activations import ACTIVATIONS
 from neoedge.export.tiny import save_checkpoint, tiny_config
 
 TOLERANCE = 1e-4
