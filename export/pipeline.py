@@ -215,7 +215,7 @@ def _export(source: str, output: Path, options: ExportOptions, replacing: bool, 
                     log.info("validation: %s", line)
                 if not report.passed:
                     left = "left as it was" if replacing else "not written"
-                    raise ExportError(f"validation failed: {' '.join(report.problems)} (over {report.positions} "
+                    raise ExportError(f"validation failed: {', '.join(report.problems)} (over {report.positions} "
                                       f"positions); {output} was {left}")
                 manifest = replace(manifest, validation=report)
                 manifest.write(staging.package)
