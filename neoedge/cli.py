@@ -82,8 +82,6 @@ def export(source: str, output: Path, quantize: str, block_size: int | None, lm_
             block_size=block_size, lm_head_bits=int(lm_head_bits) if lm_head_bits else None, symmetric=symmetric)
     except export.OutputExistsError as exc:
         raise click.ClickException(f"{exc.output} already holds a neoedge package; add --force to replace it") from exc
-    for note in manifest.notes:
-        click.echo(f"note: {note}", err=True)
     if manifest.validation is not None:
         for line in ["validated " + manifest.validation.lines()[0], *manifest.validation.lines()[1:]]:
             click.echo(line, err=True)

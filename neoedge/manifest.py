@@ -209,7 +209,7 @@ class ValidationReport:
                          f"error {f.max_abs_error:.2e}, transformers' own fp32 {f.max_abs_error_transformers:.2e} "
                          f"(allowed: {f.margin:g}×)")
         elif self.tolerance is not None:
-            lines.append(f"exact: max |Δlogit| tolerance {self.tolerance:g}")
+            lines.append(f"exact (fp32): the tolerance is {self.tolerance:g}")
         if self.quality is not None:
             q = self.quality
             if q.max_mean_kl is None:
