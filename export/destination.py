@@ -4,8 +4,8 @@
   format "neoedge-model-package" and the directory holds nothing but the files that manifest lists)
   and replacing it was asked for. Anything else at OUT (a folder of other files, an empty folder, a
   file, a symbolic link) is refused, replacing or not.
-- One export at a time per OUT: a lock file beside OUT (`.OUT.neoedge-lock`), flock'ed for the whole
-  export. A second export to the same OUT fails at once.
+- One export at a time per OUT (export/lock.py), so that what this module finds beside OUT belongs
+  to no live export.
 - The package is built in a staging directory beside OUT (`.OUT.neoedge-XXXXXXXX.partial/package`,
   same filesystem, so the last step is a rename). The staging directory carries a marker file naming
   OUT; the next export to OUT (holding the lock, so no live export owns it) removes marked staging
@@ -38,9 +38,7 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,8 +50,6 @@ log = logging.getLogger(__name__)
 MARKER = ".neoedge-staging"  # inside a staging directory: {"staging_for": OUT's name, "phase": ...}
 PACKAGE = "package"  # the package being built; after an exchange, the package that was at OUT
 PREVIOUS = "previous"  # two-rename fallback only: the old package between the two renames
-LOCK_SUFFIX = ".neoedge-lock"
-LOCK_TEXT = "neoedge export lock\n"
 
 
 class OutputExistsError(ExportError):
@@ -112,71 +108,6 @@ def check_output(output: Path, *, force: bool) -> bool:
     if not force:
         raise OutputExistsError(output)
     return True
-
-
-# -- the lock ------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def output_lock(output: Path) -> Iterator[None]:
-    """Hold OUT's lock file for the block; fail at once if another export holds it.
-
-    The file is removed on release while still locked. A process that opened it before the removal
-    then holds a lock on a deleted file, so after locking, the path must still name the locked file
-    (else retry with the new one): two exports never both believe they hold the lock."""
-    path = output.with_name(f".{output.name}{LOCK_SUFFIX}")
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-        except OSError as exc:
-            raise ExportError(f"cannot create the export lock {path}: {exc.strerror or exc}") from exc
-        try:
-            if not _try_lock(fd):
-                raise ExportError(f"another export to {output} is running (it holds {path}); "
-                                  f"wait for it to finish or choose another output path")
-            if not _same_file(fd, path):
-                os.close(fd)
-                continue
-            content = os.read(fd, 256)
-            if content not in (b"", LOCK_TEXT.encode()):
-                raise ExportError(f"{path} exists and is not a neoedge export lock; move it away")
-            if not content:
-                os.write(fd, LOCK_TEXT.encode())
-        except BaseException:
-            os.close(fd)
-            raise
-        break
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        os.close(fd)  # closing releases the lock
-
-
-def _try_lock(fd: int) -> bool:
-    if sys.platform == "win32":  # untested: no Windows machine here
-        import msvcrt
-
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-        return True
-    import fcntl
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        named = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    opened = os.fstat(fd)
-    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 # -- parents -------------------------------------------------------------------------------------
@@ -395,46 +326,3 @@ def _rename_noreplace(source: Path, target: Path) -> None:
 
 def _exchange(a: Path, b: Path) -> bool:
     return _atomic_rename(a, b, "exchange")
-
-
-# -- signals -------------------------------------------------------------------------------------
-class _Terminated(BaseException):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def cleanup_on_termination() -> Iterator[None]:
-    """Make SIGTERM and SIGHUP (when they would simply kill the process) unwind the export first, so
-    its staging directory and lock are removed, then die of the signal as before.
-
-    An application's own handlers are left alone, and so are other threads (Python delivers signals
-    to the main thread only). A signal that arrives during a long native call (a torch forward pass,
-    onnxruntime building a session) takes effect when the call returns."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    installed = {}
-    for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
-            installed[signum] = signal.signal(signum, _raise_terminated)
-    try:
-        yield
-    except _Terminated as terminated:
-        for signum, handler in installed.items():
-            signal.signal(signum, handler)
-        installed.clear()
-        os.kill(os.getpid(), terminated.signum)
-        raise SystemExit(128 + terminated.signum) from None  # if the signal did not end the process
-    finally:
-        for signum, handler in installed.items():
-            signal.signal(signum, handler)
-
-
-def _raise_terminated(signum: int, _frame: object) -> None:
-    # A second signal must not interrupt the cleanup the first one starts.
-    for other in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if other is not None and signal.getsignal(other) is _raise_terminated:
-            signal.signal(other, signal.SIG_IGN)
-    raise _Terminated(signum)

@@ -1,6 +1,6 @@
 """`neoedge export`: a fixed sequence of steps, built in a staging directory beside OUT and moved
 into place only when the package is complete and validated (export/destination.py says how, and
-what is guaranteed when an export is interrupted or runs beside another)."""
+what is guaranteed when an export is interrupted; export/lock.py keeps exports to one OUT apart)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ from neoedge.errors import ExportError, NeoedgeError
 from neoedge.manifest import GraphInfo, Manifest, ModelInfo, Quantization, file_entries
 
 from .calibrate import calibration_batches, kv_cache_scales
-from .destination import (Staging, check_output, cleanup_on_termination, output_lock, output_path,
-                          parent_directories, publish, remove_stale_staging)
+from .destination import Staging, check_output, output_path, parent_directories, publish, remove_stale_staging
 from .graph import ExternalWeights, build_decoder
 from .load import Checkpoint, load_checkpoint
+from .lock import output_lock
 from .quantize import LinearQuantizer, make_quantizer
+from .signals import cleanup_on_termination
 from .validate import validate_package
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import pytest
 
 from neoedge.errors import ExportError
 from neoedge.export import OutputExistsError, export_package, pipeline
-from neoedge.export.destination import output_lock
+from neoedge.export.lock import output_lock
 
 # -- building bad sources ----------------------------------------------------------------------------
 

@@ -21,7 +21,8 @@ import pytest
 from neoedge import Manifest
 from neoedge.errors import ExportError
 from neoedge.export import OutputExistsError, destination, export_package, pipeline
-from neoedge.export.destination import MARKER, PACKAGE, Staging, output_lock, remove_stale_staging
+from neoedge.export.destination import MARKER, PACKAGE, Staging, remove_stale_staging
+from neoedge.export.lock import output_lock
 
 SOURCE = "window4"  # 3 layers, hidden 48: the fastest of the session's checkpoints
 
