@@ -250,6 +250,8 @@ TERMINATED = {"sigterm-graph": None, "sigterm-graph+old": OLD}
 
 @pytest.fixture(scope="module")
 def child_runs(checkpoints, packages, tmp_path_factory):
+    if not hasattr(os, "fork"):
+        pytest.skip("the fault-injection children are forked (POSIX)")
     """Run every fault job and the concurrency groups in one fork server; name -> (result, out)."""
     root = tmp_path_factory.mktemp("faults")
     source = str(checkpoints[SOURCE])
