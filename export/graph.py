@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from neoedge.manifest import GraphInfo, ModelInfo
 
+from .activations import ACTIVATIONS, mlp_activation
 from .quantize import LinearQuantizer
 
 OPSET = 18
@@ -127,11 +128,16 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
                   quantizer: LinearQuantizer, layer_norm_eps: float = 1e-5,
                   kv_scales: list[tuple[np.ndarray, np.ndarray]] | None = None,
                   on_layer: Callable[[], None] | None = None,
-                  weights_file: ExternalWeights | None = None) -> onnx.ModelProto:
+                  weights_file: ExternalWeights | None = None,
+                  activation: str = "gelu_new") -> onnx.ModelProto:
     """The decoder graph. `kv_scales` (per layer: key and value scales [heads, 1, head_size]) are
     required when graph_info.kv_cache is "int8". `on_layer` is called as each layer is finished
     (quantizing a large model's layers takes minutes: a progress bar's hook). With `weights_file`
-    the weights go there as they are made, and the graph must be saved beside it."""
+    the weights go there as they are made, and the graph must be saved beside it. `activation` is
+    the config's activation_function (one of ACTIVATIONS). An untied lm_head is read from
+    weights["lm_head.weight"] when present; without it the lm_head is the token embedding table."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation_function {activation!r} has no exact ONNX form here")
     g = _Graph(weights_file)
     gi = graph_info
     hidden, heads, head_size = model.hidden_size, model.num_heads, model.head_size
@@ -237,8 +243,7 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
         m, h = skip_layer_norm(h, attn, bias(f"{p}.attn.attention.out_proj.bias"), f"{p}.ln_2",
                                f"{where}/ln_2/SkipLayerNorm")
         fc = quantizer.linear(g, f"{where}/mlp/c_fc", m, weights.layer(layer, "mlp.c_fc.weight"))
-        # gelu_new is the tanh approximation, which is exactly what FastGelu computes.
-        act = g.op("FastGelu", [fc, bias(f"{p}.mlp.c_fc.bias")], f"{where}/mlp/FastGelu", domain=MS_DOMAIN)
+        act = mlp_activation(g, f"{where}/mlp", activation, fc, bias(f"{p}.mlp.c_fc.bias"))
         proj = quantizer.linear(g, f"{where}/mlp/c_proj", act, weights.layer(layer, "mlp.c_proj.weight"))
         last = layer == model.num_layers - 1
         next_norm = "transformer.ln_f" if last else f"transformer.h.{layer + 1}.ln_1"
@@ -250,7 +255,7 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
     h = x
     # Only the requested positions go through the lm_head (one position per decode step).
     selected = g.op("Gather", [h, gi.logits_positions], "/lm_head/select/Gather", axis=1)
-    quantizer.lm_head(g, "/lm_head", selected, gi.logits)
+    quantizer.lm_head(g, "/lm_head", selected, gi.logits, weights.arrays.get("lm_head.weight"))
 
     graph = helper.make_graph(g.nodes, "gpt_neo_decoder", inputs, outputs, g.initializers)
     onnx_model = helper.make_model(

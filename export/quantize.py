@@ -35,16 +35,18 @@ class LinearQuantizer:
         self._table_shape = table.shape
         return g.op("Gather", [self._table, ids], f"{name}/Gather")
 
-    def lm_head(self, g: _Graph, name: str, hidden: str, output: str) -> None:
+    def lm_head(self, g: _Graph, name: str, hidden: str, output: str, weight: np.ndarray | None = None) -> None:
+        """logits = hidden @ table.T: the tied embedding table, or an untied lm_head `weight` [vocab, hidden]."""
         # Gemm with transB reads the [vocab, hidden] embedding as-is: no transposed second copy on
         # disk, and none in memory either (a Transpose of an initializer would be constant-folded
         # into one at session load).
+        table = self._table if weight is None else g.initializer("lm_head.weight", weight)
         vocab, width = self._table_shape
         shape = g.op("Shape", [hidden], f"{name}/Shape")
         leading = g.op("Slice", [shape, g.constant([0]), g.constant([2])], f"{name}/Slice")
         out_shape = g.op("Concat", [leading, g.constant([vocab])], f"{name}/Concat", axis=0)
         flat = g.op("Reshape", [hidden, g.constant([-1, width])], f"{name}/flatten/Reshape")
-        logits = g.op("Gemm", [flat, self._table], f"{name}/Gemm", transB=1)
+        logits = g.op("Gemm", [flat, table], f"{name}/Gemm", transB=1)
         g.nodes.append(helper.make_node("Reshape", [logits, out_shape], [output], name=f"{name}/Reshape"))
 
 
@@ -88,6 +90,7 @@ class NBitsQuantizer(LinearQuantizer):
         # a block size the user asked for is used as given or refused.
         self.fit_block = fit_block
         self._blocks_used: set[int] = set()
+        self._untied = False  # set by lm_head() when given a weight of its own
         self.accuracy_level = accuracy_level
         self.scheme = f"int{bits}"
 
@@ -104,7 +107,8 @@ class NBitsQuantizer(LinearQuantizer):
                 "block_size": used[0] if len(used) == 1 else used,
                 "lm_head_bits": self.lm_head_bits, "accuracy_level": self.accuracy_level,
                 "zero_point": "symmetric" if self.symmetric else "asymmetric",
-                "embedding": "tied, shared with lm_head"}
+                "embedding": "untied: lm_head stored separately" if self._untied
+                else "tied, shared with lm_head"}
 
     def _weight(self, g: _Graph, prefix: str, weight: np.ndarray, bits: int) -> _Quantized:
         block = self._block_for(weight.shape[1])
@@ -171,7 +175,11 @@ class NBitsQuantizer(LinearQuantizer):
         values = g.op("Mul", [values, row_scales], f"{name}/Mul")
         return g.op("Reshape", [values, g.constant([0, 0, width])], f"{name}/Reshape")
 
-    def lm_head(self, g: _Graph, name: str, hidden: str, output: str) -> None:
+    def lm_head(self, g: _Graph, name: str, hidden: str, output: str, weight: np.ndarray | None = None) -> None:
+        if weight is not None:  # untied: its own table, at the lm_head's precision
+            self._untied = True
+            self._matmul(g, name, hidden, self._weight(g, "lm_head", weight, self.lm_head_bits), output)
+            return
         self._matmul(g, name, hidden, self._tied, output)
 
 

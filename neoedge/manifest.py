@@ -304,6 +304,160 @@ class GenerationDefaults:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
+def _worse(a: float, b: float) -> float:
+    """The larger of two figures, NaN if either is (a NaN must never pass a bound)."""
+    return a if a != a or a >= b else b
+
+
+@dataclass(frozen=True)
+class Float64Check:
+    """An fp32 package beyond the tolerance, judged against the exact (float64) logits instead: it
+    passes if it is no further from them than `margin` × transformers' own fp32 error."""
+
+    max_abs_error_transformers: float
+    max_abs_error_prefill: float
+    max_abs_error_stepwise: float
+    margin: float
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "validation.float64")
+
+    @property
+    def max_abs_error(self) -> float:
+        return _worse(self.max_abs_error_prefill, self.max_abs_error_stepwise)
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_error <= self.margin * self.max_abs_error_transformers
+
+
+@dataclass(frozen=True)
+class QualityCheck:
+    """A package that is not exact (quantized weights or KV cache), judged by how far its logits are
+    from the reference's, within the bounds of its precision (`bounds`: "int8" or "int4").
+
+    Figures are the worse of the prefill and the step-wise pass; agreement is counted where the
+    reference is decisive. A reference with too few decisive positions (random weights: nearly
+    uniform predictions everywhere) has no quality to lose, and tiny weight errors are amplified
+    chaotically in large random models: it is judged only by the correlation of the logits, and the
+    other limits are None (not applied)."""
+
+    bounds: str
+    decisive_positions: int
+    mean_kl: float  # nats, KL(reference || package), mean over positions
+    relative_error: float  # rms of the centred logit error / rms of the centred reference logits
+    correlation: float  # of the centred logits, package and reference
+    decisive_agreement: float | None  # top-1 agreement at the decisive positions
+    min_correlation: float
+    max_mean_kl: float | None = None
+    max_relative_error: float | None = None
+    min_decisive_agreement: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "validation.quality")
+
+    @property
+    def problems(self) -> list[str]:
+        found = []
+        if not self.correlation >= self.min_correlation:
+            found.append(f"logit correlation {self.correlation:.3g} < {self.min_correlation:g}")
+        if self.max_mean_kl is not None and not self.mean_kl <= self.max_mean_kl:
+            found.append(f"mean KL {self.mean_kl:.3g} nats > {self.max_mean_kl:g}")
+        if self.max_relative_error is not None and not self.relative_error <= self.max_relative_error:
+            found.append(f"relative logit error {self.relative_error:.3g} > {self.max_relative_error:g}")
+        if self.min_decisive_agreement is not None and self.decisive_agreement is not None \
+                and not self.decisive_agreement >= self.min_decisive_agreement:
+            found.append(f"top-1 agreement {self.decisive_agreement:.1%} < {self.min_decisive_agreement:.0%} "
+                         f"where the reference is decisive")
+        return found
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """What the export measured of the written package against transformers' GPTNeoForCausalLM,
+    over `positions` tokens: the prefill at every position, then `decode_steps` cached steps."""
+
+    positions: int
+    window_size: int
+    decode_steps: int
+    max_abs_logit_diff_prefill: float
+    max_abs_logit_diff_stepwise: float
+    top1_agreement: float
+    # None only in packages of an older neoedge, which recorded quantized packages without judging them.
+    passed: bool | None = None
+    tolerance: float | None = None  # exact (fp32) packages: the bound on max |Δlogit|
+    float64: Float64Check | None = None
+    quality: QualityCheck | None = None
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "validation")
+
+    @property
+    def max_abs_logit_diff(self) -> float:
+        return _worse(self.max_abs_logit_diff_prefill, self.max_abs_logit_diff_stepwise)
+
+    @classmethod
+    def from_json(cls, data: Any) -> ValidationReport | None:
+        """The report as a manifest holds it (null: the package was not validated), strictly typed."""
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise ManifestError(f"validation must be an object or null, got {_show(data)}")
+        data = dict(data)
+        for key, section in (("float64", Float64Check), ("quality", QualityCheck)):
+            if data.get(key) is not None:
+                data[key] = _section(section, data[key], f"validation.{key}")
+        return _section(cls, data, "validation")
+
+    @property
+    def problems(self) -> list[str]:
+        """Why the package failed (empty if it did not)."""
+        if self.passed is not False:
+            return []
+        if self.quality is not None:
+            return self.quality.problems
+        found = []
+        if self.tolerance is not None and not self.max_abs_logit_diff <= self.tolerance:
+            found.append(f"the logits differ from transformers' by {self.max_abs_logit_diff:.3g} "
+                         f"(tolerance {self.tolerance:g})")
+        if self.float64 is not None and not self.float64.passed:
+            found.append(f"and from the exact float64 logits by {self.float64.max_abs_error:.3g}, more than "
+                         f"{self.float64.margin:g}× transformers' own fp32 error "
+                         f"({self.float64.max_abs_error_transformers:.3g})")
+        return found
+
+    def lines(self) -> list[str]:
+        """The report in words: what `neoedge export` prints and `neoedge info` shows."""
+        lines = [f"against transformers over {self.positions} positions ({self.decode_steps} decoded "
+                 f"step-wise): max |Δlogit| prefill {self.max_abs_logit_diff_prefill:.2e}, step-wise "
+                 f"{self.max_abs_logit_diff_stepwise:.2e}; top-1 agreement {self.top1_agreement:.1%}"]
+        if self.float64 is not None:
+            f = self.float64
+            lines.append(f"beyond the {self.tolerance:g} tolerance, so checked against float64 logits: max "
+                         f"error {f.max_abs_error:.2e}, transformers' own fp32 {f.max_abs_error_transformers:.2e} "
+                         f"(allowed: {f.margin:g}×)")
+        elif self.tolerance is not None:
+            lines.append(f"exact (fp32): the tolerance is {self.tolerance:g}")
+        if self.quality is not None:
+            q = self.quality
+            if q.max_mean_kl is None:
+                lines.append(f"{q.bounds} bounds, a model without decisive predictions ({q.decisive_positions} "
+                             f"positions; random weights?), judged by logit correlation only: {q.correlation:.3f} "
+                             f"(>= {q.min_correlation:g}); mean KL {q.mean_kl:.2e} nats, relative logit error "
+                             f"{q.relative_error:.3f}")
+            else:
+                agreement = (f"{q.decisive_agreement:.1%} at {q.decisive_positions} decisive positions "
+                             f"(>= {q.min_decisive_agreement:.0%})")
+                lines.append(f"{q.bounds} bounds: mean KL {q.mean_kl:.2e} nats (<= {q.max_mean_kl:g}), relative "
+                             f"logit error {q.relative_error:.3f} (<= {q.max_relative_error:g}), top-1 agreement "
+                             f"{agreement}, logit correlation {q.correlation:.4f} (>= {q.min_correlation:g})")
+        if self.passed is None:
+            lines.append("not judged (exported by an older neoedge)")
+        elif not self.passed:
+            lines.append("FAILED: " + ", ".join(self.problems))
+        return lines
+
+
 @dataclass(frozen=True)
 class Manifest:
     """The whole manifest, `neoedge.json`."""
@@ -313,7 +467,9 @@ class Manifest:
     quantization: Quantization
     files: dict[str, FileEntry]
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
-    validation: dict[str, Any] = field(default_factory=dict)
+    validation: ValidationReport | None = None
+    # What the export decided that was not asked for (e.g. the plain attention fallback), in words.
+    notes: tuple[str, ...] = ()
     tokenizer: str = "tokenizer.json"
     created_by: str = ""
     format_version: int = FORMAT_VERSION
@@ -393,7 +549,8 @@ class Manifest:
                 quantization=_section(Quantization, data.get("quantization", {}), "quantization"),
                 files=entries,
                 generation=_section(GenerationDefaults, data.get("generation", {}), "generation"),
-                validation=data.get("validation", {}),
+                validation=ValidationReport.from_json(data.get("validation")),
+                notes=data.get("notes", ()),
                 tokenizer=data.get("tokenizer", "tokenizer.json"),
                 created_by=data.get("created_by", ""),
                 format_version=version,
@@ -509,9 +666,3 @@ def file_entries(directory: str | os.PathLike[str]) -> dict[str, FileEntry]:
         for path in sorted(directory.iterdir())
         if path.is_file() and path.name != MANIFEST_NAME
     }
-
-
-def worst_validation_error(measures: dict[str, Any], prefix: str) -> float:
-    """The larger of a validation report's prefill and step-wise figures, `prefix`_prefill and
-    `prefix`_stepwise (e.g. "max_abs_logit_diff", or "max_abs_error" in its float64 part)."""
-    return max(measures[f"{prefix}_prefill"], measures[f"{prefix}_stepwise"])

@@ -149,3 +149,33 @@ def package_copy(package, tmp_path) -> Path:
     import shutil
 
     return Path(shutil.copytree(package, tmp_path / "pkg"))
+
+
+def tree_state(*roots: Path) -> dict[str, tuple]:
+    """Everything under `roots`: each entry's kind, mode and content (sha256) or link target, so that
+    two states compare equal only if nothing was written, changed or lost."""
+    import hashlib
+    import os
+    import stat
+
+    state: dict[str, tuple] = {}
+    for root in roots:
+        for directory, dirs, files in os.walk(root):
+            for name in sorted(dirs + files):
+                path = os.path.join(directory, name)
+                info = os.lstat(path)
+                if stat.S_ISLNK(info.st_mode):
+                    entry: tuple = ("link", os.readlink(path))
+                elif stat.S_ISDIR(info.st_mode):
+                    entry = ("dir", stat.S_IMODE(info.st_mode))
+                else:
+                    with open(path, "rb") as f:
+                        entry = ("file", stat.S_IMODE(info.st_mode), hashlib.sha256(f.read()).hexdigest())
+                state[path] = entry
+    return state
+
+
+@pytest.fixture(scope="session")
+def tree():
+    """tree_state(*roots): a comparable snapshot of directory trees."""
+    return tree_state

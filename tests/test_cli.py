@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -91,17 +92,17 @@ def test_over_long_prompt_is_a_clear_error(cli, package):
 def test_export_refuses_existing_output(cli, package, checkpoints):
     result = cli("export", checkpoints["window8"], package)
     assert result.exit_code != 0
-    assert "already exists" in result.stderr and "--force" in result.stderr
+    assert "already holds a neoedge package; add --force to replace it" in result.stderr
+    assert "force=True" not in result.stderr
 
 
-def test_export_force_replaces(cli, checkpoints, tmp_path):
+def test_export_force_replaces_a_package(cli, package, checkpoints, tmp_path):
     out = tmp_path / "pkg"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    shutil.copytree(package, out)
     result = cli("export", checkpoints["window4"], out, "--force", "--attention", "plain")
     assert result.exit_code == 0, result.output
-    assert not (out / "stale.txt").exists()
     assert json.loads((out / "neoedge.json").read_text())["graph"]["attention"] == "plain"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
     assert "validated against transformers" in result.stderr
 
 

@@ -59,7 +59,7 @@ def test_int8_kv_cache_costs_no_measurable_quality(trained_packages, heldout_ids
     assert Manifest.read(trained_packages["int8"]).graph.kv_cache == "int8"
     assert Manifest.read(trained_packages["none"]).graph.kv_cache == "float32"
     fp32_kv8 = export_package(str(trained_checkpoint()), tmp_path / "kv8", kv_cache="int8", progress=False)
-    assert fp32_kv8.graph.kv_cache == "int8" and fp32_kv8.validation["tolerance"] is None
+    assert fp32_kv8.graph.kv_cache == "int8" and fp32_kv8.validation.quality.bounds == "int8"
     report = score(Generator(tmp_path / "kv8").logits, heldout_ids, window=256)
     assert abs(report.perplexity / fp32_perplexity - 1) <= 0.001
 

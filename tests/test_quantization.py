@@ -125,7 +125,8 @@ def test_manifest_records_the_scheme(quantized):
         assert data["quantization"]["scheme"] == scheme
         assert data["quantization"]["settings"]["bits"] == int(scheme[3:])
         assert data["quantization"]["settings"]["block_size"] == 32
-        assert data["validation"]["top1_agreement"] > 0.5
+        assert data["validation"]["top1_agreement"] > 0.5 and data["validation"]["passed"]
+        assert data["validation"]["quality"]["bounds"] == scheme
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

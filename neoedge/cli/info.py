@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..manifest import Manifest, worst_validation_error
+from ..manifest import Manifest
 from .common import Emitter, friendly_errors, megabytes, output_options
 
 
@@ -52,13 +52,8 @@ def info(package: Path, verify: bool, emit: Emitter) -> None:
         f"files          {megabytes(total)}: " + ", ".join(
             f"{name} ({megabytes(entry.bytes)})" for name, entry in manifest.files.items()),
     ]
-    if manifest.validation:
-        v = manifest.validation
-        worst = worst_validation_error(v, "max_abs_logit_diff")
-        lines.append(f"validation     max |Δlogit| vs transformers {worst:.2e} over {v['positions']} positions")
-        if "float64" in v:
-            f = v["float64"]
-            lines.append(f"               vs float64 {worst_validation_error(f, 'max_abs_error'):.2e} "
-                         f"(transformers fp32: {f['max_abs_error_transformers']:.2e})")
+    if manifest.validation is not None:
+        lines += [f"{'validation' if i == 0 else '':15}{line}" for i, line in enumerate(manifest.validation.lines())]
+    lines += [f"{'notes' if i == 0 else '':15}{note}" for i, note in enumerate(manifest.notes)]
     lines.append(f"integrity      all sha256 match{' (every file hashed now)' if verify else ''}")
     emit({**manifest.to_dict(), **({"verified": True} if verify else {})}, "\n".join(lines))
