@@ -100,8 +100,9 @@ class Request:
 
     def _finish(self, completion: Completion | None, error: BaseException | None = None) -> None:
         self.completion, self.error = completion, error
-        self._send(error if error is not None else _END)
+        # Done before the end is sent: a consumer that sees the end may take result(timeout=0) at once.
         self._done.set()
+        self._send(error if error is not None else _END)
 
     # -- the caller's side --------------------------------------------------------------------------
     def cancel(self) -> None:
