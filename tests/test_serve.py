@@ -182,6 +182,22 @@ def test_chat_uses_the_transcript_format_and_stops_at_the_next_user_turn(client,
     assert streamed[-1].choices[0].finish_reason == result.choices[0].finish_reason
 
 
+def test_chat_stops_at_the_next_user_turn(server, monkeypatch):
+    """The random test models never write "User:" themselves, so this checks what the engine is
+    asked for: the format's stop string (the next user turn) before the request's own."""
+    seen = []
+    submit = server.engine.submit
+
+    def record(prompt, options=None, **kwargs):
+        seen.append(options)
+        return submit(prompt, options, **kwargs)
+
+    monkeypatch.setattr(server.engine, "submit", record)
+    status, _, _ = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                          "max_tokens": 2, "stop": ["END"]})
+    assert status == 200 and seen[0].stop == ("\nUser:", "END")
+
+
 def test_chat_format_is_configurable(model):
     fmt = ChatFormat(system="You answer in one line.", user="Q", assistant="A", separator="\n")
     messages = [{"role": "user", "content": "What is a list?"}]
