@@ -91,4 +91,5 @@ def serve(package: Path, host: str, port: int, api_key: str | None, model_name: 
     try:
         server.run(model, serve_settings, on_ready=ready)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
-        click.echo("stopped", err=True)
+        pass
+    click.echo("stopped", err=True)
