@@ -144,6 +144,16 @@ def test_stop_strings(client, model):
         assert "".join(c.choices[0].text for c in streamed) == direct.text
 
 
+def test_echo(client, model):
+    result = client.completions.create(model="m", prompt="Open the", max_tokens=6, echo=True,
+                                       extra_body={"ignore_eos": True})
+    direct = model.generate("Open the", max_new_tokens=6, stop_at_eos=False)
+    assert result.choices[0].text == "Open the" + direct.text
+    streamed = client.completions.create(model="m", prompt="Open the", max_tokens=6, echo=True, stream=True,
+                                         extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed) == "Open the" + direct.text
+
+
 def test_completion_logprobs(client, model):
     result = client.completions.create(model="m", prompt="Open the file", max_tokens=12, logprobs=3,
                                        extra_body={"ignore_eos": True})
@@ -222,8 +232,14 @@ def test_chat_logprobs(client, model):
     assert [[t.logprob for t in c.top_logprobs] for c in content] == [[t.logprob for t in e.top_logprobs] for e in tokens]
     joined = b"".join(bytes(c.bytes) for c in content)  # a random model makes invalid UTF-8 too
     assert joined.decode("utf-8", errors="replace") == model.decode([e.token for e in tokens])
-    assert [c.token for c in content] == [model.decode([e.token]) if joined.isascii() else c.token
-                                          for c, e in zip(content, tokens)]
+    for c, e in zip(content, tokens):
+        raw = bytes(c.bytes)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:  # part of a character: shown as its bytes, as OpenAI does
+            assert c.token == "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        else:
+            assert c.token == text == model.decode([e.token])
 
 
 def test_n_choices(client, model):
@@ -317,13 +333,13 @@ def test_batched_through_the_server_equals_batch_one(server, model):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
+        t.join(120)
     after = server.engine.stats()
     for i, a in enumerate(alone):
         choice = bodies[i]["choices"][0]
         assert choice["text"] == a.text
         assert tuple(choice["logprobs"]["token_logprobs"]) == a.logprobs  # bit-identical (fp32)
-    assert after.steps - before.steps < 2 * 40  # they shared decode steps
+    assert after.steps - before.steps < 8 * 40 / 2  # they shared decode steps (alone: 8 x 40)
 
 
 # -- faults ----------------------------------------------------------------------------------------
