@@ -591,3 +591,37 @@ main()
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "[serve] extra" in lines[0] and "pip install 'neoedge[serve]'" in lines[0], result.stderr
+
+
+def test_bench_batches_and_served_clients(package):
+    """`neoedge bench --batch --clients`: the engine at each batch size, batch 1 vs the direct API,
+    and streaming clients through a real `neoedge serve` process, in one typed report."""
+    result = subprocess.run([sys.executable, "-m", "neoedge.cli", "bench", str(package), "--runs", "1", "--warmup", "1",
+                             "--prompt-tokens", "8", "--new-tokens", "6", "--batch", "1,3", "--clients", "2",
+                             "--no-cold-start", "--threads", "1", "--json"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [b["batch"] for b in report["batches"]] == [1, 3]
+    for point in report["batches"]:
+        assert point["tokens_per_s"] > 0 and point["first_token_ms"]["p50"] <= point["first_token_ms"]["p95"]
+        assert point["cache_mb"] > 0
+    assert report["batches"][0]["over_batch_1"] == 1.0
+    assert report["engine_overhead"]["pairs"] == 2 and report["engine_overhead"]["ratio"] > 0
+    served = report["served"]
+    assert served["clients"] == 2 and served["concurrent"]["requests"] == 2
+    assert served["speedup"] == served["concurrent"]["tokens_per_s"] / served["one_at_a_time"]["tokens_per_s"]
+
+
+def test_bench_clients_without_the_extra_is_a_one_line_error(package):
+    code = f"""
+import sys
+for name in ("starlette", "uvicorn"):
+    sys.modules[name] = None
+from neoedge.cli import main
+sys.argv = ["neoedge", "bench", {str(package)!r}, "--clients", "2"]
+main()
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "[serve] extra" in result.stderr, result.stderr
