@@ -201,8 +201,10 @@ class Service:
             while len(done) < len(jobs):
                 job, item = await inbox.get()
                 if isinstance(item, TokenEvent):
+                    # One chunk per generated token, as OpenAI streams, even when its text is held
+                    # back (half a character, a possible stop string): clients see the progress.
                     text, entries = job.choice.feed(item)
-                    if text or entries:
+                    if item.token is not None or text or entries:
                         yield _sse(shape.chunk([shape.delta(job.choice, text, entries)]))
                 elif isinstance(item, Completion):
                     done.append((job.choice, item))

@@ -27,9 +27,9 @@ class Timing:
 
     sent: float
     first: float
-    """When the first text arrived."""
+    """When the first token arrived (the server streams one chunk per token)."""
     last: float
-    """When the last text arrived."""
+    """When the last token arrived."""
     tokens: int
     """Tokens generated (the server's usage count)."""
 
@@ -110,13 +110,13 @@ def stream_completion(url: str, body: dict[str, Any], *, api_key: str | None = N
                 raise RuntimeError(f"the stream failed: {chunk['error']['message']}")
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and chunk["choices"][0]["text"]:
+            if chunk["choices"] and chunk["choices"][0]["finish_reason"] is None:  # one chunk per token
                 last = time.perf_counter()
                 first = first or last
     finally:
         conn.close()
     if first is None or last is None:
-        raise RuntimeError("the stream carried no text")
+        raise RuntimeError("the stream carried no tokens")
     return Timing(sent=sent, first=first, last=last, tokens=tokens)
 
 
