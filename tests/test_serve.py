@@ -410,7 +410,7 @@ def test_a_client_leaving_a_whole_response_cancels_its_generation(long_model):
     ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias", "not supported"),
     ({"prompt": "x", "best_of": 3}, "best_of", "not supported"),
     ({"prompt": "x", "frobnicate": 1}, "frobnicate", "Unrecognized request argument"),
-    ({"prompt": "x " * 5000}, "prompt", "this server's limit is 255"),
+    ({"prompt": "x " * 5000}, "prompt", "the model's context is 256 tokens"),
 ])
 def test_bad_completion_requests_are_clear_400s(server, body, param, fragment):
     status, _, data = _post(server, "/v1/completions", body)
