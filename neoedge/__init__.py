@@ -13,8 +13,10 @@ The runtime needs only onnxruntime, numpy and tokenizers (no torch, transformers
 import logging
 
 from .cancel import CancelToken
-from .errors import (ContextFullError, ExportError, NeoedgeError, PackageError, PromptError,
-                     RuntimeFailure, SequenceBusyError, StateFileError)
+from .errors import (ContextFullError, EngineClosedError, ExportError, FormatVersionError, GraphMismatchError,
+                     IntegrityError, ManifestError, NeoedgeError, OptionsError, PackageError, PackagePathError,
+                     PromptError, QueueFullError, RunError, SequenceBusyError, StateFileError,
+                     TokenizerMismatchError)
 from .events import Completion, ContinuationScore, FinishReason, TokenEvent, TopLogprob, Usage
 from .generation import Stream
 from .generator import Generator
@@ -32,6 +34,15 @@ __all__ = [
     "Completion",
     "ContextFullError",
     "ContextPolicy",
+    "EngineClosedError",
+    "FormatVersionError",
+    "GraphMismatchError",
+    "IntegrityError",
+    "ManifestError",
+    "OptionsError",
+    "PackagePathError",
+    "QueueFullError",
+    "TokenizerMismatchError",
     "ContinuationScore",
     "ExportError",
     "FinishReason",
@@ -42,7 +53,7 @@ __all__ = [
     "NeoedgeError",
     "PackageError",
     "PromptError",
-    "RuntimeFailure",
+    "RunError",
     "Sequence",
     "SequenceBusyError",
     "SessionSettings",

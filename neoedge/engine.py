@@ -33,7 +33,7 @@ import numpy as np
 
 from .batch import RowPool, make_pool
 from .cancel import CancelToken
-from .errors import ContextFullError, EngineClosedError, NeoedgeError, QueueFullError, RuntimeFailure
+from .errors import ContextFullError, EngineClosedError, NeoedgeError, QueueFullError, RunError
 from .events import Completion, FinishReason, TokenEvent
 from .generation import Decoder
 from .model import Model
@@ -260,7 +260,7 @@ class Engine:
                 self._decode()
             except Exception as exc:  # a failed pass: its requests fail with the error, the engine goes on
                 log.exception("engine step failed")
-                error = exc if isinstance(exc, NeoedgeError) else RuntimeFailure(f"the engine failed: {exc}")
+                error = exc if isinstance(exc, NeoedgeError) else RunError(f"the engine failed: {exc}")
                 for row in reversed(range(len(self._rows))):
                     self._end(row, error=error)
         error = EngineClosedError("the engine was closed")

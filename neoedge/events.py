@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 
 class FinishReason(str, Enum):
@@ -27,21 +28,19 @@ class FinishReason(str, Enum):
         return self.value
 
 
-@dataclass(frozen=True, slots=True)
-class TopLogprob:
+class TopLogprob(NamedTuple):
     token: int
     logprob: float
 
 
-@dataclass(frozen=True, slots=True)
-class TokenEvent:
+class TokenEvent(NamedTuple):
     """One step of a streamed generation.
 
     Each generated token produces one event. `text` is the text this step releases: whole UTF-8
     characters only, and nothing that could still turn into a stop string, so it may be empty while
     text is held back. The last event of a stream has `finish_reason` set; when the generation ends
     without a new token to report (eos, cancel, or text released only at the end), that last event
-    has `token` None.
+    has `token` None. (A named tuple: immutable, and cheap enough to make once per token.)
     """
 
     index: int

@@ -217,7 +217,9 @@ class Decoder:
                                 else np.zeros(0, np.int64))
         self._logprobs = _Logprobs(vocab_size, options.top_logprobs) if options.wants_logprobs else None
         self._text = tokenizer.stream()
-        self._stops = StopMatcher(options.stop)
+        self._stops = StopMatcher(options.stop) if options.stop else None
+        self._stop_at_eos = options.stop_at_eos
+        self._max_new_tokens = options.max_new_tokens
         self.progress = _Progress(text=[], tokens=[], logprobs=[], prompt_tokens=prompt_tokens,
                                   cached_tokens=cached_tokens, started=time.perf_counter())
         # Per generated token: characters of text released once it was decoded, and whether it ended
@@ -237,32 +239,40 @@ class Decoder:
 
     def step(self, logits: np.ndarray) -> TokenEvent:
         """Sample the next token from `logits` [vocab] (left unchanged) and return its event."""
-        progress, options = self.progress, self.options
+        progress = self.progress
         token = self._sampler(logits)
         if progress.first_token is None:
             progress.first_token = time.perf_counter()
-        chosen, top = self._logprobs(logits, token) if self._logprobs is not None else (None, ())
-        index = self.index
-        if token == self._eos and options.stop_at_eos:
+        if self._logprobs is not None:
+            chosen, top = self._logprobs(logits, token)
+        else:
+            chosen, top = None, ()
+        tokens = progress.tokens
+        index = len(tokens)
+        if token == self._eos and self._stop_at_eos:
             return self.finish(FinishReason.EOS)
         self.token = token
-        progress.tokens.append(token)
+        tokens.append(token)
         if chosen is not None:
             progress.logprobs.append(chosen)
         piece = self._text.push(token)
-        self._raw.append(piece)
-        self._released += len(piece)
-        self._released_after.append(self._released)
-        self._clean_after.append(self._text.clean)
-        safe = self._stops.push(piece)
-        if self._stops.stopped:
-            self.cut = self._stop_cut("".join(progress.text) + safe)
-            return self._close(FinishReason.STOP, index, token, safe, chosen, top)
-        if len(progress.tokens) == options.max_new_tokens:
+        if self._stops is not None:
+            # Bookkeeping for cutting a stop string out of the sequence, only when there are stops.
+            self._raw.append(piece)
+            self._released += len(piece)
+            self._released_after.append(self._released)
+            self._clean_after.append(self._text.clean)
+            safe = self._stops.push(piece)
+            if self._stops.stopped:
+                self.cut = self._stop_cut("".join(progress.text) + safe)
+                return self._close(FinishReason.STOP, index, token, safe, chosen, top)
+        else:
+            safe = piece
+        if index + 1 == self._max_new_tokens:
             return self._close(FinishReason.LENGTH, index, token, safe + self._tail(), chosen, top)
         if safe:
             progress.text.append(safe)
-        return TokenEvent(index=index, token=token, text=safe, logprob=chosen, top_logprobs=top)
+        return TokenEvent(index, token, safe, chosen, top)
 
     def finish(self, reason: FinishReason) -> TokenEvent:
         """End without a new token (eos, cancel, the context's end): the closing event."""
@@ -283,7 +293,10 @@ class Decoder:
 
     def _tail(self) -> str:
         """Text still held back at the end (a partial character, a possible stop-string prefix)."""
-        piece = self._stops.push(self._text.flush())
+        piece = self._text.flush()
+        if self._stops is None:
+            return piece
+        piece = self._stops.push(piece)
         return piece if self._stops.stopped else piece + self._stops.flush()
 
     def _stop_cut(self, returned: str) -> tuple[int, str]:
@@ -303,6 +316,7 @@ class Decoder:
 def _events(cursor: Cursor, decoder: Decoder, cancel: CancelToken) -> Iterator[TokenEvent]:
     """Drive a decoder over one sequence: one forward pass per token."""
     start = cursor.length
+    step, next_logits, push = decoder.step, cursor.next_logits, cursor.push
     try:
         while True:
             if cancel.cancelled:
@@ -311,9 +325,9 @@ def _events(cursor: Cursor, decoder: Decoder, cancel: CancelToken) -> Iterator[T
             if cursor.room == 0 and not cursor.make_room():
                 yield decoder.finish(FinishReason.CONTEXT)
                 return
-            event = decoder.step(cursor.next_logits())
+            event = step(next_logits())
             if decoder.token is not None:
-                cursor.push(decoder.token)
+                push(decoder.token)
             if decoder.cut is not None:
                 keep, text = decoder.cut
                 cursor.truncate(start + keep, text)

@@ -23,7 +23,9 @@ class Generator:
     """Deprecated: use `neoedge.Model` (same package, same settings, typed results)."""
 
     def __init__(self, package_dir: str | os.PathLike[str], *, intra_threads: int = 0,
-                 spinning: bool = True, prepack: bool = True, verify: bool = False) -> None:
+                 spinning: bool = True, prepack: bool = True, verify: bool | str = "auto") -> None:
+        # 0.1's verify=False meant "sizes only"; every load now checks hashes ("auto" uses stamps).
+        verify = "full" if verify is True else "auto" if verify is False else verify
         warnings.warn("neoedge.Generator is deprecated: use neoedge.Model (model.generate(...).text)",
                       DeprecationWarning, stacklevel=2)
         self.model = Model(package_dir, settings=SessionSettings(

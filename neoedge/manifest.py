@@ -2,22 +2,48 @@
 
 The exporter writes this manifest and the runtime reads nothing else to learn the model's shape,
 the graph's input/output names and how the package was quantized. It never needs Hugging Face code.
+
+Reading is strict: every key is known, every value has its declared type (a bool is not an int, 1.0
+is not 1) and lies in its range, every path is a plain relative path, and the manifest carries a
+seal — the sha256 of its own bytes — so that no byte of it can change unnoticed. Each schema class
+checks itself when it is made, so the exporter cannot write what the runtime would refuse.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field
+import re
+import stat
+import string
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import PackageError
+from .errors import FormatVersionError, IntegrityError, ManifestError, OptionsError, PackagePathError
+from .options import GenerationOptions
 
 MANIFEST_NAME = "neoedge.json"
 FORMAT_NAME = "neoedge-model-package"
-FORMAT_VERSION = 1
+# 2: the manifest is sealed, generation defaults are typed, unknown keys are refused.
+FORMAT_VERSION = 2
+# The manifest's own sha256, computed over its bytes with this value written as 64 zeros.
+SEAL_KEY = "manifest_sha256"
+_SEAL_PLACEHOLDER = "0" * 64
+_SEAL_PATTERN = re.compile(rb'"' + SEAL_KEY.encode() + rb'": "([0-9a-f]{64})"')
+# A manifest is a few KB; anything far larger is not one, and is not read into memory.
+MAX_MANIFEST_BYTES = 1 << 20
+# Dimensions feed int32 inputs of the graph (sequence lengths) and numpy allocations.
+MAX_DIMENSION = 2**31 - 1
+# A package path: relative, "/"-separated, each part a plain file name. This excludes absolute
+# paths, "." and "..", drive letters, backslashes, and onnxruntime's "*/_ORT_MEM_ADDR_/*" location.
+_PATH_PART = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+MAX_PATH_CHARS = 1024
 
 AttentionKind = Literal["global", "local"]
 # "gqa": onnxruntime's GroupQueryAttention over a preallocated cache updated in place (fast path).
@@ -25,9 +51,100 @@ AttentionKind = Literal["global", "local"]
 AttentionImpl = Literal["gqa", "plain"]
 
 
+# -- checks shared by the schema classes ----------------------------------------------------------
+def check_package_path(name: Any, where: str) -> str:
+    """`name` if it is a plain relative path inside a package, else PackagePathError. Only the
+    syntax is checked here; package.py resolves it on disk (symlinks)."""
+    if not isinstance(name, str):
+        raise ManifestError(f"{where} must be a string, got {_show(name)}")
+    if not name or len(name) > MAX_PATH_CHARS or not all(_PATH_PART.fullmatch(p) for p in name.split("/")):
+        raise PackagePathError(
+            f"{where} {name[:200]!r} is not a path inside the package: paths are relative, '/'-separated "
+            "names of letters, digits, '.', '_' and '-' (no absolute paths, no '..', no hidden names)")
+    return name
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """`value` if it has the type `hint` (as JSON gives it: a list stands for a tuple), converted
+    to that type; else ManifestError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin is Literal:
+        if not any(type(value) is type(a) and value == a for a in args):
+            raise ManifestError(f"{where} must be one of {', '.join(map(repr, args))}, got {_show(value)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(value, inner, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ManifestError(f"{where} must be a list, got {_show(value)}")
+        return tuple(_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ManifestError(f"{where} must be an object with string keys, got {_show(value)}")
+        return {k: _check_type(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        article = "an" if hint.__name__[0] in "aeiou" else "a"
+        raise ManifestError(f"{where} must be {article} {hint.__name__}, got {_show(value)}")
+    return value
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_fields(obj: Any, section: str) -> None:
+    """Type-check (and convert) every field of a schema dataclass, in place."""
+    hints = _hints(type(obj))
+    for f in fields(obj):
+        object.__setattr__(obj, f.name, _check_type(getattr(obj, f.name), hints[f.name],
+                                                      f"{section}.{f.name}" if section else f.name))
+
+
+def _check_range(section: str, name: str, value: int, minimum: int, maximum: int = MAX_DIMENSION) -> None:
+    if not minimum <= value <= maximum:
+        raise ManifestError(f"{section}.{name} must be between {minimum} and {maximum}, got {value}")
+
+
+def _section(cls: type, data: Any, section: str) -> Any:
+    """A schema dataclass from its JSON object: no unknown key, no missing required one."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"{section} must be an object, got {_show(data)}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ManifestError(f"unknown key(s) in {section}: {', '.join(map(repr, unknown))}")
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ManifestError(f"{section} is missing {', '.join(map(repr, missing))}")
+    return cls(**data)
+
+
+# -- the schema --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelInfo:
-    architecture: str
+    """The model's shape and special tokens (`model` in the manifest)."""
+
+    architecture: Literal["GPTNeoForCausalLM"]
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -38,6 +155,20 @@ class ModelInfo:
     bos_token_id: int
     eos_token_id: int
     source: str = ""
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "model")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "window_size"):
+            _check_range("model", name, getattr(self, name), 1)
+        _check_range("model", "context_length", self.context_length, 2)
+        if self.hidden_size % self.num_heads:
+            raise ManifestError(f"model.hidden_size ({self.hidden_size}) is not a multiple of "
+                                f"model.num_heads ({self.num_heads})")
+        if len(self.attention_layers) != self.num_layers:
+            raise ManifestError(f"model.attention_layers lists {len(self.attention_layers)} layers, "
+                                f"model.num_layers is {self.num_layers}")
+        for name in ("bos_token_id", "eos_token_id"):
+            _check_range("model", name, getattr(self, name), 0, self.vocab_size - 1)
 
     @property
     def head_size(self) -> int:
@@ -71,120 +202,295 @@ class GraphInfo:
     local_seqlens_k: str = "local_seqlens_k"
     local_total_sequence_length: str = "local_total_sequence_length"
 
+    _TEMPLATES = ("past_key", "past_value", "present_key", "present_value")
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "graph")
+        check_package_path(self.file, "graph.file")
+        for f in fields(self):
+            if f.name in ("file", "attention", "kv_cache"):
+                continue
+            value = getattr(self, f.name)
+            if not value or not value.isprintable():
+                raise ManifestError(f"graph.{f.name} must be a non-empty printable name, got {_show(value)}")
+            template = f.name in self._TEMPLATES
+            parsed = [part[1] for part in string.Formatter().parse(value) if part[1] is not None] \
+                if "{" in value or "}" in value else []
+            if template and (parsed != ["layer"] or not _formats(value)):
+                raise ManifestError(f"graph.{f.name} must hold '{{layer}}' once (e.g. 'past_key.{{layer}}'), "
+                                    f"got {_show(value)}")
+            if not template and parsed:
+                raise ManifestError(f"graph.{f.name} must be a plain name, got {_show(value)}")
+        if self.kv_cache == "int8" and self.attention != "gqa":
+            raise ManifestError("graph.kv_cache 'int8' needs graph.attention 'gqa'")
+
     def cache_pairs(self, layer: int) -> tuple[tuple[str, str], tuple[str, str]]:
         """((past key, present key), (past value, present value)) input/output names of a layer."""
         return ((self.past_key.format(layer=layer), self.present_key.format(layer=layer)),
                 (self.past_value.format(layer=layer), self.present_value.format(layer=layer)))
 
+    def input_names(self, num_layers: int) -> list[str]:
+        """Every input the runtime feeds, in a fixed order."""
+        names = [self.input_ids, self.position_ids, self.logits_positions]
+        if self.attention == "gqa":
+            names += [self.seqlens_k, self.total_sequence_length, self.local_seqlens_k,
+                      self.local_total_sequence_length]
+        return names + [past for layer in range(num_layers) for past, _ in self.cache_pairs(layer)]
+
+    def output_names(self, num_layers: int) -> list[str]:
+        """Every output the runtime reads, in a fixed order."""
+        return [self.logits] + [present for layer in range(num_layers) for _, present in self.cache_pairs(layer)]
+
+
+def _formats(template: str) -> bool:
+    try:
+        template.format(layer=0)
+    except (ValueError, KeyError, IndexError, AttributeError):
+        return False
+    return True
+
 
 @dataclass(frozen=True)
 class Quantization:
+    """How the weights are stored (`quantization`)."""
+
     scheme: Literal["none", "int8", "int4"] = "none"
     settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "quantization")
 
 
 @dataclass(frozen=True)
 class FileEntry:
+    """One file of the package: its sha256 and size (`files`)."""
+
     sha256: str
     bytes: int
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ManifestError(f"sha256 must be 64 lowercase hex digits, got {_show(self.sha256)}")
+        if self.bytes < 0:
+            raise ManifestError(f"bytes must be >= 0, got {self.bytes}")
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """The package's default generation options; unset (None) ones take GenerationOptions' defaults.
+    The same names as GenerationOptions, validated by it."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+    stop_at_eos: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "generation")
+        try:
+            GenerationOptions(**self.as_options())
+        except OptionsError as exc:
+            raise ManifestError(f"generation: {exc}") from None
+
+    def as_options(self) -> dict[str, Any]:
+        """The defaults that are set, as GenerationOptions keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 @dataclass(frozen=True)
 class Manifest:
+    """The whole manifest, `neoedge.json`."""
+
     model: ModelInfo
     graph: GraphInfo
     quantization: Quantization
     files: dict[str, FileEntry]
-    generation: dict[str, Any] = field(default_factory=dict)
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     validation: dict[str, Any] = field(default_factory=dict)
     tokenizer: str = "tokenizer.json"
     created_by: str = ""
     format_version: int = FORMAT_VERSION
 
+    def __post_init__(self) -> None:
+        if isinstance(self.generation, dict):
+            object.__setattr__(self, "generation", _section(GenerationDefaults, self.generation, "generation"))
+        _check_fields(self, "")
+        check_package_path(self.tokenizer, "tokenizer")
+        for name in self.files:
+            check_package_path(name, "files entry")
+        if MANIFEST_NAME in self.files:
+            raise ManifestError(f"files must not list {MANIFEST_NAME} (the manifest seals itself)")
+        for what, name in (("graph.file", self.graph.file), ("tokenizer", self.tokenizer)):
+            if name not in self.files:
+                raise PackagePathError(f"malformed manifest: {what} {name} is not listed in files, so it "
+                                       "could not be checked")
+        if self.graph.file == self.tokenizer:
+            raise ManifestError("graph.file and tokenizer name the same file")
+        n = self.model.num_layers
+        names = self.graph.input_names(n) + self.graph.output_names(n)
+        if len(set(names)) != len(names):
+            raise ManifestError("graph input/output names are not distinct (a template without "
+                                "'{layer}', or two names alike)")
+
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["model"]["attention_layers"] = list(self.model.attention_layers)
-        return {"format": FORMAT_NAME, **data}
+        data["generation"] = self.generation.as_options()
+        if "stop" in data["generation"]:
+            data["generation"]["stop"] = list(data["generation"]["stop"])
+        return {"format": FORMAT_NAME, "format_version": data.pop("format_version"), **data}
+
+    def to_json(self) -> bytes:
+        """The manifest as written: JSON, sealed with the sha256 of these very bytes."""
+        return seal(self.to_dict())
 
     def write(self, directory: str | os.PathLike[str]) -> Path:
         path = Path(directory) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        path.write_bytes(self.to_json())
         return path
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+    def from_dict(cls, data: Any, *, source: str = "manifest") -> Manifest:
+        """A manifest from its parsed JSON (the seal, if present, is not checked here: see read)."""
+        if not isinstance(data, dict):
+            raise ManifestError(f"malformed {source}: expected a JSON object")
         if data.get("format") != FORMAT_NAME:
-            raise PackageError(f"not a neoedge model package manifest (format={data.get('format')!r})")
+            raise ManifestError(f"{source} is not a neoedge model package manifest "
+                                f"(format={_show(data.get('format'))})")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise PackageError(
-                f"unsupported package format_version {version!r}: this neoedge reads version "
-                f"{FORMAT_VERSION}; re-export the model with this version of neoedge"
-            )
+        if type(version) is not int or version != FORMAT_VERSION:
+            raise FormatVersionError(
+                f"unsupported package format_version {_show(version)} in {source}: this neoedge reads "
+                f"version {FORMAT_VERSION}; re-export the model with this version of neoedge")
+        known = {f.name for f in fields(cls)} | {"format", SEAL_KEY}
+        unknown = sorted(set(data) - known)
         try:
-            model = dict(data["model"])
-            model["attention_layers"] = tuple(model["attention_layers"])
-            manifest = cls(
-                model=ModelInfo(**model),
-                graph=GraphInfo(**data["graph"]),
-                quantization=Quantization(**data.get("quantization", {})),
-                files={name: FileEntry(**entry) for name, entry in data["files"].items()},
-                generation=dict(data.get("generation", {})),
-                validation=dict(data.get("validation", {})),
+            if unknown:
+                raise ManifestError(f"unknown key(s): {', '.join(map(repr, unknown))}")
+            missing = [k for k in ("model", "graph", "files") if k not in data]
+            if missing:
+                raise ManifestError(f"missing {', '.join(map(repr, missing))}")
+            files = data["files"]
+            if not isinstance(files, dict):
+                raise ManifestError(f"files must be an object, got {_show(files)}")
+            entries = {}
+            for name, entry in files.items():
+                try:
+                    entries[name] = _section(FileEntry, entry, f"files[{name!r}]")
+                except ManifestError as exc:
+                    raise type(exc)(f"files[{name[:200]!r}]: {exc}") from None
+            return cls(
+                model=_section(ModelInfo, data["model"], "model"),
+                graph=_section(GraphInfo, data["graph"], "graph"),
+                quantization=_section(Quantization, data.get("quantization", {}), "quantization"),
+                files=entries,
+                generation=_section(GenerationDefaults, data.get("generation", {}), "generation"),
+                validation=data.get("validation", {}),
                 tokenizer=data.get("tokenizer", "tokenizer.json"),
                 created_by=data.get("created_by", ""),
                 format_version=version,
             )
-        except (KeyError, TypeError) as exc:
-            raise PackageError(f"malformed manifest: {exc}") from exc
-        manifest._check()
-        return manifest
+        except ManifestError as exc:
+            message = str(exc).removeprefix("malformed manifest: ")
+            raise type(exc)(f"malformed {source}: {message}") from None
+
+    @classmethod
+    def from_json(cls, raw: bytes, *, source: str = "manifest") -> Manifest:
+        """A manifest from its bytes, its seal checked."""
+        data = parse_json(raw, source)
+        if isinstance(data, dict) and data.get("format") == FORMAT_NAME \
+                and data.get("format_version") == FORMAT_VERSION:  # a wrong version says so first
+            check_seal(raw, data, source)
+        return cls.from_dict(data, source=source)
 
     @classmethod
     def read(cls, directory: str | os.PathLike[str]) -> Manifest:
+        """The manifest of a package directory, strictly parsed and its seal checked. (To open the
+        package, which also checks every file and path, use neoedge.package.open_package.)"""
         directory = Path(directory)
         if not directory.is_dir():
-            raise PackageError(f"model package not found: {directory} is not a directory")
+            raise IntegrityError(f"model package not found: {directory} is not a directory")
         path = directory / MANIFEST_NAME
-        if not path.is_file():
-            raise PackageError(f"{directory} is not a neoedge model package: {MANIFEST_NAME} is missing")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PackageError(f"corrupt manifest {path}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise PackageError(f"corrupt manifest {path}: expected a JSON object")
-        return cls.from_dict(data)
+        return cls.from_json(read_manifest_bytes(path), source=f"manifest {path}")
 
-    def _check(self) -> None:
-        m = self.model
-        if len(m.attention_layers) != m.num_layers:
-            raise PackageError("malformed manifest: attention_layers does not list every layer")
-        if m.hidden_size % m.num_heads:
-            raise PackageError("malformed manifest: hidden_size is not a multiple of num_heads")
-        for name in (self.graph.file, self.tokenizer):
-            if name not in self.files:
-                raise PackageError(f"malformed manifest: {name} is not listed in files")
 
-    # -- integrity ----------------------------------------------------------------------------
-    def check_files(self, directory: str | os.PathLike[str], *, verify_hashes: bool = False) -> None:
-        """Raise PackageError if a listed file is missing, truncated, or (optionally) altered.
+def read_manifest_bytes(path: Path) -> bytes:
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise IntegrityError(f"{path} is not a regular file")
+        if info.st_size > MAX_MANIFEST_BYTES:
+            raise IntegrityError(f"corrupt manifest {path}: larger than {MAX_MANIFEST_BYTES} bytes")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        raise IntegrityError(f"{path.parent} is not a neoedge model package: {MANIFEST_NAME} is missing") from None
+    except OSError as exc:
+        raise IntegrityError(f"cannot read the manifest {path}: {exc.strerror}") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise IntegrityError(f"corrupt manifest {path}: larger than {MAX_MANIFEST_BYTES} bytes")
+    return raw
 
-        Sizes are always checked (free); hashing reads every byte, so it is opt-in.
-        """
-        directory = Path(directory)
-        for name, entry in self.files.items():
-            path = directory / name
-            if not path.is_file():
-                raise PackageError(f"model package {directory} is incomplete: {name} is missing")
-            size = path.stat().st_size
-            if size != entry.bytes:
-                raise PackageError(
-                    f"model package file {name} is corrupt: {size} bytes, manifest says {entry.bytes}"
-                )
-            if verify_hashes and sha256_file(path) != entry.sha256:
-                raise PackageError(f"model package file {name} is corrupt: sha256 does not match")
+
+def parse_json(raw: bytes, source: str) -> Any:
+    """Strict JSON: UTF-8, no duplicate keys, no NaN or infinities."""
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result = dict(pairs)
+        if len(result) != len(pairs):
+            seen: set[str] = set()
+            duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+            raise ValueError(f"duplicate key {duplicate!r}")
+        return result
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"number {text} is out of range")
+        return value
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates, parse_float=finite,
+                          parse_constant=constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise IntegrityError(f"corrupt {source}: {' '.join(str(exc).split())[:200]}") from None
+
+
+def seal(data: dict[str, Any]) -> bytes:
+    """A manifest's JSON bytes, sealed: its SEAL_KEY set to the sha256 of the bytes written with
+    that value zeroed. Whatever `data` holds is written as it is (tests seal bad manifests with it)."""
+    body = {k: v for k, v in data.items() if k != SEAL_KEY}
+    try:
+        text = json.dumps({**body, SEAL_KEY: _SEAL_PLACEHOLDER}, indent=2, allow_nan=False) + "\n"
+    except ValueError as exc:  # NaN or an infinity somewhere (a validation figure): not JSON
+        raise ManifestError(f"cannot write the manifest: {exc} (a NaN or infinite value)") from None
+    raw = text.encode("utf-8")
+    digest = hashlib.sha256(raw).hexdigest()
+    placeholder = f'"{SEAL_KEY}": "{_SEAL_PLACEHOLDER}"'.encode()
+    start = raw.rindex(placeholder)  # the last key: nothing after it can look like it
+    return raw[:start] + f'"{SEAL_KEY}": "{digest}"'.encode() + raw[start + len(placeholder):]
+
+
+def check_seal(raw: bytes, data: dict[str, Any], source: str) -> None:
+    """The manifest's seal must be the sha256 of its bytes with the seal's value zeroed."""
+    found = list(_SEAL_PATTERN.finditer(raw))
+    if SEAL_KEY not in data or len(found) != 1 or found[0].group(1).decode() != data[SEAL_KEY]:
+        raise IntegrityError(f"{source} is not sealed ({SEAL_KEY} missing or malformed): it was not "
+                             "written by neoedge export, or was edited")
+    start, end = found[0].span(1)
+    if hashlib.sha256(raw[:start] + _SEAL_PLACEHOLDER.encode() + raw[end:]).hexdigest() != data[SEAL_KEY]:
+        raise IntegrityError(f"model package file {MANIFEST_NAME} is corrupt: its bytes do not match its "
+                             f"{SEAL_KEY} seal ({source})")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -23,15 +23,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .cancel import CancelToken
-from .errors import PromptError
+from .crosscheck import check_graph, check_tokenizer
+from .errors import OptionsError, PromptError
 from .events import Completion, ContinuationScore
 from .generation import Stream
+from .inputs import token_ids
 from .manifest import Manifest, ModelInfo
 from .options import ContextPolicy, GenerationOptions
+from .package import VerifyMode, opening_package
 from .runner import Runner, make_runner
 from .sequence import Sequence, Tokens
 from .session import SessionSettings, create_session
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_text
 
 if TYPE_CHECKING:
     from .aio import AsyncStream
@@ -43,23 +46,31 @@ class Model:
     """A GPT-Neo model package loaded for generation and scoring. Safe to use from any thread."""
 
     def __init__(self, package_dir: str | os.PathLike[str], *, settings: SessionSettings | None = None,
-                 verify: bool = False) -> None:
+                 verify: VerifyMode = "auto") -> None:  # noqa: D417
         """
         package_dir: a directory written by `neoedge export`.
         settings: onnxruntime settings (threads, spinning, prepack); defaults suit most machines.
-        verify: check every file's sha256 against the manifest (reads the whole package).
+        verify: every load checks every file against the manifest's sha256 (see neoedge.package);
+            "auto" skips a file a verified stamp shows unchanged since it was last hashed, "full"
+            hashes every byte whatever the stamps say.
         """
         package_dir = Path(package_dir)
         settings = settings or SessionSettings()
-        manifest = Manifest.read(package_dir)
-        manifest.check_files(package_dir, verify_hashes=verify)
-        if not settings.prepack and manifest.quantization.scheme != "none":
-            log.warning("prepack=False with an %s package: its kernels need the packed weights, decode "
-                        "will be many times slower", manifest.quantization.scheme)
-        session = create_session(package_dir / manifest.graph.file, settings)
-        self._set(package_dir=package_dir, manifest=manifest, settings=settings,
-                  tokenizer=Tokenizer(package_dir / manifest.tokenizer), session=session,
-                  runner=make_runner(session, manifest), fingerprint=package_fingerprint(manifest))
+        if not isinstance(settings, SessionSettings):
+            raise OptionsError(f"settings must be a SessionSettings, got {type(settings).__name__}")
+        # The large files are hashed while the session is built; leaving the block waits for them.
+        with opening_package(package_dir, verify=verify) as package:
+            manifest = package.manifest
+            if not settings.prepack and manifest.quantization.scheme != "none":
+                log.warning("prepack=False with an %s package: its kernels need the packed weights, decode "
+                            "will be many times slower", manifest.quantization.scheme)
+            session = create_session(package.graph_path, settings)
+            check_graph(session, manifest, package.graph)
+            tokenizer = Tokenizer(package.tokenizer_path)
+            check_tokenizer(tokenizer, manifest)
+        self._set(package_dir=package_dir, manifest=manifest, settings=settings, tokenizer=tokenizer,
+                  session=session, runner=make_runner(session, manifest, package.graph_path),
+                  fingerprint=package_fingerprint(manifest))
 
     # Attributes are set once, here: a Model is shared between threads and never changes.
     package_dir: Path
@@ -90,40 +101,30 @@ class Model:
         """The package's generation defaults, overridden by `options` or keyword arguments."""
         if options is not None:
             if overrides:
-                raise ValueError("pass either a GenerationOptions or keyword options, not both")
+                raise OptionsError("pass either a GenerationOptions or keyword options, not both")
             if not isinstance(options, GenerationOptions):
-                raise TypeError(f"options must be a GenerationOptions, got {type(options).__name__}")
+                raise OptionsError(f"options must be a GenerationOptions, got {type(options).__name__}")
             return options
         return GenerationOptions.merged(self.manifest.generation, overrides)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text` (no special tokens added)."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return self.tokenizer.encode(text)
+    def encode(self, text: str, *, what: str = "prompt") -> list[int]:
+        """Token ids of `text` (no special tokens added). A text too long for the context is refused
+        from its length, before any tokenizing."""
+        context = self.info.context_length
+        return self.tokenizer.encode(text, max_tokens=context, what=what,
+                                     why=f" (the model's context is {context} tokens)")
 
     def decode(self, ids: Tokens) -> str:
         return self.tokenizer.decode(self.check_tokens(ids, "token ids"))
 
     def check_tokens(self, ids: Tokens, what: str = "token ids") -> list[int]:
-        """`ids` as a list of ints, each a token of this model; anything else is a PromptError."""
-        vocab = self.info.vocab_size
-        if isinstance(ids, np.ndarray):
-            if ids.ndim != 1 or ids.dtype.kind not in "iu":
-                raise PromptError(f"{what} must be a 1-D array of integers, got {ids.dtype} of shape {ids.shape}")
-            values = ids.tolist()
-        elif isinstance(ids, (list, tuple)):
-            values = list(ids)
-            for value in values:
-                if type(value) is not int and not isinstance(value, np.integer):
-                    raise PromptError(f"{what} must be integers, got {type(value).__name__} {value!r}")
-            values = [int(v) for v in values]
-        else:
-            raise PromptError(f"{what} must be a list of integers, got {type(ids).__name__}")
-        bad = [v for v in values if not 0 <= v < vocab]
-        if bad:
-            raise PromptError(f"{what} must be in [0, {vocab}): got {bad[0]}")
-        return values
+        """`ids` as a list of ints, each a token of this model, at most a context of them; anything
+        else is a PromptError naming the element."""
+        if isinstance(ids, (list, tuple)) and not ids:
+            return []
+        context = self.info.context_length
+        return token_ids(ids, vocab_size=self.info.vocab_size, max_length=context, what=what,
+                         why=f" (the model's context is {context} tokens)").tolist()
 
     # -- sequences ----------------------------------------------------------------------------------
     def sequence(self, text: str | None = None, *, tokens: Tokens | None = None,
@@ -141,6 +142,7 @@ class Model:
     # -- one-call generation (a fresh sequence each time) --------------------------------------------
     def stream(self, prompt: str = "", options: GenerationOptions | None = None, *,
                cancel: CancelToken | None = None, **overrides: Any) -> Stream:
+        check_text(prompt, "prompt")
         return self.sequence().stream(prompt, options, cancel=cancel, **overrides)
 
     def generate(self, prompt: str = "", options: GenerationOptions | None = None, *,
@@ -150,6 +152,7 @@ class Model:
 
     def astream(self, prompt: str = "", options: GenerationOptions | None = None, *,
                 cancel: CancelToken | None = None, **overrides: Any) -> AsyncStream:
+        check_text(prompt, "prompt")
         return self.sequence().astream(prompt, options, cancel=cancel, **overrides)
 
     async def agenerate(self, prompt: str = "", options: GenerationOptions | None = None, *,
@@ -166,8 +169,7 @@ class Model:
     # -- raw logits ---------------------------------------------------------------------------------
     def logits(self, token_ids: Tokens) -> np.ndarray:
         """Next-token logits at every position of `token_ids`: [len(token_ids), vocab] float32."""
-        ids = np.asarray(self.check_tokens(token_ids), dtype=np.int64)
-        self._check_length(ids)
+        ids = self._ids(token_ids)
         state = self.runner.new_state(len(ids))
         chunk = self.runner.chunk
         parts = [self.runner.forward(state, ids[i: i + chunk], all_logits=True) for i in range(0, len(ids), chunk)]
@@ -176,10 +178,9 @@ class Model:
     def stepwise_logits(self, token_ids: Tokens, *, prefill: int = 1) -> np.ndarray:
         """Logits as generation sees them: prefill the first `prefill` tokens, then one step per
         token through the KV cache. [len(token_ids), vocab]; used to validate the cache path."""
-        ids = np.asarray(self.check_tokens(token_ids), dtype=np.int64)
-        self._check_length(ids)
-        if not 1 <= prefill <= len(ids):
-            raise PromptError("need 1 <= prefill <= len(token_ids)")
+        ids = self._ids(token_ids)
+        if isinstance(prefill, bool) or not isinstance(prefill, int) or not 1 <= prefill <= len(ids):
+            raise PromptError(f"prefill must be an integer from 1 to len(token_ids) ({len(ids)}), got {prefill!r}")
         out = np.empty((len(ids), self.info.vocab_size), np.float32)
         state = self.runner.new_state(len(ids))
         chunk = self.runner.chunk
@@ -190,11 +191,10 @@ class Model:
             out[position] = self.runner.step(state, int(ids[position]))
         return out
 
-    def _check_length(self, ids: np.ndarray) -> None:
-        if ids.shape[0] == 0:
-            raise PromptError("token_ids is empty")
-        if ids.shape[0] > self.info.context_length:
-            raise PromptError(f"{ids.shape[0]} tokens exceed the model's context ({self.info.context_length})")
+    def _ids(self, ids: Tokens) -> np.ndarray:
+        context = self.info.context_length
+        return token_ids(ids, vocab_size=self.info.vocab_size, max_length=context,
+                         why=f" (the model's context is {context} tokens)")
 
 
 def package_fingerprint(manifest: Manifest) -> str:

@@ -14,7 +14,8 @@ from typing import Protocol, Union
 import numpy as np
 import onnxruntime as ort
 
-from .errors import PackageError, RuntimeFailure
+from .errors import PackageError
+from .session import ORT_ERRORS, run_error
 from .kv_cache import ConcatKVCache, InPlaceKVCache, local_chunk
 from .manifest import Manifest
 
@@ -81,11 +82,11 @@ class Runner(Protocol):
         """Append one token; its logits [vocab] (a view reused by the next pass)."""
 
 
-def make_runner(session: ort.InferenceSession, manifest: Manifest) -> Runner:
+def make_runner(session: ort.InferenceSession, manifest: Manifest, graph_path: str = "") -> Runner:
     _check_graph_names(session, manifest)
     if manifest.graph.attention == "gqa":
-        return GqaRunner(session, manifest)
-    return PlainRunner(session, manifest)
+        return GqaRunner(session, manifest, graph_path)
+    return PlainRunner(session, manifest, graph_path)
 
 
 def _check_graph_names(session: ort.InferenceSession, manifest: Manifest) -> None:
@@ -106,18 +107,24 @@ def _check_graph_names(session: ort.InferenceSession, manifest: Manifest) -> Non
                            f"{', ...' if len(missing) > 4 else ''}): re-export the package with this neoedge")
 
 
-def _run(session: ort.InferenceSession, binding: ort.IOBinding, run_options: ort.RunOptions | None) -> None:
+# run_with_iobinding reports a failed run (a terminate flag included) as a plain RuntimeError.
+RUN_ERRORS = (*ORT_ERRORS, RuntimeError)
+
+
+def _run(session: ort.InferenceSession, binding: ort.IOBinding, run_options: ort.RunOptions | None,
+         what: str = "a forward pass", where: str = "") -> None:
     try:
         session.run_with_iobinding(binding, run_options)
-    except Exception as exc:  # onnxruntime raises its own exception types, not NeoedgeErrors
+    except RUN_ERRORS as exc:  # onnxruntime raises its own exception types, not NeoedgeErrors
         if run_options is not None and run_options.terminate:
             raise Terminated() from exc
-        raise RuntimeFailure(f"onnxruntime failed running the model: {exc}") from exc
+        raise run_error(exc, what, where) from exc
 
 
 class GqaRunner:
-    def __init__(self, session: ort.InferenceSession, manifest: Manifest) -> None:
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest, graph_path: str = "") -> None:
         self.session = session
+        self.graph_path = str(graph_path)
         self.model = manifest.model
         self.graph = manifest.graph
         self.chunk = local_chunk(self.model.window_size)
@@ -166,7 +173,7 @@ class GqaRunner:
         selected = np.arange(count, dtype=np.int64) if all_logits else np.array([count - 1], np.int64)
         self._set_lengths(state, count)
         binding = self.bind(state, part, positions, selected, None if all_logits else state.logits)
-        _run(self.session, binding, run_options)
+        _run(self.session, binding, run_options, f"a pass over {count} tokens at position {start}", self.graph_path)
         state.cache.advance(count)
         return binding.get_outputs()[0].numpy()[0] if all_logits else state.last_logits
 
@@ -174,14 +181,16 @@ class GqaRunner:
         state.ids[0, 0] = token
         state.positions[0, 0] = state.cache.length
         self._set_lengths(state, 1)
-        _run(self.session, state.step_binding, run_options)
+        _run(self.session, state.step_binding, run_options, f"the decode step at position {state.cache.length}",
+             self.graph_path)
         state.cache.advance(1)
         return state.last_logits
 
 
 class PlainRunner:
-    def __init__(self, session: ort.InferenceSession, manifest: Manifest) -> None:
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest, graph_path: str = "") -> None:
         self.session = session
+        self.graph_path = str(graph_path)
         self.model = manifest.model
         self.graph = manifest.graph
         self.chunk = local_chunk(self.model.window_size)
@@ -210,10 +219,10 @@ class PlainRunner:
         }
         try:
             values = self.session.run(None, feeds, run_options)
-        except Exception as exc:
+        except RUN_ERRORS as exc:
             if run_options is not None and run_options.terminate:
                 raise Terminated() from exc
-            raise RuntimeFailure(f"onnxruntime failed running the model: {exc}") from exc
+            raise run_error(exc, f"a pass over {count} tokens at position {length}", self.graph_path) from exc
         outputs = dict(zip(self._output_names, values))
         state.cache.update(outputs, count)
         logits = outputs[g.logits][0]

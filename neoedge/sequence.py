@@ -129,7 +129,7 @@ class Sequence:
         opts = self.model.options(options, **overrides)
         self._acquire("an open stream")
         try:
-            if prompt:
+            if prompt is not None and prompt != "":
                 self._append(self.model.encode(prompt))
             if not self._tokens:
                 # Nothing to condition on: start from <|endoftext|>, as GPT-Neo was trained.
@@ -252,12 +252,10 @@ class Sequence:
         self._guard.release()
 
     def _new_tokens(self, text: str | None, tokens: Tokens | None) -> list[int]:
-        if (text is None) == (tokens is None):
-            raise TypeError("append() takes either text or tokens=")
-        if text is not None:
-            if not isinstance(text, str):
-                raise TypeError(f"text must be a str, got {type(text).__name__}")
-            return self.model.encode(text)
+        if text is not None and tokens is not None:
+            raise PromptError("append() takes text or tokens=, not both")
+        if tokens is None:
+            return self.model.encode(text, what="text")  # None is refused there: text must be a str
         return self.model.check_tokens(tokens, "tokens")
 
     def _append(self, ids: list[int]) -> int:
@@ -306,19 +304,26 @@ class Sequence:
         """Logits of the position after the last token, processing pending tokens first."""
         if self._logits_valid:
             return self._state.last_logits
-        if not self._tokens:
+        tokens, state = self._tokens, self._state
+        if len(tokens) == state.length + 1:  # the decode step: one new token
+            try:
+                logits = self._runner.step(state, tokens[-1], run_options)
+            except Terminated as exc:
+                raise Cancelled() from exc
+            self._logits_valid = True
+            return logits
+        if not tokens:
             raise PromptError("the sequence is empty: append text or tokens first")
-        if len(self._tokens) == self._state.length:  # all processed, but the logits are stale
-            self._rewind(len(self._tokens))
-        state, runner = self._state, self._runner
-        pending = len(self._tokens) - state.length
+        if len(tokens) == state.length:  # all processed, but the logits are stale
+            self._rewind(len(tokens))
+            state = self._state
+        runner = self._runner
+        ids = np.asarray(tokens[state.length:], dtype=np.int64)
         try:
-            if pending == 1:
-                logits = runner.step(state, self._tokens[-1], run_options)
-            else:
-                ids = np.asarray(self._tokens[state.length:], dtype=np.int64)
-                for offset in range(0, ids.shape[0], runner.chunk):
-                    logits = runner.forward(state, ids[offset: offset + runner.chunk], run_options=run_options)
+            if ids.shape[0] == 1:
+                logits = runner.step(state, int(ids[0]), run_options)
+            for offset in range(0, ids.shape[0] if ids.shape[0] > 1 else 0, runner.chunk):
+                logits = runner.forward(state, ids[offset: offset + runner.chunk], run_options=run_options)
         except Terminated as exc:
             raise Cancelled() from exc
         self._logits_valid = True
@@ -362,7 +367,8 @@ class _Cursor:
 
     @property
     def room(self) -> int:
-        return self._seq.room
+        seq = self._seq
+        return seq._context - len(seq._tokens)
 
     def prompt_usage(self) -> tuple[int, int]:
         return self._prompt, self._cached

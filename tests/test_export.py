@@ -12,12 +12,13 @@ from neoedge.export.graph import ExternalWeights, build_decoder
 from neoedge.export.load import load_checkpoint
 from neoedge.export.quantize import make_quantizer
 from neoedge.manifest import GraphInfo
+from neoedge.package import open_package
 
 
 def test_package_files_and_hashes(package):
     manifest = Manifest.read(package)
     assert set(manifest.files) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
-    manifest.check_files(package, verify_hashes=True)
+    assert open_package(package, verify="full").manifest == manifest
     assert manifest.validation["positions"] > 2 * manifest.model.window_size
 
 

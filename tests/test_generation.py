@@ -122,7 +122,7 @@ def test_context_shift_keeps_the_pinned_start_and_the_recent_tokens(model):
 
 
 def test_package_generation_defaults_apply(model):
-    assert model.options().max_new_tokens == model.manifest.generation["max_new_tokens"]
+    assert model.options().max_new_tokens == model.manifest.generation.max_new_tokens
     assert model.options(max_new_tokens=3).max_new_tokens == 3
 
 

@@ -131,7 +131,8 @@ def test_append_tokens_are_checked(model):
     seq = model.sequence()
     for bad, message in [([1, 2.0], "must be integers"), ([[1, 2]], "must be integers"), ([True], "must be integers"),
                          ([model.info.vocab_size], r"must be in \[0, 512\)"), ([-1], "must be in"),
-                         (np.array([[1, 2]]), "1-D array"), (np.array([1.5]), "1-D array"), ("12", "list of integers")]:
+                         (np.array([[1, 2]]), "one-dimensional"), (np.array([1.5]), "must hold integers"),
+                         ("12", "sequence of integers")]:
         with pytest.raises(PromptError, match=message):
             seq.append(tokens=bad)
     assert len(seq) == 0

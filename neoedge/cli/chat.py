@@ -18,7 +18,8 @@ from ..chat import ChatFormat, Conversation
 from ..errors import NeoedgeError
 from ..events import FinishReason
 from ..session import SessionSettings
-from .common import check_text, friendly_errors, session_options
+from ..tokenizer import check_text
+from .common import friendly_errors, session_options
 from .generate import option_overrides, sampling_options
 
 HELP = ("/reset  start over    /undo  forget the last exchange    /save FILE  /load FILE    "
@@ -44,7 +45,9 @@ def chat(package: Path, system: str | None, user_name: str | None, assistant_nam
     from ..model import Model
 
     chat_format = ChatFormat.from_file(format_file) if format_file else ChatFormat()
-    chat_format = ChatFormat(system=chat_format.system if system is None else check_text(system, "system text"),
+    if system is not None:
+        check_text(system, "system text")
+    chat_format = ChatFormat(system=chat_format.system if system is None else system,
                              user=user_name or chat_format.user, assistant=assistant_name or chat_format.assistant,
                              separator=chat_format.separator)
     model = Model(package, settings=settings)
@@ -65,7 +68,12 @@ def chat(package: Path, system: str | None, user_name: str | None, assistant_nam
             if conversation is None:
                 return
             continue
-        _reply(conversation, check_text(line, "message"), overrides, chat_format)
+        try:
+            check_text(line, "message")
+        except NeoedgeError as exc:
+            click.echo(f"error: {exc}", err=True)
+            continue
+        _reply(conversation, line, overrides, chat_format)
 
 
 def _read_line(prompt: str) -> str | None:
@@ -77,6 +85,9 @@ def _read_line(prompt: str) -> str | None:
             line = sys.stdin.readline()
         except KeyboardInterrupt:
             click.echo(err=True)
+            continue
+        except UnicodeDecodeError:
+            click.echo("error: that line is not valid text in this terminal's encoding", err=True)
             continue
         if not line:
             click.echo(err=True)

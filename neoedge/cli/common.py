@@ -37,7 +37,7 @@ def session_options(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             settings = SessionSettings(intra_threads=threads, spinning=spinning, prepack=prepack)
         except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--threads") from exc
+            raise click.ClickException(str(exc)) from exc
         return func(*args, settings=settings, **kwargs)
 
     wrapper = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
@@ -87,16 +87,6 @@ def export_module() -> Any:
             f"export needs the [export] extra ({exc.name or exc} is missing): "
             "pip install 'neoedge[export]'") from exc
     return export
-
-
-def check_text(value: str, what: str) -> str:
-    """Command-line text that is not valid UTF-8 arrives with surrogate escapes: refuse it clearly."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise click.BadParameter(f"the {what} is not valid UTF-8 (byte {exc.object[exc.start:exc.start + 1]!r} "
-                                 f"at position {exc.start})") from exc
-    return value
 
 
 def megabytes(size: int) -> str:

@@ -10,7 +10,8 @@ import click
 from ..events import FinishReason
 from ..options import ContextPolicy
 from ..session import SessionSettings
-from .common import check_text, friendly_errors, session_options
+from ..tokenizer import check_text
+from .common import friendly_errors, session_options
 
 
 def sampling_options(func: Any) -> Any:

@@ -28,13 +28,15 @@ def describe_quantization(manifest: Manifest) -> str:
 
 @click.command()
 @click.argument("package", type=click.Path(path_type=Path))
-@click.option("--verify", is_flag=True, help="Also check every file's sha256.")
+@click.option("--verify", is_flag=True,
+              help="Hash every file now, even those a verified stamp shows unchanged since last hashed.")
 @output_options
 @friendly_errors
 def info(package: Path, verify: bool, emit: Emitter) -> None:
-    """Describe the model PACKAGE (its manifest)."""
-    manifest = Manifest.read(package)
-    manifest.check_files(package, verify_hashes=verify)
+    """Describe the model PACKAGE (its manifest), after checking it as a load does."""
+    from ..package import open_package
+
+    manifest = open_package(package, verify="full" if verify else "auto").manifest
     m = manifest.model
     layers = ", ".join(f"{kind}×{m.attention_layers.count(kind)}" for kind in ("global", "local"))
     total = sum(entry.bytes for entry in manifest.files.values())
@@ -58,6 +60,5 @@ def info(package: Path, verify: bool, emit: Emitter) -> None:
             f = v["float64"]
             lines.append(f"               vs float64 {worst_validation_error(f, 'max_abs_error'):.2e} "
                          f"(transformers fp32: {f['max_abs_error_transformers']:.2e})")
-    if verify:
-        lines.append("integrity      all sha256 match")
+    lines.append(f"integrity      all sha256 match{' (every file hashed now)' if verify else ''}")
     emit({**manifest.to_dict(), **({"verified": True} if verify else {})}, "\n".join(lines))
