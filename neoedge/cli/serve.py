@@ -9,7 +9,8 @@ from types import ModuleType
 import click
 
 from ..session import SessionSettings
-from .common import check_text, friendly_errors, session_options
+from .chat import chat_format_from_options
+from .common import friendly_errors, session_options
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +65,12 @@ def serve(package: Path, host: str, port: int, api_key: str | None, model_name: 
           format_file: Path | None, access_log: bool, settings: SessionSettings) -> None:
     """Serve PACKAGE over HTTP with OpenAI's API: /v1/completions, /v1/chat/completions (with
     streaming), /v1/models and /health. Requests are batched together by one engine."""
-    from ..chat import ChatFormat
     from ..engine import EngineSettings
     from ..model import Model
     from ..serve import Limits, ServeSettings
 
     server = server_module()
-    chat_format = ChatFormat.from_file(format_file) if format_file else ChatFormat()
-    chat_format = ChatFormat(system=chat_format.system if system is None else check_text(system, "system text"),
-                             user=user_name or chat_format.user, assistant=assistant_name or chat_format.assistant,
-                             separator=chat_format.separator)
+    chat_format = chat_format_from_options(format_file, system, user_name, assistant_name)
     serve_settings = ServeSettings(
         host=host, port=port, api_key=api_key, model_name=model_name, access_log=access_log,
         engine=EngineSettings(max_batch=max_batch, max_queue=max_queue), chat_format=chat_format,
