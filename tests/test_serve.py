@@ -91,6 +91,13 @@ def _wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None
         time.sleep(0.01)
 
 
+def _settled(server: BackgroundServer):
+    """The engine's statistics once every submitted request has finished (a response can reach its
+    client a moment before the engine counts the request as finished)."""
+    _wait_for(lambda: (lambda s: s.finished == s.submitted)(server.engine.stats()), 30, "the engine to settle")
+    return server.engine.stats()
+
+
 # -- the OpenAI client ------------------------------------------------------------------------------
 
 def test_completion_equals_the_direct_api(client, model):
@@ -287,7 +294,7 @@ def test_bounded_load(server, model):
     results: dict[int, str] = {}
     errors: list[BaseException] = []
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=60)
-    before = server.engine.stats()
+    before = _settled(server)
 
     def worker(c: int) -> None:
         try:
@@ -310,7 +317,7 @@ def test_bounded_load(server, model):
     assert not any(t.is_alive() for t in threads), "the load test did not finish within 120 s"
     assert not errors, errors[0]
     assert [results[i] for i in range(len(work))] == expected
-    after = server.engine.stats()
+    after = _settled(server)
     assert after.finished - before.finished == len(work)
     assert after.steps - before.steps < after.tokens - before.tokens  # steps were shared: it batched
 
@@ -328,13 +335,13 @@ def test_batched_through_the_server_equals_batch_one(server, model):
         bodies[i] = _post(server, "/v1/completions", {"prompt": prompts[i], "max_tokens": 40, "logprobs": 0,
                                                       "ignore_eos": True})[2]
 
-    before = server.engine.stats()
+    before = _settled(server)
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    after = server.engine.stats()
+    after = _settled(server)
     for i, a in enumerate(alone):
         choice = bodies[i]["choices"][0]
         assert choice["text"] == a.text
@@ -364,7 +371,7 @@ def test_a_client_leaving_mid_stream_cancels_its_generation(long_model):
         assert server.engine.stats().active == 1
         sock.close()
         _wait_for(lambda: server.engine.stats().active == 0, 10, "the row to free up")
-        stats = server.engine.stats()
+        stats = _settled(server)
         assert stats.finished == 1 and stats.tokens < 1000  # ended early: cancelled, not run to the end
         # The freed row serves the next request.
         status, _, body = _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 3, "ignore_eos": True})
@@ -551,7 +558,7 @@ def test_memory_stays_flat_over_many_requests(model):
         before = current_rss_mb()
         burst(1000)
         after = current_rss_mb()
-        assert server.engine.stats().finished == 1200
+        assert _settled(server).finished == 1200
     assert after - before < 5, (before, after)
 
 
