@@ -3,11 +3,14 @@
 Beside prefill and decode it measures what apps embedding the runtime feel: the first-token
 latency of each turn of a chat that keeps its cache, memory with 1 and N sequences on one model,
 and how quickly a cancel takes effect while decoding and while a long prompt is processed.
+With batch sizes it measures the continuous-batching engine (B requests at once), batch 1 through
+the engine against the direct API, and N concurrent clients through a `neoedge serve` process.
 Every measurement is a typed dataclass; `render()` is the one text form, `to_dict()` the JSON one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -23,6 +26,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from .engine import Engine, EngineSettings, Request
 from .events import Completion
 from .model import Model
 from .options import ContextPolicy, GenerationOptions
@@ -57,6 +61,12 @@ class BenchSettings:
     """Memory with this many sequences on one model, each in a fresh process (e.g. (1, 8))."""
     cancel: bool = False
     """Time from cancel() to the end of a generation: while decoding, and while a long prompt is processed."""
+    batches: tuple[int, ...] = ()
+    """Engine batch sizes: for each B, an engine with max_batch=B runs B requests at once (e.g.
+    (1, 2, 4, 8, 16)); batch 1 is also compared with the direct API in paired runs."""
+    clients: int = 0
+    """Concurrent clients through a `neoedge serve` process (0: skip), against the same requests
+    one at a time; needs the [serve] extra."""
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "new_tokens", "runs", "sweep_tokens", "chat_message_tokens",
@@ -69,6 +79,10 @@ class BenchSettings:
                 raise ValueError(f"{name} must be >= 0")
         if any(n < 1 for n in self.sequences):
             raise ValueError("sequence counts must be >= 1")
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batches):
+            raise ValueError("batch sizes must be integers >= 1")
+        if isinstance(self.clients, bool) or not isinstance(self.clients, int) or self.clients < 0:
+            raise ValueError(f"clients must be an integer >= 0, got {self.clients!r}")
         self.options(1)  # sampling settings are validated here, once
 
     def options(self, new_tokens: int) -> GenerationOptions:
@@ -148,6 +162,76 @@ class CancelLatency:
 
 
 @dataclass(frozen=True)
+class Spread:
+    """One figure across requests: median, 95th percentile, worst."""
+
+    p50: float
+    p95: float
+    max: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        a = np.asarray(values, dtype=np.float64)
+        return cls(p50=float(np.median(a)), p95=float(np.percentile(a, 95)), max=float(a.max()))
+
+
+@dataclass(frozen=True)
+class BatchPoint:
+    """B requests at once through an engine with B rows (each run: B fresh prompts)."""
+
+    batch: int
+    tokens_per_s: float
+    """All requests' generated tokens / wall time from submitting them to the last token (median run)."""
+    first_token_ms: Spread
+    """From submit to each request's first token (prefill included), over every request of every run."""
+    decode_ms_per_token: Spread
+    """Each request's time between its first and last token / its tokens after the first."""
+    rss_growth_mb: float
+    """Resident memory after the runs minus before the engine was made."""
+    cache_mb: float
+    """What the B rows' KV caches hold at the end (B x one sequence's cache of prompt + new tokens)."""
+
+
+@dataclass(frozen=True)
+class EngineOverhead:
+    """Batch 1 through the engine vs the direct API (a sequence's stream), in alternating pairs."""
+
+    pairs: int
+    direct_ms_per_token: float
+    engine_ms_per_token: float
+    direct_first_token_ms: float
+    engine_first_token_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.engine_ms_per_token / self.direct_ms_per_token
+
+
+@dataclass(frozen=True)
+class ServedLoad:
+    """A set of streamed requests through a server, as the clients timed them."""
+
+    requests: int
+    tokens_per_s: float
+    """Generated tokens / wall time from the first request sent to the last token received (median run)."""
+    first_token_ms: Spread
+    decode_ms_per_token: Spread
+
+
+@dataclass(frozen=True)
+class ServedClients:
+    """N clients at once through `neoedge serve` (max batch N) vs the same N requests one at a time."""
+
+    clients: int
+    concurrent: ServedLoad
+    one_at_a_time: ServedLoad
+
+    @property
+    def speedup(self) -> float:
+        return self.concurrent.tokens_per_s / self.one_at_a_time.tokens_per_s
+
+
+@dataclass(frozen=True)
 class BenchReport:
     package: str
     settings: BenchSettings
@@ -164,6 +248,9 @@ class BenchReport:
     chat: ChatTurns | None = None
     memory: list[Memory] = field(default_factory=list)
     cancel: CancelLatency | None = None
+    batches: list[BatchPoint] = field(default_factory=list)
+    engine_overhead: EngineOverhead | None = None
+    served: ServedClients | None = None
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -176,6 +263,13 @@ class BenchReport:
             data["chat"]["last_over_first"] = self.chat.last_over_first
         for entry, memory in zip(data["memory"], self.memory):
             entry["overhead"] = memory.overhead
+        one = next((b for b in self.batches if b.batch == 1), None)
+        for entry, point in zip(data["batches"], self.batches):
+            entry["over_batch_1"] = point.tokens_per_s / one.tokens_per_s if one else None
+        if self.engine_overhead is not None:
+            data["engine_overhead"]["ratio"] = self.engine_overhead.ratio
+        if self.served is not None:
+            data["served"]["speedup"] = self.served.speedup
         return data
 
     def render(self) -> str:
@@ -214,6 +308,31 @@ class BenchReport:
             lines.append(f"cancel         decoding: {c.decode_ms.median:.2f} ms median, max {c.decode_ms.max:.2f} "
                          f"(a step is {c.decode_step_ms:.2f} ms); {c.prefill_tokens}-token prompt: "
                          f"{c.prefill_ms.median:.1f} ms median, max {c.prefill_ms.max:.1f}")
+        if self.batches:
+            one = next((b for b in self.batches if b.batch == 1), None)
+            lines.append(f"batches        engine, B requests at once ({s.prompt_tokens}-token prompts, "
+                         f"{s.new_tokens} new tokens), median of {s.runs} runs")
+            lines.append("      B  tokens/s  vs B=1  first token ms p50 / p95  decode ms/token p50 / p95  "
+                         "RSS +MB (caches)")
+            for b in self.batches:
+                ratio = f"{b.tokens_per_s / one.tokens_per_s:5.2f}x" if one else "     -"
+                lines.append(f"  {b.batch:>5}  {b.tokens_per_s:8.1f}  {ratio}  "
+                             f"{b.first_token_ms.p50:12.1f} / {b.first_token_ms.p95:<9.1f}  "
+                             f"{b.decode_ms_per_token.p50:10.2f} / {b.decode_ms_per_token.p95:<10.2f}  "
+                             f"{b.rss_growth_mb:6.1f} ({b.cache_mb:.1f})")
+        if self.engine_overhead is not None:
+            e = self.engine_overhead
+            lines.append(f"engine batch 1 {e.engine_ms_per_token:.2f} ms/token vs direct {e.direct_ms_per_token:.2f} "
+                         f"({e.ratio:.3f}x, {e.pairs} paired runs); first token {e.engine_first_token_ms:.1f} vs "
+                         f"{e.direct_first_token_ms:.1f} ms")
+        if self.served is not None:
+            v = self.served
+            for name, load in (("concurrent", v.concurrent), ("one at a time", v.one_at_a_time)):
+                lines.append(f"served {name:<14}{load.requests} requests: {load.tokens_per_s:.1f} tokens/s, first "
+                             f"token p50 {load.first_token_ms.p50:.1f} / p95 {load.first_token_ms.p95:.1f} ms, "
+                             f"decode p50 {load.decode_ms_per_token.p50:.2f} / p95 {load.decode_ms_per_token.p95:.2f} "
+                             "ms/token")
+            lines.append(f"served         {v.clients} concurrent clients: {v.speedup:.2f}x the tokens/s of one at a time")
         if self.cold_start_s is not None:
             lines.append(f"cold start     {self.cold_start_s:.2f} s (fresh process to first token)")
         lines.append(f"peak RSS       {self.peak_rss_mb:.0f} MB")
@@ -407,6 +526,125 @@ def measure_cancel(model: Model, settings: BenchSettings, repeats: int = 7) -> C
                          prefill_ms=Summary.of(prefill), prefill_tokens=length)
 
 
+def _timed_requests(engine: Engine, prompts: list[list[int]], options: GenerationOptions
+                    ) -> tuple[float, list[tuple[float, float, int]]]:
+    """Submit all prompts at once and follow their events on one asyncio loop (as the server does):
+    (submit time, [(first token time, last token time, tokens)])."""
+    async def consume(request: Request) -> tuple[float, float, int]:
+        first = last = 0.0
+        count = 0
+        async for event in request.events():
+            if event.token is not None:
+                last = time.perf_counter()
+                first = first or last
+                count += 1
+        return first, last, count
+
+    async def main() -> tuple[float, list[tuple[float, float, int]]]:
+        start = time.perf_counter()
+        requests = [engine.submit(p, options) for p in prompts]
+        return start, list(await asyncio.gather(*(consume(r) for r in requests)))
+
+    return asyncio.run(main())
+
+
+def _cache_mb(model: Model, tokens: int, seed: int) -> float:
+    seq = model.sequence(tokens=random_prompt(model, tokens, seed))
+    seq.process()
+    return seq.cache_bytes() / 1e6
+
+
+def measure_batch(model: Model, settings: BenchSettings, batch: int) -> BatchPoint:
+    """An engine with `batch` rows, `batch` requests at once, `settings.runs` times."""
+    def prompts(run: int) -> list[list[int]]:
+        return [random_prompt(model, settings.prompt_tokens, settings.seed + 1000 * (run + 1) + i) for i in range(batch)]
+
+    cache_mb = batch * _cache_mb(model, settings.prompt_tokens + settings.new_tokens, settings.seed)
+    before = current_rss_mb()
+    rates, firsts, decodes = [], [], []
+    with Engine(model, EngineSettings(max_batch=batch, max_queue=batch)) as engine:
+        for run in range(settings.warmup):
+            _timed_requests(engine, prompts(settings.runs + run), settings.options(min(settings.new_tokens, 8)))
+        for run in range(settings.runs):
+            start, results = _timed_requests(engine, prompts(run), settings.options(settings.new_tokens))
+            rates.append(sum(n for _, _, n in results) / (max(last for _, last, _ in results) - start))
+            firsts += [(first - start) * 1e3 for first, _, _ in results]
+            decodes += [(last - first) * 1e3 / (n - 1) for first, last, n in results if n > 1]
+        after = current_rss_mb()
+    return BatchPoint(batch=batch, tokens_per_s=float(np.median(rates)), first_token_ms=Spread.of(firsts),
+                      decode_ms_per_token=Spread.of(decodes), rss_growth_mb=after - before, cache_mb=cache_mb)
+
+
+def measure_engine_overhead(model: Model, settings: BenchSettings) -> EngineOverhead:
+    """The same generation alone through the engine and through a sequence, alternating which goes first."""
+    prompt = random_prompt(model, settings.prompt_tokens, settings.seed)
+    options = settings.options(settings.new_tokens)
+    pairs = 2 * settings.runs
+    direct_steps: list[float] = []
+    engine_steps: list[float] = []
+    direct_first, engine_first = [], []
+    with Engine(model, EngineSettings(max_batch=1, max_queue=1)) as engine:
+        def through_engine() -> None:
+            start = time.perf_counter()
+            stamps = [start]
+            for event in engine.submit(prompt, options):
+                if event.token is not None:
+                    stamps.append(time.perf_counter())
+            gaps = np.diff(np.asarray(stamps)) * 1e3
+            engine_first.append(float(gaps[0]))
+            engine_steps.extend(gaps[1:].tolist())
+
+        def direct() -> None:
+            timing = time_generation(model, prompt, options)
+            direct_first.append(timing.first_token_ms)
+            direct_steps.extend(timing.step_ms)
+
+        for _ in range(settings.warmup):
+            engine.submit(prompt, settings.options(min(settings.new_tokens, 8))).result()
+            time_generation(model, prompt, settings.options(min(settings.new_tokens, 8)))
+        for i in range(pairs):
+            for run in ((direct, through_engine) if i % 2 == 0 else (through_engine, direct)):
+                run()
+    return EngineOverhead(pairs=pairs, direct_ms_per_token=float(np.median(direct_steps)),
+                          engine_ms_per_token=float(np.median(engine_steps)),
+                          direct_first_token_ms=float(np.median(direct_first)),
+                          engine_first_token_ms=float(np.median(engine_first)))
+
+
+def measure_served(package: Path, model: Model, settings: BenchSettings, clients: int) -> ServedClients:
+    """`neoedge serve` in a child process with max batch `clients`; the clients stream from this one."""
+    from .serve.load import ServerProcess, run_clients
+
+    session = settings.session
+    args = ["--threads", str(session.intra_threads), "--spinning" if session.spinning else "--no-spinning",
+            "--prepack" if session.prepack else "--no-prepack", "--max-batch", str(clients),
+            "--max-queue", str(max(64, clients))]
+
+    def bodies(run: int, new_tokens: int) -> list[dict[str, Any]]:
+        sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k,
+                    "seed": settings.seed}
+        return [{"prompt": random_prompt(model, settings.prompt_tokens, settings.seed + 1000 * (run + 1) + i),
+                 "max_tokens": new_tokens, "ignore_eos": True, **sampling} for i in range(clients)]
+
+    def load(results: list[tuple[float, list[Any]]]) -> ServedLoad:
+        timings = [t for _, run in results for t in run]
+        return ServedLoad(requests=clients,
+                          tokens_per_s=float(np.median([sum(t.tokens for t in run) / wall for wall, run in results])),
+                          first_token_ms=Spread.of([t.first_token_ms for t in timings]),
+                          decode_ms_per_token=Spread.of([t.decode_ms_per_token for t in timings
+                                                         if t.decode_ms_per_token is not None]))
+
+    concurrent, one_at_a_time = [], []
+    with ServerProcess(package, args) as server:
+        for run in range(settings.warmup):
+            run_clients(server.url, bodies(settings.runs + run, min(settings.new_tokens, 8)), concurrent=True)
+        for run in range(settings.runs):  # the same requests both ways, alternating which goes first
+            order = [(concurrent, True), (one_at_a_time, False)]
+            for results, together in (order if run % 2 == 0 else order[::-1]):
+                results.append(run_clients(server.url, bodies(run, settings.new_tokens), concurrent=together))
+    return ServedClients(clients=clients, concurrent=load(concurrent), one_at_a_time=load(one_at_a_time))
+
+
 def run_bench(package: str | os.PathLike[str], settings: BenchSettings, *, progress: bool = False) -> BenchReport:
     from tqdm.auto import tqdm
 
@@ -422,7 +660,8 @@ def run_bench(package: str | os.PathLike[str], settings: BenchSettings, *, progr
     tokenize_ms = (time.perf_counter() - start) * 1e3
 
     total_steps = (settings.warmup + settings.runs + len(settings.contexts) + int(settings.cold_start)
-                   + int(bool(settings.chat_turns)) + len(settings.sequences) + int(settings.cancel))
+                   + int(bool(settings.chat_turns)) + len(settings.sequences) + int(settings.cancel)
+                   + len(settings.batches) + int(1 in settings.batches) + int(bool(settings.clients)))
     with tqdm(total=total_steps, desc="bench", unit="run", disable=not progress, leave=False) as bar:
         for _ in range(settings.warmup):
             time_generation(model, prompt, settings.options(min(settings.new_tokens, 8)))
@@ -450,6 +689,18 @@ def run_bench(package: str | os.PathLike[str], settings: BenchSettings, *, progr
         if settings.cancel:
             cancel = measure_cancel(model, settings)
             bar.update()
+        batches = []
+        for batch in settings.batches:
+            batches.append(measure_batch(model, settings, batch))
+            bar.update()
+        overhead = None
+        if 1 in settings.batches:
+            overhead = measure_engine_overhead(model, settings)
+            bar.update()
+        served = None
+        if settings.clients:
+            served = measure_served(package, model, settings, settings.clients)
+            bar.update()
         cold = None
         if settings.cold_start:
             cold = cold_start_seconds(package, settings)
@@ -464,7 +715,8 @@ def run_bench(package: str | os.PathLike[str], settings: BenchSettings, *, progr
         package_mb=sum(e.bytes for e in manifest.files.values()) / 1e6, session_load_s=load_s,
         tokenize_ms=tokenize_ms, first_token_ms=float(np.median([r.first_token_ms for r in runs])),
         decode_ms_per_token=Summary.of(steps) if steps else None, context_sweep=sweep, cold_start_s=cold,
-        peak_rss_mb=peak_rss_mb(), chat=chat, memory=memory, cancel=cancel)
+        peak_rss_mb=peak_rss_mb(), chat=chat, memory=memory, cancel=cancel, batches=batches,
+        engine_overhead=overhead, served=served)
 
 
 def _sampling(settings: BenchSettings) -> str:

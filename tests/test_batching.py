@@ -156,3 +156,30 @@ def test_a_closed_engine_refuses_and_ends_its_requests(model):
             request.result(timeout=10)
     with pytest.raises(EngineClosedError):
         engine.submit("z")
+
+
+def test_ragged_prompts_prefilled_together_equal_batch_one(model, monkeypatch):
+    """Fresh prompts of different lengths go through one pass as long as they fit one chunk in all
+    (each row's logits taken at its own last position), the rest one chunk at a time: still
+    exactly the batch-1 result."""
+    from neoedge import batch
+
+    passes = []
+    original = batch.GqaPool.prefill_fresh
+
+    def counting(self, first, prompts):
+        passes.append([len(p) for p in prompts])
+        return original(self, first, prompts)
+
+    monkeypatch.setattr(batch.GqaPool, "prefill_fresh", counting)
+    prompts = _prompts(model, [3, 2, 5, 1, 4, 9, 14], seed=6)  # chunk 16: the first five together
+    options = dict(max_new_tokens=12, stop_at_eos=False, logprobs=True)
+    alone = [model.sequence(tokens=p).generate(**options) for p in prompts]
+    with Engine(model, EngineSettings(max_batch=len(prompts))) as engine:
+        with engine._cond:  # all queued before the worker admits any: they arrive together
+            requests = [engine.submit(p, **options) for p in prompts]
+        together = [r.result(timeout=60) for r in requests]
+    assert [b.tokens for b in together] == [a.tokens for a in alone]
+    assert [b.logprobs for b in together] == [a.logprobs for a in alone]
+    if model.manifest.graph.attention == "gqa":
+        assert passes == [[3, 2, 5, 1, 4]]

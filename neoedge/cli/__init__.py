@@ -18,6 +18,7 @@ from .eval import eval_
 from .export import export
 from .generate import generate
 from .info import info
+from .serve import serve
 
 
 @click.group()
@@ -29,7 +30,7 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
 
-for command in (export, generate, chat, info, eval_, bench, demo):
+for command in (export, generate, chat, info, eval_, bench, demo, serve):
     main.add_command(command)
 
 __all__ = ["main"]

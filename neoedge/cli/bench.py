@@ -37,6 +37,13 @@ def _counts(value: str, what: str) -> tuple[int, ...]:
               help="Also measure memory with this many sequences on one model, e.g. 1,8 (fresh processes).")
 @click.option("--cancel", "cancel", is_flag=True,
               help="Also time cancel(): while decoding, and 50 ms into a ~1,900-token prompt.")
+@click.option("--batch", "batches", default="",
+              help="Engine batch sizes, e.g. 1,2,4,8,16: B requests at once through an engine with B rows "
+                   "(aggregate tokens/s, first-token and decode percentiles, memory); with 1, also batch 1 "
+                   "through the engine vs the direct API in paired runs.")
+@click.option("--clients", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also N concurrent streaming clients through a `neoedge serve` process vs the same requests "
+                   "one at a time (needs the [serve] extra).")
 @click.option("--cold-start/--no-cold-start", default=True, show_default=True,
               help="Also time a fresh process from start to first token.")
 @click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="",
@@ -49,12 +56,17 @@ def _counts(value: str, what: str) -> tuple[int, ...]:
 @session_options
 @friendly_errors
 def bench(package: Path, prompt_tokens: int, new_tokens: int, runs: int, warmup: int, contexts: str,
-          chat_turns: int, sequences: str, cancel: bool, cold_start: bool, json_out: str | None,
+          chat_turns: int, sequences: str, cancel: bool, batches: str, clients: int, cold_start: bool, json_out: str | None,
           output: Path | None, temperature: float, top_k: int, top_p: float, settings: SessionSettings) -> None:
     """Latency of PACKAGE on this machine: prefill, decode ms/token, load, cold start, memory."""
     import json
 
     from ..bench import BenchSettings, run_bench
+
+    if clients:
+        from .serve import server_module
+
+        server_module()  # without the [serve] extra: its one-line error now, not after the other runs
 
     if json_out not in (None, "-"):
         click.echo("--json FILE is deprecated: use --output FILE (and --json to print JSON)", err=True)
@@ -63,7 +75,8 @@ def bench(package: Path, prompt_tokens: int, new_tokens: int, runs: int, warmup:
     bench_settings = BenchSettings(
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs, warmup=warmup, session=settings,
         contexts=_counts(contexts, "--context"), cold_start=cold_start, temperature=temperature, top_k=top_k,
-        top_p=top_p, chat_turns=chat_turns, sequences=_counts(sequences, "--sequences"), cancel=cancel)
+        top_p=top_p, chat_turns=chat_turns, sequences=_counts(sequences, "--sequences"), cancel=cancel,
+        batches=_counts(batches, "--batch"), clients=clients)
     report = run_bench(package, bench_settings, progress=True)
     click.echo(json.dumps(report.to_dict(), indent=2) if json_out == "-" else report.render())
     if output:

@@ -44,12 +44,7 @@ def chat(package: Path, system: str | None, user_name: str | None, assistant_nam
     plain "User:" / "Assistant:" transcript that the model continues, one reply at a time."""
     from ..model import Model
 
-    chat_format = ChatFormat.from_file(format_file) if format_file else ChatFormat()
-    if system is not None:
-        check_text(system, "system text")
-    chat_format = ChatFormat(system=chat_format.system if system is None else system,
-                             user=user_name or chat_format.user, assistant=assistant_name or chat_format.assistant,
-                             separator=chat_format.separator)
+    chat_format = chat_format_from_options(format_file, system, user_name, assistant_name)
     model = Model(package, settings=settings)
     overrides = option_overrides(stop, ignore_eos, **options)
     overrides["stop"] = tuple(overrides["stop"] or ()) + chat_format.stop
@@ -74,6 +69,17 @@ def chat(package: Path, system: str | None, user_name: str | None, assistant_nam
             click.echo(f"error: {exc}", err=True)
             continue
         _reply(conversation, line, overrides, chat_format)
+
+
+def chat_format_from_options(format_file: Path | None, system: str | None, user_name: str | None,
+                             assistant_name: str | None) -> ChatFormat:
+    """The transcript format of --format FILE, with --system/--user/--assistant on top (chat, serve)."""
+    chat_format = ChatFormat.from_file(format_file) if format_file else ChatFormat()
+    if system is not None:
+        check_text(system, "system text")
+    return ChatFormat(system=chat_format.system if system is None else system,
+                      user=user_name or chat_format.user, assistant=assistant_name or chat_format.assistant,
+                      separator=chat_format.separator)
 
 
 def _read_line(prompt: str) -> str | None:
