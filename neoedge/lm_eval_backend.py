@@ -96,8 +96,10 @@ class NeoedgeLM(TemplateLM):
         source = package if package is not None else pretrained
         if source is None:
             raise HarnessError("the neoedge backend needs package=PATH (a directory written by neoedge export)")
-        if device not in (None, "cpu") and not str(device).startswith("cpu"):
-            raise HarnessError(f"neoedge runs on the CPU; device={device!r} is not supported")
+        if device is not None and not str(device).startswith("cpu"):
+            # lm-eval's command line passes device="cuda:0" unless told otherwise; its hf backend then
+            # falls back to the CPU too. Say so rather than refuse the harness's own default.
+            log.warning("neoedge runs on the CPU: ignoring device=%s", device)
         self.model = source if isinstance(source, Model) else Model(
             source, settings=SessionSettings(intra_threads=threads, spinning=spinning), verify=verify)
         self._batch_size = _batch_size(batch_size, max_batch_size)
@@ -162,7 +164,7 @@ class NeoedgeLM(TemplateLM):
                     self.cache_hook.add_partial("loglikelihood", key, (score.total, score.greedy))
 
             scores = score_pairs(self.model, [(context, continuation) for _, context, continuation in requests],
-                                 max_length=self.max_length, on_scored=scored)
+                                 max_length=self.max_length, batch_size=self.batch_size, on_scored=scored)
         return [(score.total, score.greedy) for score in scores]
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:

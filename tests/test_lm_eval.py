@@ -58,18 +58,25 @@ def _hf(checkpoint, task_list, task_manager, docs, **model_args):
 
 
 # -- exactness against lm-eval's own hf backend --------------------------------------------------------
+_HF_RESULTS: dict[str, dict] = {}
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
 @pytest.mark.parametrize("setup", ["trained", "window8-short-window"])
-def test_loglikelihoods_equal_the_hf_backend(setup, trained_fp32, checkpoints, packages, tasks):
-    """Multiple choice, lambada-style and rolling perplexity requests, each compared on its own.
-    The random window8 model runs with max_length 48: contexts are cut from the left and every
-    document spans many rolling windows (and each window crosses the local window many times)."""
+def test_loglikelihoods_equal_the_hf_backend(setup, batch_size, trained_fp32, checkpoints, packages, tasks):
+    """Multiple choice, lambada-style and rolling perplexity requests, each compared on its own,
+    with contexts scored one by one and in shared passes. The random window8 model runs with
+    max_length 48: contexts are cut from the left and every document spans many rolling windows
+    (and each window crosses the local window many times)."""
     if setup == "trained":
         checkpoint, package, questions, extra = trained_checkpoint(), trained_fp32, 32, {}
     else:
         checkpoint, package, questions, extra = checkpoints["window8"], packages[("window8", "gqa")], 8, {"max_length": 48}
     docs = {"stdlib_cloze": questions, "stdlib_nextword": questions, "stdlib_perplexity": 3}
-    ours = _evaluate("neoedge", {"package": str(package), **extra}, SCORING_TASKS, tasks, docs)
-    theirs = _hf(checkpoint, SCORING_TASKS, tasks, docs, **extra)
+    ours = _evaluate("neoedge", {"package": str(package), **extra}, SCORING_TASKS, tasks, docs, batch_size=batch_size)
+    if setup not in _HF_RESULTS:
+        _HF_RESULTS[setup] = _hf(checkpoint, SCORING_TASKS, tasks, docs, **extra)
+    theirs = _HF_RESULTS[setup]
     model = Model(package)
     compared = 0
     for task in SCORING_TASKS:
@@ -104,18 +111,33 @@ def test_generations_equal_the_hf_backend(trained_fp32, tasks):
 
 
 # -- how requests run ------------------------------------------------------------------------------------
-def test_each_context_is_processed_once(package, monkeypatch):
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_each_context_is_processed_once(package, monkeypatch, batch_size):
+    """Forward passes: each context once (all of them in one shared pass with a batch), then one
+    per further continuation longer than a token; single-token ones need none."""
+    import numpy as np
+
+    import neoedge.batch_scoring
+    import neoedge.runner
+
     model = Model(package)
     context = model.encode("Return the number of items in the")
-    pairs = [(context, model.encode(f" {word}")) for word in ("queue", "list", "given iterable", "x")]
-    pairs.append((model.encode("Open the file"), model.encode(" and read it")))
+    words = [" queue", " list", " given iterable", " x", " sequence of values"]
+    pairs = [(context, model.encode(w)) for w in words] + [(model.encode("Open the file"), model.encode(" and read it"))]
     expected = [model.score(c, [cont])[0] for c, cont in pairs]
-    made = []
-    original = Model.sequence
-    monkeypatch.setattr(Model, "sequence", lambda self, *a, **k: made.append(k.get("tokens")) or original(self, *a, **k))
-    scores = score_pairs(model, pairs)
-    assert len(made) == 2  # one sequence per distinct context
-    assert [s.logprobs for s in scores] == [e.logprobs for e in expected]
+    runs = []
+    for module in (neoedge.runner, neoedge.batch_scoring):
+        monkeypatch.setattr(module, "_run", lambda *a, original=module._run: runs.append(1) or original(*a))
+    scores = score_pairs(model, pairs, batch_size=batch_size)
+    longer = [len(cont) > 1 for _, cont in pairs]
+    assert len(context) <= model.runner.chunk and sum(longer) >= 3
+    if batch_size == 1:  # each context alone, then every continuation longer than a token
+        assert len(runs) == 2 + sum(longer)
+    else:  # both contexts with their first continuation in one pass, then the further long ones
+        assert len(runs) == 1 + sum(longer[1:len(words)])
+    for score, reference in zip(scores, expected):
+        assert score.tokens == reference.tokens and score.greedy == reference.greedy
+        np.testing.assert_allclose(score.logprobs, reference.logprobs, atol=1e-5, rtol=0)
 
 
 def test_a_window_exactly_filled_is_scored(package, reference_model):
@@ -161,8 +183,6 @@ def test_bad_arguments_are_refused(trained_fp32):
         backend.NeoedgeLM()
     with pytest.raises(backend.HarnessError, match="unknown model argument"):
         backend.NeoedgeLM(trained_fp32, dtype="float16")
-    with pytest.raises(backend.HarnessError, match="CPU"):
-        backend.NeoedgeLM(trained_fp32, device="cuda:0")
     with pytest.raises(backend.HarnessError, match="max_length"):
         backend.NeoedgeLM(trained_fp32, max_length=10**6)
     lm = backend.NeoedgeLM(trained_fp32)
