@@ -6,7 +6,8 @@
         --package benchmarks/work/neo125m-int4
 
 Same requests for both: lm-eval builds them from neoedge's offline tasks (text; each backend tokenizes
-them itself), the first DOCS documents of each task. Each measurement runs in a fresh process with
+them itself), the first DOCS documents of each task, plus "endings": HellaSwag-shaped requests (a
+context and four 12-word endings) built here from the same held-out text. Each measurement runs in a fresh process with
 the same threads and batch size, the backends alternating round by round; what is timed is the
 backend's own call (`lm.loglikelihood(...)` / `lm.loglikelihood_rolling(...)`: tokenization, forward
 passes, log-softmax), after a short warm-up. Medians over the rounds, min-max beside them.
@@ -28,8 +29,34 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-TASKS = ["stdlib_cloze", "stdlib_nextword", "stdlib_perplexity"]
+TASKS = ["stdlib_cloze", "endings", "stdlib_nextword", "stdlib_perplexity"]
 WARMUP = 4
+
+
+def endings_task(count: int) -> list:
+    """HellaSwag-shaped requests built from the held-out text: a paragraph's first 24 words, then
+    four 12-word endings (its own next 12 words, and 12 words from each of three other paragraphs).
+    Unlike the cloze words, endings span many tokens, so no backend can score them from the
+    context's logits alone."""
+    import random
+
+    from lm_eval.api.instance import Instance
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from make_eval_tasks import HELDOUT, paragraphs
+
+    words = [p.split() for p in paragraphs(HELDOUT.read_text(encoding="utf-8"))]
+    long = [w for w in words if len(w) >= 36]
+    rng = random.Random(0)
+    instances = []
+    for doc_id, para in enumerate(long[:count]):
+        context = " ".join(para[:24])
+        others = rng.sample([w for w in long if w is not para], 3)
+        endings = [" ".join(para[24:36])] + [" ".join(w[12:24]) for w in others]
+        for ending in endings:
+            instances.append(Instance("loglikelihood", {}, (context, " " + ending), len(instances),
+                                      metadata=("endings", doc_id, 1)))
+    return instances
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -47,12 +74,15 @@ def worker(args: argparse.Namespace) -> None:
                              batch_size=args.batch_size)
     else:
         lm = backend.NeoedgeLM(args.worker_package, threads=args.threads, batch_size=args.batch_size)
-    tasks = get_task_dict(args.tasks, backend.task_manager(include_defaults=False))
+    tasks = get_task_dict([t for t in args.tasks if t != "endings"], backend.task_manager(include_defaults=False))
     out = {}
     for name in args.tasks:
-        task = tasks[name]
-        task.build_all_requests(limit=args.docs if name != "stdlib_perplexity" else args.documents)
-        instances = task.instances
+        if name == "endings":
+            instances = endings_task(args.docs)
+        else:
+            task = tasks[name]
+            task.build_all_requests(limit=args.docs if name != "stdlib_perplexity" else args.documents)
+            instances = task.instances
         method = getattr(lm, instances[0].request_type)
         method(instances[:WARMUP], disable_tqdm=True)
         start = time.perf_counter()

@@ -27,7 +27,7 @@ from .common import Emitter, friendly_errors, output_options, session_options
               help="Another directory of lm-eval task YAMLs (repeatable).")
 @click.option("--limit", type=float, help="At most this many documents per task (or a fraction below 1).")
 @click.option("--batch-size", default="1", show_default=True,
-              help="Rows generated together (generate_until tasks), or 'auto'.")
+              help="Contexts scored in one pass and rows generated together, or 'auto' (8).")
 @click.option("--num-fewshot", type=click.IntRange(min=0), help="Few-shot examples per prompt (default: the task's).")
 @output_options
 @session_options
