@@ -79,7 +79,8 @@ class NeoedgeLM(TemplateLM):
     max_length: window for scoring and generation (default: the model's context).
     max_gen_toks: generation length when a task sets none (default 256, as the hf backend).
     seed: base seed of sampled generations (request i uses seed + i), so runs are reproducible.
-    batch_size / max_batch_size / device: as lm-eval passes them; device must be cpu.
+    batch_size / max_batch_size / device: as lm-eval passes them (neoedge runs on the CPU whatever
+    the device says).
     """
 
     def __init__(self, package: str | os.PathLike[str] | Model | None = None, *,
@@ -100,20 +101,25 @@ class NeoedgeLM(TemplateLM):
             # lm-eval's command line passes device="cuda:0" unless told otherwise; its hf backend then
             # falls back to the CPU too. Say so rather than refuse the harness's own default.
             log.warning("neoedge runs on the CPU: ignoring device=%s", device)
-        self.model = source if isinstance(source, Model) else Model(
-            source, settings=SessionSettings(intra_threads=threads, spinning=spinning), verify=verify)
+        if isinstance(max_gen_toks, bool) or not isinstance(max_gen_toks, int) or max_gen_toks < 1:
+            raise HarnessError(f"max_gen_toks must be an integer >= 1, got {max_gen_toks!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise HarnessError(f"seed must be an integer >= 0, got {seed!r}")
+        self._max_gen_toks, self._seed = max_gen_toks, seed
         self._batch_size = _batch_size(batch_size, max_batch_size)
+        if isinstance(source, Model):
+            if (threads, spinning, verify) != (0, True, False):
+                raise HarnessError("threads, spinning and verify apply when the backend loads the package; "
+                                   "this Model is loaded already (set them in its SessionSettings)")
+            self.model = source
+        else:
+            self.model = Model(source, settings=SessionSettings(intra_threads=threads, spinning=spinning),
+                               verify=verify)
         context = self.model.info.context_length
         if max_length is not None and not (isinstance(max_length, int) and 1 <= max_length <= context):
             raise HarnessError(f"max_length must be an integer between 1 and the model's context ({context}), "
                                f"got {max_length!r}")
         self._max_length = max_length or context
-        if isinstance(max_gen_toks, bool) or not isinstance(max_gen_toks, int) or max_gen_toks < 1:
-            raise HarnessError(f"max_gen_toks must be an integer >= 1, got {max_gen_toks!r}")
-        self._max_gen_toks = max_gen_toks
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise HarnessError(f"seed must be an integer >= 0, got {seed!r}")
-        self._seed = seed
 
     # -- what the harness asks about the model ---------------------------------------------------------
     @property
