@@ -172,10 +172,13 @@ class Sequence:
         model = self.model
         encoded = [model.encode(c) if isinstance(c, str) else model.check_tokens(c, "continuation")
                    for c in continuations]
+        # A continuation's last token is only predicted, never run through the model: scoring fits
+        # when the sequence (at least the bos an empty one starts with) and all but that token do.
+        room = self.room - (0 if self._tokens else 1)
         for ids in encoded:
             if not ids:
                 raise PromptError("a continuation is empty: it has no tokens to score")
-            if len(ids) > self.room:
+            if len(ids) - 1 > room:
                 raise ContextFullError(f"a continuation of {len(ids)} tokens does not fit after the "
                                        f"sequence's {len(self._tokens)} tokens (context {self._context})")
         with self._use("score"), _RunLink(cancel) as link:

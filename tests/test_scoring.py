@@ -61,7 +61,7 @@ def test_bad_continuations_are_refused(package):
     model = Model(package)
     with pytest.raises(PromptError, match="continuation is empty"):
         model.score("x", [[]])
-    with pytest.raises(PromptError, match="does not fit"):
-        model.score("x", [[1] * model.info.context_length])
+    with pytest.raises(PromptError, match="more than the .* that fit"):
+        model.score("x", [[1] * (model.info.context_length + 1)])
     with pytest.raises(PromptError, match="must be in"):
         model.score("x", [[model.info.vocab_size]])
