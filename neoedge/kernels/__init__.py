@@ -1,0 +1,119 @@
+"""neoedge's own CPU kernels for quantized linear layers, and the stock fallback.
+
+The native library (built at install time when a C++ compiler is there, see setup.py) registers
+`neoedge.kernels::MatMulNBits` with onnxruntime: a drop-in for `com.microsoft.MatMulNBits` with
+accuracy_level 4, run on the session's own thread pool and dispatched at run time to the widest
+path this CPU has: amx > avx512vnni > avxvnni > avx2 > portable (neon on arm64).
+
+    info = kernels.register(session_options)   # before creating the session
+    if info.available: ...load the package's kernel graph...
+
+Environment:
+- NEOEDGE_KERNELS=0: never use the kernels (stock onnxruntime only).
+- NEOEDGE_KERNELS_ISA=<path>: force a narrower path (for tests and comparisons); a path this CPU
+  cannot run is refused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "neoedge.kernels"
+ISA_VARIABLE = "NEOEDGE_KERNELS_ISA"
+DISABLE_VARIABLE = "NEOEDGE_KERNELS"
+PATHS = ("amx", "avx512vnni", "avxvnni", "avx2", "neon", "portable")
+INTERFACE_VERSION = 1
+STOCK = "stock"
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """Whether neoedge's kernels run, on which path, and why (or why not)."""
+
+    available: bool
+    isa: str
+    """The path the kernels take ("amx", "avx512vnni", ...), or "stock" when onnxruntime's own run."""
+    reason: str
+    library: str | None = None
+
+    def describe(self) -> str:
+        return f"neoedge kernels: {self.isa}" + (f" ({self.reason})" if self.reason else "")
+
+
+def library_path() -> Path:
+    """Where the build puts the library: beside this file."""
+    name = {"win32": "neoedge_kernels.dll", "darwin": "libneoedge_kernels.dylib"}.get(
+        sys.platform, "libneoedge_kernels.so")
+    return Path(__file__).resolve().parent / name
+
+
+@lru_cache(maxsize=None)
+def _probe(path: str) -> tuple[str | None, str]:
+    """(best path, "") if the library loads and speaks this interface, else (None, why)."""
+    try:
+        library = ctypes.CDLL(path)
+        library.neoedge_kernels_interface_version.restype = ctypes.c_int
+        library.neoedge_kernels_best_isa.restype = ctypes.c_char_p
+        version = library.neoedge_kernels_interface_version()
+    except (OSError, AttributeError) as exc:
+        return None, f"cannot load {path}: {exc}"
+    if version != INTERFACE_VERSION:
+        return None, f"{path} is interface version {version}, this neoedge needs {INTERFACE_VERSION}: rebuild it"
+    return library.neoedge_kernels_best_isa().decode(), ""
+
+
+def _supported(path: str, isa: str) -> bool:
+    library = ctypes.CDLL(path)
+    library.neoedge_kernels_isa_supported.restype = ctypes.c_int
+    return bool(library.neoedge_kernels_isa_supported(isa.encode()))
+
+
+def info() -> KernelInfo:
+    """What `register` would do in this process now (reads the environment each time)."""
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+        return KernelInfo(False, STOCK, f"{DISABLE_VARIABLE}=0")
+    path = library_path()
+    if not path.exists():
+        return KernelInfo(False, STOCK, "the native library was not built at install time "
+                                        "(no C++ compiler, or its build failed)")
+    best, why = _probe(str(path))
+    if best is None:
+        return KernelInfo(False, STOCK, why)
+    forced = os.environ.get(ISA_VARIABLE, "")
+    if forced:
+        if forced not in PATHS:
+            return KernelInfo(False, STOCK, f"{ISA_VARIABLE}={forced} is not one of {', '.join(PATHS)}")
+        if not _supported(str(path), forced):
+            return KernelInfo(False, STOCK, f"{ISA_VARIABLE}={forced} but this CPU cannot run it (best: {best})")
+        return KernelInfo(True, forced, f"forced by {ISA_VARIABLE}", str(path))
+    return KernelInfo(True, best, "", str(path))
+
+
+_reported: set[str] = set()
+
+
+def register(options: ort.SessionOptions) -> KernelInfo:
+    """Registers the kernels on `options` if they can run here; otherwise says why, once per process."""
+    kernels = info()
+    if kernels.available:
+        try:
+            options.register_custom_ops_library(kernels.library)
+        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types here
+            kernels = KernelInfo(False, STOCK, f"onnxruntime refused {kernels.library}: {exc}")
+    if not kernels.available and kernels.reason not in _reported:
+        _reported.add(kernels.reason)
+        log.warning("neoedge kernels unavailable, using onnxruntime's stock kernels: %s", kernels.reason)
+    return kernels
+
+
+__all__ = ["DOMAIN", "KernelInfo", "info", "library_path", "register"]
