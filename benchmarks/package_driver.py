@@ -99,13 +99,14 @@ class GqaDriver:
                  else np.array([count - 1], np.int64), **s}
         for name, array in feeds.items():
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
-        for past, present, value in self._caches:
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
+        # Logits first: get_outputs() lists the outputs in binding order.
         if all_logits:
             binding.bind_output("logits", "cpu")
         else:
             binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
+        for past, present, value in self._caches:
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
         self.session.run_with_iobinding(binding)
         self.length += count
         self.local_length += count

@@ -112,7 +112,9 @@ def register(options: ort.SessionOptions) -> KernelInfo:
             kernels = KernelInfo(False, STOCK, f"onnxruntime refused {kernels.library}: {exc}")
     if not kernels.available and kernels.reason not in _reported:
         _reported.add(kernels.reason)
-        log.warning("neoedge kernels unavailable, using onnxruntime's stock kernels: %s", kernels.reason)
+        # Switched off on purpose is news, not a problem; anything else is worth a warning.
+        level = logging.INFO if kernels.reason.startswith(DISABLE_VARIABLE) else logging.WARNING
+        log.log(level, "neoedge kernels unavailable, using onnxruntime's stock kernels: %s", kernels.reason)
     return kernels
 
 
