@@ -72,7 +72,11 @@ struct GemvActivations {
   const float* scale;      // [rows, blocks_pad]
   const float* scaled_sum; // [rows, blocks_pad]
   const float* lane_scale; // [rows, groups, 16] when a block is smaller than a vector's k span
-  int64_t kp, blocks_pad, groups;
+  // Without zero-point inputs (zp = 2^(bits-1) everywhere) the correction zp * a_scale * sum q of
+  // each block is folded into its epilogue: [rows, units, 16], one vector per block (or per group
+  // of blocks sharing a vector), the block's correction in the first lane of its lanes.
+  const float* correction;
+  int64_t kp, blocks_pad, groups, units;
 };
 
 constexpr int kMaxGemvRows = 4;
@@ -82,7 +86,8 @@ constexpr int span_of(int bits) { return bits == 4 ? 128 : 64; }
 
 // One row into the GEMV layout; `natural` is scratch of kp bytes.
 NEO_AVX512 void quantize_gemv_row(const Problem& p, const float* a, int8_t* q, int8_t* natural, float* scale,
-                                  float* scaled_sum, float* lane_scale, int64_t kp, int64_t groups) {
+                                  float* scaled_sum, float* lane_scale, float* correction, int64_t kp,
+                                  int64_t groups) {
   const int64_t blocks = p.blocks();
   const int block = p.block;
   int8_t* dst = p.bits == 8 ? q : natural;
@@ -106,6 +111,7 @@ NEO_AVX512 void quantize_gemv_row(const Problem& p, const float* a, int8_t* q, i
   const int64_t blocks_pad = round_up(blocks, 16);
   for (int64_t b = blocks; b < blocks_pad; ++b) scale[b] = scaled_sum[b] = 0.f;
   const int span = span_of(p.bits);
+  const float zp = static_cast<float>(1 << (p.bits - 1));
   if (block < span) {
     const int lanes_per_block = 16 * block / span;
     const int blocks_per_group = span / block;
@@ -113,7 +119,13 @@ NEO_AVX512 void quantize_gemv_row(const Problem& p, const float* a, int8_t* q, i
       for (int i = 0; i < 16; ++i) {
         const int64_t b = g * blocks_per_group + i / lanes_per_block;
         lane_scale[g * 16 + i] = b < blocks ? scale[b] : 0.f;
+        if (!p.zp) correction[g * 16 + i] = b < blocks && i % lanes_per_block == 0 ? zp * scaled_sum[b] : 0.f;
       }
+    }
+  } else if (!p.zp) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      _mm512_storeu_ps(correction + b * 16, _mm512_setzero_ps());
+      correction[b * 16] = zp * scaled_sum[b];
     }
   }
 }
@@ -161,16 +173,33 @@ NEO_AVX512 NEO_INLINE void group_dot(const uint8_t* const (&w)[NR], const int8_t
   }
 }
 
+// y[0..NR) = horizontal sums of v[0..NR), NR a multiple of 4 or 1.
+template <int NR>
+NEO_AVX512 NEO_INLINE void store_sums(const __m512 (&v)[NR], float* y) {
+  if constexpr (NR % 4 != 0) {
+    for (int r = 0; r < NR; ++r) y[r] = _mm512_reduce_add_ps(v[r]);
+  } else {
+    for (int r = 0; r < NR; r += 4) {
+      __m256 h[4];
+      for (int i = 0; i < 4; ++i)
+        h[i] = _mm256_add_ps(_mm512_castps512_ps256(v[r + i]), _mm512_extractf32x8_ps(v[r + i], 1));
+      const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+      _mm_storeu_ps(y + r, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+    }
+  }
+}
+
 template <int BITS, int MR, int NR>
 NEO_AVX512 void gemv_tile(const Problem& p, const GemvActivations& act, int64_t m0, int64_t n0) {
   constexpr int span = span_of(BITS);
   const int64_t blocks = p.blocks(), row_bytes = p.row_bytes();
   const int block = p.block;
+  const bool folded = !p.zp;
   const uint8_t* w[NR];
   for (int r = 0; r < NR; ++r) w[r] = p.b + (n0 + r) * row_bytes;
   const int8_t* q[MR];
   for (int m = 0; m < MR; ++m) q[m] = act.q + (m0 + m) * act.kp;
-  const int64_t ahead = std::max<int64_t>(NR * row_bytes, 512);
+  const int64_t ahead = row_bytes >= 2048 ? 1024 : std::max<int64_t>(NR * row_bytes, 512);
   __m512 acc[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
@@ -183,8 +212,10 @@ NEO_AVX512 void gemv_tile(const Problem& p, const GemvActivations& act, int64_t 
       for (int64_t j = 0; j < per_block; ++j) group_dot<BITS, MR, NR>(w, q, b * per_block + j, ~0ull, ahead, sums);
       for (int m = 0; m < MR; ++m) {
         const __m512 a_scale = _mm512_set1_ps(act.scale[(m0 + m) * act.blocks_pad + b]);
+        const __m512 correction = folded ? _mm512_loadu_ps(act.correction + ((m0 + m) * act.units + b) * 16)
+                                         : _mm512_setzero_ps();
         for (int r = 0; r < NR; ++r) {
-          const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[m][r]), a_scale);
+          const __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(sums[m][r]), a_scale, correction);
           acc[m][r] = _mm512_fmadd_ps(t, _mm512_set1_ps(p.scales[(n0 + r) * blocks + b]), acc[m][r]);
         }
       }
@@ -209,25 +240,28 @@ NEO_AVX512 void gemv_tile(const Problem& p, const GemvActivations& act, int64_t 
         w_scale[r] = _mm512_permutexvar_ps(spread, _mm512_maskz_loadu_ps(valid, p.scales + (n0 + r) * blocks + b0));
       for (int m = 0; m < MR; ++m) {
         const __m512 a_scale = _mm512_loadu_ps(act.lane_scale + ((m0 + m) * act.groups + g) * 16);
+        const __m512 correction = folded ? _mm512_loadu_ps(act.correction + ((m0 + m) * act.units + g) * 16)
+                                         : _mm512_setzero_ps();
         for (int r = 0; r < NR; ++r) {
-          const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[m][r]), a_scale);
+          const __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(sums[m][r]), a_scale, correction);
           acc[m][r] = _mm512_fmadd_ps(t, w_scale[r], acc[m][r]);
         }
       }
     }
   }
-  // Zero points: sum_b zp * w_scale * (a_scale * sum q), 16 blocks per vector.
-  for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
-    const __mmask16 valid = static_cast<__mmask16>(blocks - b0 >= 16 ? 0xFFFF : (1u << (blocks - b0)) - 1);
-    for (int r = 0; r < NR; ++r) {
-      const __m512 zw = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, p.scales + (n0 + r) * blocks + b0),
-                                      zero_points16(p, n0 + r, b0, valid));
-      for (int m = 0; m < MR; ++m)
-        acc[m][r] = _mm512_fnmadd_ps(zw, _mm512_loadu_ps(act.scaled_sum + (m0 + m) * act.blocks_pad + b0), acc[m][r]);
+  if (!folded) {
+    // Zero points: sum_b zp * w_scale * (a_scale * sum q), 16 blocks per vector.
+    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+      const __mmask16 valid = static_cast<__mmask16>(blocks - b0 >= 16 ? 0xFFFF : (1u << (blocks - b0)) - 1);
+      for (int r = 0; r < NR; ++r) {
+        const __m512 zw = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, p.scales + (n0 + r) * blocks + b0),
+                                        zero_points16(p, n0 + r, b0, valid));
+        for (int m = 0; m < MR; ++m)
+          acc[m][r] = _mm512_fnmadd_ps(zw, _mm512_loadu_ps(act.scaled_sum + (m0 + m) * act.blocks_pad + b0), acc[m][r]);
+      }
     }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) p.y[(m0 + m) * p.n + n0 + r] = _mm512_reduce_add_ps(acc[m][r]);
+  for (int m = 0; m < MR; ++m) store_sums<NR>(acc[m], p.y + (m0 + m) * p.n + n0);
 }
 
 struct GemvJob {
@@ -240,7 +274,10 @@ template <int BITS, int MR>
 NEO_AVX512 void gemv_rows(const Problem& p, const GemvActivations& act, int64_t m0, int64_t n0, int64_t n1) {
   // Fewer weight rows per step as more activation rows share them: the sums and accumulators of
   // MR x NR tiles must stay in the 32 zmm registers.
-  constexpr int NR = MR == 1 ? 4 : 2;
+#ifndef NEO_GEMV_NR1
+#define NEO_GEMV_NR1 8
+#endif
+  constexpr int NR = MR == 1 ? NEO_GEMV_NR1 : MR == 2 ? 4 : 2;
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) gemv_tile<BITS, MR, NR>(p, act, m0, n);
   for (; n < n1; ++n) gemv_tile<BITS, MR, 1>(p, act, m0, n);
@@ -272,9 +309,10 @@ NEO_AVX512 bool run_gemv(const Problem& p, const Parallel& parallel) {
   thread_local std::vector<float> scales;
   const int span = span_of(p.bits);
   const int64_t kp = round_up(p.k, span), groups = kp / span, blocks_pad = round_up(p.blocks(), 16);
+  const int64_t units = p.block >= span ? p.blocks() : groups;
   GemvActivations act;
   int8_t* qd = grow(q, static_cast<size_t>(p.m * kp));
-  float* sd = grow(scales, static_cast<size_t>(p.m * (2 * blocks_pad + groups * 16)));
+  float* sd = grow(scales, static_cast<size_t>(p.m * (2 * blocks_pad + groups * 16 + units * 16)));
   act.q = qd;
   act.scale = sd;
   act.scaled_sum = sd + p.m * blocks_pad;
@@ -282,15 +320,18 @@ NEO_AVX512 bool run_gemv(const Problem& p, const Parallel& parallel) {
   act.kp = kp;
   act.blocks_pad = blocks_pad;
   act.groups = groups;
+  act.units = units;
+  float* correction = sd + p.m * (2 * blocks_pad + groups * 16);
+  act.correction = correction;
   thread_local std::vector<int8_t> natural;
   int8_t* nd = grow(natural, static_cast<size_t>(kp));
   for (int64_t m = 0; m < p.m; ++m) {
     quantize_gemv_row(p, p.a + m * p.k, qd + m * kp, nd, sd + m * blocks_pad, sd + (p.m + m) * blocks_pad,
-                      sd + 2 * p.m * blocks_pad + m * groups * 16, kp, groups);
+                      sd + 2 * p.m * blocks_pad + m * groups * 16, correction + m * units * 16, kp, groups);
   }
   // Tasks of ~32 KB of weights: small enough to balance over the pool, large enough that the
-  // per-task cost of the pool stays negligible; a multiple of 4 rows for the 4-row tiles.
-  const int64_t rows = std::max<int64_t>(4, (32768 / std::max<int64_t>(1, p.row_bytes())) / 4 * 4);
+  // per-task cost of the pool stays negligible; a multiple of 8 rows for the 8-row tiles.
+  const int64_t rows = std::max<int64_t>(8, (32768 / std::max<int64_t>(1, p.row_bytes())) / 8 * 8);
   GemvJob job{&p, act, rows};
   return parallel(gemv_task, static_cast<size_t>((p.n + rows - 1) / rows), &job);
 }
@@ -560,7 +601,10 @@ bool prepare_gemm_activations(const Problem& p, const Parallel& parallel, GemmAc
 
 // Below this many rows the GEMV (weights streamed once per 4 rows) beats staging the weights for
 // the GEMM; measured with benchmarks/kernels.py.
-constexpr int64_t kGemmMinRows = 8;
+#ifndef NEO_GEMM_MIN_ROWS
+#define NEO_GEMM_MIN_ROWS 8
+#endif
+constexpr int64_t kGemmMinRows = NEO_GEMM_MIN_ROWS;
 
 bool run_avx512(const Problem& p, const Parallel& parallel, bool amx) {
   if (p.m < kGemmMinRows) return x86::run_gemv(p, parallel);
