@@ -339,6 +339,19 @@ def test_a_broken_library_falls_back_to_stock(monkeypatch, caplog, tmp_path):
     assert len(caplog.records) == 1
 
 
+def test_info_matches_the_installation(monkeypatch):
+    """Built: the kernels are available. Not built (no compiler): stock, saying why. Either way the
+    package imports and reports, which is what the runtime relies on."""
+    monkeypatch.delenv(kernels.ISA_VARIABLE, raising=False)
+    monkeypatch.delenv(kernels.DISABLE_VARIABLE, raising=False)
+    info = kernels.info()
+    if kernels.library_path().exists():
+        assert info.available and info.isa in kernels.PATHS
+    else:
+        assert not EXPECTED, "the kernels were expected to be built here"
+        assert not info.available and info.isa == "stock" and "not built" in info.reason
+
+
 def test_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setenv(kernels.DISABLE_VARIABLE, "0")
     info = kernels.info()
