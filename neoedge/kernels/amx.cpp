@@ -55,6 +55,85 @@ NEO_AMX NEO_INLINE void tile_epilogue(const int32_t* c, const float* a_scale, in
   }
 }
 
+// The resident-weights layout (blocks up to 128, the defaults): per k-block the 32 weight rows stay
+// in tmm4-7 (two k-steps x two 16-row halves), each 16 activation rows are loaded once (tmm2/3) and
+// multiply both halves into tmm0/1. Every step's products are issued before the previous step's
+// epilogue runs, so the tile unit works while the vector units scale.
+TileConfig resident_config(int kstep) {
+  TileConfig c;
+  for (int t = 0; t < 2; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+  for (int t = 2; t < 4; ++t) c.rows[t] = 16, c.colsb[t] = static_cast<uint16_t>(kstep);
+  for (int t = 4; t < 8; ++t) c.rows[t] = static_cast<uint8_t>(kstep / 4), c.colsb[t] = 64;
+  return c;
+}
+
+template <int KK>
+NEO_AMX NEO_INLINE void load_weights(const uint8_t* w, int kstep) {
+  _tile_loadd(4, w, kTileRows * 4);
+  _tile_loadd(5, w + 64, kTileRows * 4);
+  if constexpr (KK == 2) {
+    const uint8_t* second = w + (kstep / 4) * kTileRows * 4;
+    _tile_loadd(6, second, kTileRows * 4);
+    _tile_loadd(7, second + 64, kTileRows * 4);
+  }
+}
+
+template <bool SIGNED, int KK>
+NEO_AMX NEO_INLINE void products(const int8_t* x, int64_t stride, int kstep) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_loadd(2, x, stride);
+  if constexpr (KK == 2) _tile_loadd(3, x + kstep, stride);
+  if constexpr (SIGNED) {
+    _tile_dpbssd(0, 2, 4);
+    _tile_dpbssd(1, 2, 5);
+    if constexpr (KK == 2) {
+      _tile_dpbssd(0, 3, 6);
+      _tile_dpbssd(1, 3, 7);
+    }
+  } else {
+    _tile_dpbsud(0, 2, 4);
+    _tile_dpbsud(1, 2, 5);
+    if constexpr (KK == 2) {
+      _tile_dpbsud(0, 3, 6);
+      _tile_dpbsud(1, 3, 7);
+    }
+  }
+}
+
+// Step s: k-block s / m_tiles, 16 activation rows from m0 + (s % m_tiles) * 16.
+template <bool SIGNED, int KK>
+NEO_AMX NEO_INLINE void issue(const Problem& p, const GemmActivations& act, const uint8_t* staged, int64_t m0,
+                              int64_t m_tiles, int64_t s, int kstep) {
+  const int64_t b = s / m_tiles, mt = m0 + s % m_tiles * 16;
+  if (s % m_tiles == 0) load_weights<KK>(staged + b * p.block * kTileRows, kstep);
+  products<SIGNED, KK>(act.q + mt * act.stride + b * p.block, act.stride, kstep);
+}
+
+template <bool SIGNED, int KK>
+NEO_AMX void resident_loop(const Problem& p, const GemmActivations& act, const uint8_t* staged, const float* w_scale,
+                           int64_t m0, int64_t m1, float* acc) {
+  const int kstep = KK == 2 ? 64 : p.block;
+  const TileConfig config = resident_config(kstep);
+  _tile_loadconfig(&config);
+  alignas(64) int32_t c[2][2][256];
+  const int64_t blocks = p.blocks(), m_tiles = (m1 - m0 + 15) / 16, steps = blocks * m_tiles;
+  issue<SIGNED, KK>(p, act, staged, m0, m_tiles, 0, kstep);
+  for (int64_t s = 0; s < steps; ++s) {
+    int32_t (&cs)[2][256] = c[s & 1];
+    _tile_stored(0, cs[0], 64);
+    _tile_stored(1, cs[1], 64);
+    if (s + 1 < steps) issue<SIGNED, KK>(p, act, staged, m0, m_tiles, s + 1, kstep);
+    const int64_t b = s / m_tiles, mt = m0 + s % m_tiles * 16;
+    const float* as = act.scale + mt * act.blocks_pad + b;
+    const int rows = static_cast<int>(std::min<int64_t>(16, m1 - mt));
+    const bool first = SIGNED && b == 0;
+    float* out = acc + (mt - m0) * kTileRows;
+    tile_epilogue(cs[0], as, act.blocks_pad, _mm512_loadu_ps(w_scale + b * kTileRows), rows, out, first);
+    tile_epilogue(cs[1], as, act.blocks_pad, _mm512_loadu_ps(w_scale + b * kTileRows + 16), rows, out + 16, first);
+  }
+}
+
 template <bool SIGNED>
 NEO_AMX void amx_task(const Job& job, int64_t tile, int64_t chunk) {
   const Problem& p = *job.p;
@@ -72,6 +151,14 @@ NEO_AMX void amx_task(const Job& job, int64_t tile, int64_t chunk) {
   float* zp_scale = SIGNED ? nullptr : w_scale + blocks * kTileRows;
   stage_tile(p, n0, SIGNED, staged, w_scale, zp_scale);
   if (!SIGNED) init_outputs(act, blocks, m0, m1, zp_scale, acc);
+  if (p.block <= 128) {
+    if (p.block == 128) resident_loop<SIGNED, 2>(p, act, staged, w_scale, m0, m1, acc);
+    else resident_loop<SIGNED, 1>(p, act, staged, w_scale, m0, m1, acc);
+    _tile_release();
+    store_outputs(p, n0, m0, m1, acc);
+    return;
+  }
+  // Blocks of 256: four k-steps per block, too many to keep resident; a 2 x 2 tile block per step.
   const int kstep = std::min(p.block, 64);
   const TileConfig config = tile_config(kstep);
   _tile_loadconfig(&config);
