@@ -275,6 +275,19 @@ def test_bad_attributes_are_refused(library, name, value, message):
         session(model, library)
 
 
+def test_a_node_without_accuracy_level_is_refused(library):
+    """MatMulNBits' default accuracy_level is 0 (fp32 compute), which these kernels do not run."""
+    rng = np.random.default_rng(5)
+    _, packed, scales, zero_points = problem(rng, 1, 128, 8, 4, 32, True)
+    model = one_node(128, 8, 4, 32, packed, scales, zero_points, kernels.DOMAIN)
+    node = model.graph.node[0]
+    kept = [a for a in node.attribute if a.name != "accuracy_level"]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    with pytest.raises(Exception, match="only accuracy_level 4 is implemented, got 0"):
+        session(model, library)
+
+
 def test_inputs_of_the_wrong_size_are_refused_at_run(library):
     rng = np.random.default_rng(6)
     a, packed, scales, zero_points = problem(rng, 2, 128, 8, 4, 32, True)

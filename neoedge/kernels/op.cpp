@@ -66,7 +66,8 @@ Status* read_attribute(const KernelInfo* info, const char* name, int64_t* out, b
 
 Status* NEO_ORT_CALL create_kernel(const CustomOp*, const Api*, const KernelInfo* info, void** out) {
   *out = nullptr;
-  int64_t k = 0, n = 0, bits = 0, block = 0, accuracy = 4;
+  // MatMulNBits' own default accuracy_level is 0 (fp32 compute): absent means not ours to run.
+  int64_t k = 0, n = 0, bits = 0, block = 0, accuracy = 0;
   for (auto [name, value] : {std::pair<const char*, int64_t*>{"K", &k}, {"N", &n}, {"bits", &bits},
                              {"block_size", &block}}) {
     if (Status* s = read_attribute(info, name, value, true)) return s;

@@ -64,12 +64,10 @@ struct ApiBase {
 // Slot index of each OrtApi function used, counted from the start of the table (version 21 layout).
 enum Slot : size_t {
   kCreateStatus = 0,
-  kGetErrorMessage = 2,
   kCreateCustomOpDomain = 26,
   kCustomOpDomain_Add = 27,
   kAddCustomOpDomain = 28,
   kGetTensorMutableData = 51,
-  kGetTensorElementType = 60,
   kGetDimensionsCount = 61,
   kGetDimensions = 62,
   kGetTensorTypeAndShape = 65,
@@ -81,18 +79,17 @@ enum Slot : size_t {
   kReleaseTensorTypeAndShapeInfo = 99,
   kKernelInfo_GetInputCount = 230,
   kKernelContext_ParallelFor = 274,
-  kSlotCount = 285,  // slots in version 21; every index above must be below it
+  kSlotCount = 285,  // slots in version 21
 };
+static_assert(kKernelContext_ParallelFor < kSlotCount, "every slot used exists in version 21");
 
 // Typed pointers to the slots above, read once from the table onnxruntime returns.
 struct Functions {
   Status*(NEO_ORT_CALL* CreateStatus)(ErrorCode code, const char* msg);
-  const char*(NEO_ORT_CALL* GetErrorMessage)(const Status* status);
   Status*(NEO_ORT_CALL* CreateCustomOpDomain)(const char* domain, CustomOpDomain** out);
   Status*(NEO_ORT_CALL* CustomOpDomain_Add)(CustomOpDomain* domain, const struct CustomOp* op);
   Status*(NEO_ORT_CALL* AddCustomOpDomain)(SessionOptions* options, CustomOpDomain* domain);
   Status*(NEO_ORT_CALL* GetTensorMutableData)(Value* value, void** out);
-  Status*(NEO_ORT_CALL* GetTensorElementType)(const TensorTypeAndShapeInfo* info, ElementType* out);
   Status*(NEO_ORT_CALL* GetDimensionsCount)(const TensorTypeAndShapeInfo* info, size_t* out);
   Status*(NEO_ORT_CALL* GetDimensions)(const TensorTypeAndShapeInfo* info, int64_t* dims, size_t count);
   Status*(NEO_ORT_CALL* GetTensorTypeAndShape)(const Value* value, TensorTypeAndShapeInfo** out);
@@ -114,12 +111,10 @@ struct Functions {
     const void* const* table = reinterpret_cast<const void* const*>(api);
     auto at = [table](Slot slot) { return table[slot]; };
     assign(CreateStatus, at(kCreateStatus));
-    assign(GetErrorMessage, at(kGetErrorMessage));
     assign(CreateCustomOpDomain, at(kCreateCustomOpDomain));
     assign(CustomOpDomain_Add, at(kCustomOpDomain_Add));
     assign(AddCustomOpDomain, at(kAddCustomOpDomain));
     assign(GetTensorMutableData, at(kGetTensorMutableData));
-    assign(GetTensorElementType, at(kGetTensorElementType));
     assign(GetDimensionsCount, at(kGetDimensionsCount));
     assign(GetDimensions, at(kGetDimensions));
     assign(GetTensorTypeAndShape, at(kGetTensorTypeAndShape));
