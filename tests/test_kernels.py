@@ -325,9 +325,10 @@ def test_info_reports_the_best_path(library, monkeypatch):
     monkeypatch.delenv(kernels.ISA_VARIABLE, raising=False)
     info = kernels.info()
     assert info.available and info.isa == PATHS[0] and info.library == library
+    assert info.preferred == (info.isa in kernels.FASTER_THAN_STOCK)
     assert kernels.register(ort.SessionOptions()) == info
     monkeypatch.setenv(kernels.ISA_VARIABLE, "portable")
-    assert kernels.info().isa == "portable"
+    assert kernels.info().isa == "portable" and kernels.info().preferred  # forced: the caller asked for it
 
 
 def test_a_missing_library_falls_back_to_stock_in_one_log_line(monkeypatch, caplog, tmp_path):
