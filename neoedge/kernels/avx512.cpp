@@ -4,14 +4,14 @@
 // GEMV: streams each weight row once, in MatMulNBits' layout. A zmm of packed 4-bit weights holds 128
 // values; its low nibbles are the even k and its high nibbles the odd k, so the activations are
 // stored de-interleaved per 128 k (64 even, then 64 odd) and vpdpbusd multiplies the unsigned nibbles
-// with them directly: no shuffles of the weights. Zero points are applied once per row as
-// sum_b zp * w_scale * (a_scale * sum q) instead of per block.
+// with them directly: no shuffles of the weights. The zero-point term zp * a_scale * sum q of a
+// block is folded into its epilogue (implicit zero points) or applied once per row for all blocks.
 //
-// GEMM: C^T = W x A^T with the weights as the unsigned broadcast operand and the activations in
-// VNNI order (4 consecutive k of 16 rows per dword lane), so weight rows are used as stored (4-bit
-// ones unpacked to bytes, a block of 32 rows at a time, in L1) and only the activations, once per
-// call, are rearranged. Block scales are applied per k-block in fp32; the accumulators are written
-// back to Y transposed.
+// GEMM: per task, 32 weight rows are staged in VNNI order (for each 4 k, the 4 bytes of every row
+// side by side; 4-bit values unpacked) in a buffer that stays in L1/L2 for all activation rows,
+// which are quantized once per call in k order. vpdpbusd takes a vector of staged weights as the
+// unsigned operand and broadcasts 4 bytes of an activation row; block scales are applied per k-block
+// in fp32 into a contiguous tile of accumulators, copied to Y once.
 #include "x86.h"
 
 #if NEO_X86
@@ -131,7 +131,8 @@ NEO_AVX512 void quantize_gemv_row(const Problem& p, const float* a, int8_t* q, i
 }
 
 // Zero points of one row as floats, blocks [b0, b0 + 16).
-NEO_AVX512 NEO_INLINE __m512 zero_points16(const Problem& p, int64_t n, int64_t b0, __mmask16 valid) {
+NEO_AVX512 NEO_INLINE __m512 zero_points16(const Problem& p, int64_t n, int64_t b0, int count) {
+  const __mmask16 valid = static_cast<__mmask16>(count >= 16 ? 0xFFFF : (1u << count) - 1);
   if (!p.zp) return _mm512_set1_ps(static_cast<float>(1 << (p.bits - 1)));
   const uint8_t* row = p.zp + n * p.zp_row_bytes();
   __m512i z;
@@ -139,7 +140,7 @@ NEO_AVX512 NEO_INLINE __m512 zero_points16(const Problem& p, int64_t n, int64_t 
     z = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(valid, row + b0));
   } else {
     // b0 is a multiple of 16: 8 bytes hold its 16 nibbles, low nibble first.
-    const __mmask16 bytes = static_cast<__mmask16>((1u << ((__builtin_popcount(valid) + 1) / 2)) - 1);
+    const __mmask16 bytes = static_cast<__mmask16>((1u << ((std::min(count, 16) + 1) / 2)) - 1);
     const __m128i packed = _mm_maskz_loadu_epi8(bytes, row + b0 / 2);
     const __m128i words = _mm_cvtepu8_epi16(packed);  // 8 bytes -> 8 words
     const __m128i nibbles = _mm_and_si128(_mm_or_si128(words, _mm_slli_epi16(words, 4)), _mm_set1_epi16(0x0F0F));
@@ -224,7 +225,7 @@ NEO_AVX512 void gemv_tile(const Problem& p, const GemvActivations& act, int64_t 
     // Several blocks per zmm: each dword lane belongs to one block; scales are spread over lanes.
     const int blocks_per_group = span / block, lanes_per_block = 16 * block / span;
     const __m512i spread = _mm512_srli_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), __builtin_ctz(lanes_per_block));
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), lanes_per_block == 2 ? 1 : lanes_per_block == 4 ? 2 : 3);
     const int64_t full_bytes = p.k * BITS / 8;
     for (int64_t g = 0; g < act.groups; ++g) {
       const int64_t left = full_bytes - g * 64;
@@ -255,7 +256,7 @@ NEO_AVX512 void gemv_tile(const Problem& p, const GemvActivations& act, int64_t 
       const __mmask16 valid = static_cast<__mmask16>(blocks - b0 >= 16 ? 0xFFFF : (1u << (blocks - b0)) - 1);
       for (int r = 0; r < NR; ++r) {
         const __m512 zw = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, p.scales + (n0 + r) * blocks + b0),
-                                        zero_points16(p, n0 + r, b0, valid));
+                                        zero_points16(p, n0 + r, b0, static_cast<int>(blocks - b0)));
         for (int m = 0; m < MR; ++m)
           acc[m][r] = _mm512_fnmadd_ps(zw, _mm512_loadu_ps(act.scaled_sum + (m0 + m) * act.blocks_pad + b0), acc[m][r]);
       }

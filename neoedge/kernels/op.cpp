@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <atomic>
 #include <mutex>
 #include <string>
 
@@ -54,6 +55,9 @@ bool selected_isa(Isa* isa, std::string* why) {
 struct Kernel {
   int64_t k, n, bits, block;
   Isa isa;
+  // B, scales and zero points are initializers: once their sizes are checked, the same data
+  // pointers need no second look (a decode step runs ~50 of these ops; each C API call counts).
+  std::atomic<const void*> checked[3] = {nullptr, nullptr, nullptr};
 };
 
 Status* read_attribute(const KernelInfo* info, const char* name, int64_t* out, bool required) {
@@ -117,7 +121,7 @@ bool pool_run(const void* context, void (*fn)(void*, size_t), size_t total, void
   return false;
 }
 
-Status* compute(const Kernel& kernel, KernelContext* context) {
+Status* compute(Kernel& kernel, KernelContext* context) {
   size_t input_count = 0;
   if (Status* s = g_ort.KernelContext_GetInputCount(context, &input_count)) return s;
   const Value* values[4] = {nullptr, nullptr, nullptr, nullptr};
@@ -125,41 +129,38 @@ Status* compute(const Kernel& kernel, KernelContext* context) {
     if (Status* s = g_ort.KernelContext_GetInput(context, i, &values[i])) return s;
   }
   if (!values[0] || !values[1] || !values[2]) return error(kInvalidArgument, "A, B and scales are required");
-  int64_t dims[8], count[4] = {0, 0, 0, 0};
-  size_t rank = 0, other_rank = 0;
-  int64_t other_dims[8];
-  if (Status* s = shape_of(values[0], dims, &rank, &count[0])) return s;
+  int64_t dims[8], count = 0;
+  size_t rank = 0;
+  if (Status* s = shape_of(values[0], dims, &rank, &count)) return s;
   if (rank < 1 || dims[rank - 1] != kernel.k)
     return error(kInvalidArgument, "A's last dimension must be K = " + std::to_string(kernel.k));
-  for (int i = 1; i < 4; ++i) {
-    if (values[i]) {
-      if (Status* s = shape_of(values[i], other_dims, &other_rank, &count[i])) return s;
-    }
-  }
-  const int64_t blocks = kernel.k / kernel.block;
-  const int64_t zp_per_row = kernel.bits == 8 ? blocks : (blocks + 1) / 2;
-  if (count[1] != kernel.n * kernel.k * kernel.bits / 8)
-    return error(kInvalidArgument, "B must hold N * K * bits / 8 = " + std::to_string(kernel.n * kernel.k * kernel.bits / 8) +
-                                       " bytes, has " + std::to_string(count[1]));
-  if (count[2] != kernel.n * blocks)
-    return error(kInvalidArgument, "scales must hold N * K / block_size = " + std::to_string(kernel.n * blocks) +
-                                       " values, has " + std::to_string(count[2]));
-  if (values[3] && count[3] != kernel.n * zp_per_row)
-    return error(kInvalidArgument, "zero_points must hold " + std::to_string(kernel.n * zp_per_row) +
-                                       " bytes, has " + std::to_string(count[3]));
-  int64_t out_dims[8];
-  for (size_t i = 0; i + 1 < rank; ++i) out_dims[i] = dims[i];
-  out_dims[rank - 1] = kernel.n;
-  Value* output = nullptr;
-  if (Status* s = g_ort.KernelContext_GetOutput(context, 0, out_dims, rank, &output)) return s;
-  const int64_t m = count[0] / kernel.k;
-  if (m == 0) return nullptr;
   void* data[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
   for (int i = 0; i < 4; ++i) {
     if (values[i]) {
       if (Status* s = g_ort.GetTensorMutableData(const_cast<Value*>(values[i]), &data[i])) return s;
     }
   }
+  const int64_t blocks = kernel.k / kernel.block;
+  const int64_t expected[3] = {kernel.n * kernel.k * kernel.bits / 8, kernel.n * blocks,
+                               kernel.n * (kernel.bits == 8 ? blocks : (blocks + 1) / 2)};
+  static const char* const what[3] = {"B must hold N * K * bits / 8 = ", "scales must hold N * K / block_size = ",
+                                      "zero_points must hold "};
+  for (int i = 0; i < 3; ++i) {
+    if (!values[i + 1] || kernel.checked[i].load(std::memory_order_relaxed) == data[i + 1]) continue;
+    int64_t other_dims[8], other_count = 0;
+    size_t other_rank = 0;
+    if (Status* s = shape_of(values[i + 1], other_dims, &other_rank, &other_count)) return s;
+    if (other_count != expected[i])
+      return error(kInvalidArgument, what[i] + std::to_string(expected[i]) + " values, has " + std::to_string(other_count));
+    kernel.checked[i].store(data[i + 1], std::memory_order_relaxed);
+  }
+  int64_t out_dims[8];
+  for (size_t i = 0; i + 1 < rank; ++i) out_dims[i] = dims[i];
+  out_dims[rank - 1] = kernel.n;
+  Value* output = nullptr;
+  if (Status* s = g_ort.KernelContext_GetOutput(context, 0, out_dims, rank, &output)) return s;
+  const int64_t m = count / kernel.k;
+  if (m == 0) return nullptr;
   if (Status* s = g_ort.GetTensorMutableData(output, &data[4])) return s;
   neoedge::Problem p{static_cast<const float*>(data[0]), m, kernel.k, kernel.n,
                      static_cast<const uint8_t*>(data[1]), static_cast<const float*>(data[2]),
