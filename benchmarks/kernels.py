@@ -89,6 +89,10 @@ def op_session(model: bytes, threads: int, path: str | None) -> ort.InferenceSes
 STATISTIC = {"median": statistics.median, "min": min}
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+CLOCK = CLOCKS["wall"]
+
+
 def time_calls(sessions: dict[str, ort.InferenceSession], a: np.ndarray, budget_s: float,
                statistic: str = "median") -> dict[str, float]:
     """ms per call of each session (median, or min on a busy machine), rounds interleaved so that
@@ -104,9 +108,9 @@ def time_calls(sessions: dict[str, ort.InferenceSession], a: np.ndarray, budget_
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(rounds):
         for name, s in sessions.items():
-            t = time.perf_counter()
+            t = CLOCK()
             s.run(None, feeds)
-            times[name].append(time.perf_counter() - t)
+            times[name].append(CLOCK() - t)
     return {name: 1e3 * STATISTIC[statistic](v) for name, v in times.items()}
 
 
@@ -230,14 +234,22 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--statistic", choices=sorted(STATISTIC), default="median",
                         help="median (a quiet machine) or min (the least disturbed run, on a busy one)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or (with --threads 1) the calling thread's CPU time: the op's own cost on a "
+                             "machine so busy that a call is preempted (ops only; packages always use wall time)")
     parser.add_argument("--quick", action="store_true", help="fewer rows and runs: a smoke test, not numbers")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--tag", default="", help="appended to the results' file name")
     args = parser.parse_args()
 
+    global CLOCK
+    if args.clock == "cpu" and args.threads != 1:
+        raise SystemExit("--clock cpu measures the calling thread only: use it with --threads 1")
+    CLOCK = CLOCKS[args.clock]
     info = kernels.info()
     if not info.available:
         raise SystemExit(f"the kernels are not available: {info.reason}")
-    paths = [p for p in kernels.PATHS if kernels._supported(info.library, p)] if args.paths == "all" \
+    paths = list(kernels.runnable_paths()) if args.paths == "all" \
         else args.paths.split(",")
     rows = [int(r) for r in args.rows.split(",")]
     if args.quick:
@@ -246,10 +258,12 @@ def main() -> None:
     print(f"machine: {verdict_before}; paths: {', '.join(paths)}", file=sys.stderr)
     report = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
               "onnxruntime": ort.__version__, "threads": args.threads, "paths": paths, "statistic": args.statistic,
+              "clock": args.clock,
               "quiet_before": verdict_before, "ops": [], "packages": []}
     table = [f"# neoedge kernels vs stock MatMulNBits ({report['date']})", "",
              f"onnxruntime {ort.__version__}, {args.threads or 'default'} intra-op threads, kernels: "
-             f"{', '.join(paths)}; {args.statistic} of interleaved runs. Machine before the run: {verdict_before}.", ""]
+             f"{', '.join(paths)}; {args.statistic} of interleaved runs, {args.clock} clock. Machine before the run: "
+             f"{verdict_before}.", ""]
     if not args.no_ops:
         shapes = [s for name in args.shapes.split(",") for s in SHAPES[name]]
         table += [f"## One MatMulNBits (block 128), {args.statistic} ms per call", "",
@@ -267,7 +281,8 @@ def main() -> None:
             table.append(format_package(r))
     report["quiet_after"] = quiet_verdict()
     table.append(f"Machine after the run: {report['quiet_after']}.\n")
-    write_report(args.out, f"kernels-{report['date']}", report, "\n".join(table))
+    write_report(args.out, f"kernels-{report['date']}" + (f"-{args.tag}" if args.tag else ""), report,
+                 "\n".join(table))
 
 
 if __name__ == "__main__":

@@ -37,13 +37,7 @@ def library() -> str:
     return str(path)
 
 
-def _runnable_paths() -> list[str]:
-    if not kernels.library_path().exists():
-        return ["portable"]
-    return [p for p in kernels.PATHS if kernels._supported(str(kernels.library_path()), p)]
-
-
-PATHS = _runnable_paths()
+PATHS = list(kernels.runnable_paths()) or ["portable"]  # without the library those tests skip
 
 
 # ---------------------------------------------------------------------------------------------

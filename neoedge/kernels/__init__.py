@@ -85,6 +85,14 @@ def _supported(path: str, isa: str) -> bool:
     return bool(library.neoedge_kernels_isa_supported(isa.encode()))
 
 
+def runnable_paths() -> tuple[str, ...]:
+    """The paths this CPU runs, widest first (empty if the library is missing or does not load)."""
+    path = library_path()
+    if not path.exists() or _probe(str(path))[0] is None:
+        return ()
+    return tuple(p for p in PATHS if _supported(str(path), p))
+
+
 def info() -> KernelInfo:
     """What `register` would do in this process now (reads the environment each time)."""
     if os.environ.get(DISABLE_VARIABLE, "1") == "0":
@@ -128,4 +136,4 @@ def register(options: ort.SessionOptions) -> KernelInfo:
     return kernels
 
 
-__all__ = ["DOMAIN", "KernelInfo", "info", "library_path", "register"]
+__all__ = ["DOMAIN", "KernelInfo", "info", "library_path", "register", "runnable_paths"]

@@ -600,10 +600,11 @@ bool prepare_gemm_activations(const Problem& p, const Parallel& parallel, GemmAc
 
 }  // namespace x86
 
-// Below this many rows the GEMV (weights streamed once per 4 rows) beats staging the weights for
-// the GEMM; measured with benchmarks/kernels.py.
+// Below this many rows the GEMV (weights streamed once per 4 activation rows) beats staging the
+// weights for the GEMM (benchmarks/kernels.py, 1 thread: at M = 8 the GEMV was 0.9-1.2x stock and
+// the AMX GEMM 0.7-0.8x; at M = 16 AMX was ahead).
 #ifndef NEO_GEMM_MIN_ROWS
-#define NEO_GEMM_MIN_ROWS 8
+#define NEO_GEMM_MIN_ROWS 12
 #endif
 constexpr int64_t kGemmMinRows = NEO_GEMM_MIN_ROWS;
 
