@@ -20,6 +20,7 @@ from neoedge.manifest import GraphInfo, Manifest, ModelInfo, Quantization, file_
 from .calibrate import calibration_batches, kv_cache_scales
 from .destination import Staging, check_output, output_path, parent_directories, publish, remove_stale_staging
 from .graph import ExternalWeights, build_decoder
+from .kernel_graph import write_kernel_graph
 from .load import Checkpoint, load_checkpoint
 from .lock import output_lock
 from .quantize import LinearQuantizer, make_quantizer
@@ -34,6 +35,7 @@ TOKENIZER_FILE = "tokenizer.json"
 # file instead of parsing (and copying) a protobuf of the whole model first, which halves session
 # creation for a 125M package; and protobuf could not hold a graph over 2 GB at all.
 WEIGHTS_FILE = MODEL_FILE + ".data"
+KERNEL_GRAPH_FILE = "model.kernels.onnx"
 FP32_TOLERANCE = 1e-4
 # onnxruntime 1.32's CPU GroupQueryAttention refuses, when it runs, a head size that is not a
 # multiple of 8 ("head_size must be a multiple of 8"); every multiple of 8 from 8 to 512 was tried
@@ -194,6 +196,7 @@ def _export(source: str, output: Path, options: ExportOptions, replacing: bool, 
             bar.set_postfix_str(steps[2])
             if options.optimize:
                 _onnxruntime_step("optimize the graph", _optimize_graph, staging.package / MODEL_FILE)
+            graph_info = _add_kernel_graph(staging.package, graph_info, quantizer.scheme)
             (staging.package / TOKENIZER_FILE).write_text(checkpoint.tokenizer_json, encoding="utf-8")
             manifest = Manifest(
                 model=checkpoint.info,
@@ -255,6 +258,20 @@ def _build(checkpoint: Checkpoint, graph_info: GraphInfo, quantizer: LinearQuant
         except ValueError as exc:
             raise ExportError(str(exc)) from exc
     onnx.save_model(model, str(directory / MODEL_FILE))
+
+
+def _add_kernel_graph(directory: Path, graph_info: GraphInfo, scheme: str) -> GraphInfo:
+    """Quantized packages also get the kernel graph (the stock graph with its MatMulNBits nodes on
+    neoedge's native kernels, reading the same weights file), which the runtime loads where those
+    kernels run faster; every other runtime reads the stock graph."""
+    if scheme == "none":
+        return graph_info
+    report = write_kernel_graph(directory / MODEL_FILE, directory / KERNEL_GRAPH_FILE)
+    log.info("%s", report.describe())
+    if not report.converted:
+        (directory / KERNEL_GRAPH_FILE).unlink()  # written by this export a moment ago
+        return graph_info
+    return replace(graph_info, kernel_file=KERNEL_GRAPH_FILE)
 
 
 def _onnxruntime_step(what: str, step, *args, **kwargs):

@@ -9,16 +9,20 @@ which equal the package's own fp32 graph to ~1e-5.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from neoedge.generator import Generator
+from neoedge.model import Model
+from neoedge.session import SessionSettings
 from neoedge.manifest import Float64Check, Manifest, QualityCheck, ValidationReport
 
 from .reference import exact_logits
+
+log = logging.getLogger(__name__)
 
 # An fp32 package passes if it is within `tolerance` of transformers, or else no further from the
 # exact (float64) logits than this many times transformers' own fp32 rounding error.
@@ -98,14 +102,15 @@ def validate_package(package_dir: Path, model: Any, *, tolerance: float = 1e-4, 
     bounds = quality_bounds(manifest)
     # fp32 weights are checked as stored, memory-mapped: repacking them would put a second copy of a
     # large model in memory (and take a minute at 1.3B). Quantized kernels need their packed layout.
-    generator = Generator(package_dir, prepack=manifest.quantization.scheme != "none")
+    prepack = manifest.quantization.scheme != "none"
+    runtime = Model(package_dir, settings=SessionSettings(prepack=prepack, kernels="off"))
     info = manifest.model
     length = min(info.context_length, max(2 * info.window_size + 16, MIN_QUALITY_POSITIONS if bounds else 0))
     ids = np.random.default_rng(seed).integers(0, info.vocab_size, size=length, dtype=np.int64)
     reference = reference_logits(model, ids)
-    prefill = generator.logits(ids)
+    prefill = runtime.logits(ids)
     start = max(1, length - decode_steps)
-    stepwise = generator.stepwise_logits(ids, prefill=start)
+    stepwise = runtime.stepwise_logits(ids, prefill=start)
     measured = dict(
         positions=length,
         window_size=info.window_size,
@@ -116,7 +121,16 @@ def validate_package(package_dir: Path, model: Any, *, tolerance: float = 1e-4, 
     )
     if bounds is not None:
         quality = judge_quality(reference, prefill, stepwise, start, bounds)
-        return ValidationReport(**measured, passed=not quality.problems, quality=quality)
+        kernel_quality = None
+        if manifest.graph.kernel_file is not None:
+            on_kernels = Model(package_dir, settings=SessionSettings(prepack=prepack))
+            if on_kernels.kernels.available:
+                kernel_quality = judge_quality(reference, on_kernels.logits(ids),
+                                               on_kernels.stepwise_logits(ids, prefill=start), start, bounds)
+            else:
+                log.info("the kernel graph is not validated here: %s", on_kernels.kernels.reason)
+        passed = not quality.problems and not (kernel_quality and kernel_quality.problems)
+        return ValidationReport(**measured, passed=passed, quality=quality, kernel_graph=kernel_quality)
     worst = float(np.max([measured["max_abs_logit_diff_prefill"], measured["max_abs_logit_diff_stepwise"]]))
     if worst <= tolerance:  # False for NaN
         return ValidationReport(**measured, passed=True, tolerance=tolerance)

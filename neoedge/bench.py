@@ -245,6 +245,8 @@ class BenchReport:
     context_sweep: list[ContextPoint]
     cold_start_s: float | None
     peak_rss_mb: float
+    kernels: str = ""
+    """Which kernels ran the weight MatMuls (neoedge's native path, or onnxruntime's stock, and why)."""
     chat: ChatTurns | None = None
     memory: list[Memory] = field(default_factory=list)
     cancel: CancelLatency | None = None
@@ -279,6 +281,7 @@ class BenchReport:
             f"{' '.join(m.get('flags', []))}, onnxruntime {m['onnxruntime']}",
             f"package        {self.package} ({self.model['quantization']}, {self.model['attention']}, "
             f"{self.package_mb:.1f} MB)",
+            f"kernels        {self.kernels}",
             f"workload       batch 1, {s.prompt_tokens}-token prompt, {s.new_tokens} new tokens, "
             f"{s.runs} runs, threads {s.session.intra_threads or 'auto'}, {_sampling(s)}",
             f"session load   {self.session_load_s * 1e3:.0f} ms",
@@ -412,7 +415,7 @@ def machine_info() -> dict[str, Any]:
 
 def _settings_code(settings: SessionSettings) -> str:
     return (f"SessionSettings(intra_threads={settings.intra_threads}, spinning={settings.spinning}, "
-            f"prepack={settings.prepack})")
+            f"prepack={settings.prepack}, kernels={settings.kernels!r})")
 
 
 def cold_start_seconds(package: Path, settings: BenchSettings) -> float:
@@ -715,7 +718,7 @@ def run_bench(package: str | os.PathLike[str], settings: BenchSettings, *, progr
         package_mb=sum(e.bytes for e in manifest.files.values()) / 1e6, session_load_s=load_s,
         tokenize_ms=tokenize_ms, first_token_ms=float(np.median([r.first_token_ms for r in runs])),
         decode_ms_per_token=Summary.of(steps) if steps else None, context_sweep=sweep, cold_start_s=cold,
-        peak_rss_mb=peak_rss_mb(), chat=chat, memory=memory, cancel=cancel, batches=batches,
+        peak_rss_mb=peak_rss_mb(), kernels=model.kernels.describe(), chat=chat, memory=memory, cancel=cancel, batches=batches,
         engine_overhead=overhead, served=served)
 
 

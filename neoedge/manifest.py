@@ -186,6 +186,9 @@ class GraphInfo:
     attention: AttentionImpl
     # Element type of the KV cache: "float32", or "int8" with calibrated per-channel scales (gqa only).
     kv_cache: Literal["float32", "int8"] = "float32"
+    # The same graph with its MatMulNBits nodes run by neoedge's native kernels (neoedge.kernels),
+    # reading the same weights file; None when the package has none (fp32, or written without it).
+    kernel_file: str | None = None
     input_ids: str = "input_ids"
     position_ids: str = "position_ids"
     # Which positions get logits: the lm_head is the largest MatMul, so generation asks for one.
@@ -207,8 +210,12 @@ class GraphInfo:
     def __post_init__(self) -> None:
         _check_fields(self, "graph")
         check_package_path(self.file, "graph.file")
+        if self.kernel_file is not None:
+            check_package_path(self.kernel_file, "graph.kernel_file")
+            if self.kernel_file == self.file:
+                raise ManifestError("graph.kernel_file and graph.file name the same file")
         for f in fields(self):
-            if f.name in ("file", "attention", "kv_cache"):
+            if f.name in ("file", "attention", "kv_cache", "kernel_file"):
                 continue
             value = getattr(self, f.name)
             if not value or not value.isprintable():
@@ -388,6 +395,9 @@ class ValidationReport:
     tolerance: float | None = None  # exact (fp32) packages: the bound on max |Δlogit|
     float64: Float64Check | None = None
     quality: QualityCheck | None = None
+    # The kernel graph (graph.kernel_file) judged by the same bounds, when the exporting machine
+    # runs neoedge's kernels; None if the package has none or they could not run there.
+    kernel_graph: QualityCheck | None = None
 
     def __post_init__(self) -> None:
         _check_fields(self, "validation")
@@ -404,7 +414,7 @@ class ValidationReport:
         if not isinstance(data, dict):
             raise ManifestError(f"validation must be an object or null, got {_show(data)}")
         data = dict(data)
-        for key, section in (("float64", Float64Check), ("quality", QualityCheck)):
+        for key, section in (("float64", Float64Check), ("quality", QualityCheck), ("kernel_graph", QualityCheck)):
             if data.get(key) is not None:
                 data[key] = _section(section, data[key], f"validation.{key}")
         return _section(cls, data, "validation")
@@ -415,7 +425,8 @@ class ValidationReport:
         if self.passed is not False:
             return []
         if self.quality is not None:
-            return self.quality.problems
+            return self.quality.problems + [f"kernel graph: {problem}" for problem in
+                                            (self.kernel_graph.problems if self.kernel_graph else [])]
         found = []
         if self.tolerance is not None and not self.max_abs_logit_diff <= self.tolerance:
             found.append(f"the logits differ from transformers' by {self.max_abs_logit_diff:.3g} "
@@ -451,6 +462,12 @@ class ValidationReport:
                 lines.append(f"{q.bounds} bounds: mean KL {q.mean_kl:.2e} nats (<= {q.max_mean_kl:g}), relative "
                              f"logit error {q.relative_error:.3f} (<= {q.max_relative_error:g}), top-1 agreement "
                              f"{agreement}, logit correlation {q.correlation:.4f} (>= {q.min_correlation:g})")
+        if self.kernel_graph is not None:
+            k = self.kernel_graph
+            agreement = "" if k.decisive_agreement is None else f", top-1 agreement {k.decisive_agreement:.1%}"
+            lines.append(f"kernel graph (neoedge kernels): mean KL {k.mean_kl:.2e} nats, relative logit error "
+                         f"{k.relative_error:.3f}{agreement}, logit correlation {k.correlation:.4f}"
+                         + ("" if not k.problems else " FAILED"))
         if self.passed is None:
             lines.append("not judged (exported by an older neoedge)")
         elif not self.passed:
@@ -483,12 +500,13 @@ class Manifest:
             check_package_path(name, "files entry")
         if MANIFEST_NAME in self.files:
             raise ManifestError(f"files must not list {MANIFEST_NAME} (the manifest seals itself)")
-        for what, name in (("graph.file", self.graph.file), ("tokenizer", self.tokenizer)):
-            if name not in self.files:
+        for what, name in (("graph.file", self.graph.file), ("graph.kernel_file", self.graph.kernel_file),
+                           ("tokenizer", self.tokenizer)):
+            if name is not None and name not in self.files:
                 raise PackagePathError(f"malformed manifest: {what} {name} is not listed in files, so it "
                                        "could not be checked")
-        if self.graph.file == self.tokenizer:
-            raise ManifestError("graph.file and tokenizer name the same file")
+        if self.tokenizer in (self.graph.file, self.graph.kernel_file):
+            raise ManifestError("the tokenizer and a graph file name the same file")
         n = self.model.num_layers
         names = self.graph.input_names(n) + self.graph.output_names(n)
         if len(set(names)) != len(names):

@@ -33,6 +33,7 @@ from .options import ContextPolicy, GenerationOptions
 from .package import VerifyMode, opening_package
 from .runner import Runner, make_runner
 from .sequence import Sequence, Tokens
+from .kernels import KernelInfo
 from .session import SessionSettings, create_session
 from .tokenizer import Tokenizer, check_text
 
@@ -64,12 +65,14 @@ class Model:
             if not settings.prepack and manifest.quantization.scheme != "none":
                 log.warning("prepack=False with an %s package: its kernels need the packed weights, decode "
                             "will be many times slower", manifest.quantization.scheme)
-            session = create_session(package.graph_path, settings)
-            check_graph(session, manifest, package.graph)
+            loaded = create_session(package.graph_path, settings, package.kernel_graph_path)
+            session = loaded.session
+            check_graph(session, manifest, package.kernel_graph if loaded.path == package.kernel_graph_path
+                        else package.graph)
             tokenizer = Tokenizer(package.tokenizer_path)
             check_tokenizer(tokenizer, manifest)
         self._set(package_dir=package_dir, manifest=manifest, settings=settings, tokenizer=tokenizer,
-                  session=session, runner=make_runner(session, manifest, package.graph_path),
+                  session=session, runner=make_runner(session, manifest, loaded.path), kernels=loaded.kernels,
                   fingerprint=package_fingerprint(manifest))
 
     # Attributes are set once, here: a Model is shared between threads and never changes.
@@ -78,6 +81,9 @@ class Model:
     settings: SessionSettings
     tokenizer: Tokenizer
     runner: Runner
+    kernels: KernelInfo
+    """Which kernels run the weight MatMuls: neoedge's native ones (and on which CPU path), or
+    onnxruntime's stock ones, and why."""
     fingerprint: str
     """Identifies the package's content (a hash of its files' hashes): saved sequences carry it."""
 

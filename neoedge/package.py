@@ -59,6 +59,8 @@ class Package:
     root: Path
     manifest: Manifest
     graph: GraphFile
+    kernel_graph: GraphFile | None = None
+    """The graph with neoedge's native kernels (manifest graph.kernel_file), if the package has one."""
 
     def path(self, name: str) -> Path:
         """The path of a file the manifest lists (already checked to be inside the package)."""
@@ -69,6 +71,11 @@ class Package:
     @property
     def graph_path(self) -> Path:
         return self.path(self.manifest.graph.file)
+
+    @property
+    def kernel_graph_path(self) -> Path | None:
+        name = self.manifest.graph.kernel_file
+        return None if name is None else self.path(name)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -120,12 +127,15 @@ def _open(directory: Path) -> tuple[Package, list[tuple[str, Path, FileEntry]]]:
     paths = {name: _inside(root, name, "files entry") for name in manifest.files}
     for name, path in paths.items():
         _check_size(directory, name, path, manifest.files[name])
-    graph_name = manifest.graph.file
-    graph_bytes = _read_verified(directory, graph_name, paths[graph_name], manifest.files[graph_name])
-    graph = read_graph_file(graph_bytes, graph_name)
-    _check_external_data(graph, manifest, graph_name)
-    pending = [(name, paths[name], manifest.files[name]) for name in manifest.files if name != graph_name]
-    return Package(root=root, manifest=manifest, graph=graph), pending
+    # Graph files are small and onnxruntime is about to parse one: they are hashed before anything reads them.
+    graphs: dict[str, GraphFile] = {}
+    for graph_name in filter(None, (manifest.graph.file, manifest.graph.kernel_file)):
+        graph_bytes = _read_verified(directory, graph_name, paths[graph_name], manifest.files[graph_name])
+        graphs[graph_name] = read_graph_file(graph_bytes, graph_name)
+        _check_external_data(graphs[graph_name], manifest, graph_name)
+    pending = [(name, paths[name], manifest.files[name]) for name in manifest.files if name not in graphs]
+    kernel_graph = graphs.get(manifest.graph.kernel_file) if manifest.graph.kernel_file else None
+    return Package(root=root, manifest=manifest, graph=graphs[manifest.graph.file], kernel_graph=kernel_graph), pending
 
 
 def _inside(root: Path, name: str, what: str) -> Path:

@@ -6,10 +6,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
+from . import kernels
 from .errors import OptionsError, PackageError, RunError
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,10 @@ class SessionSettings:
     memory-mapped from the package file: session creation drops from seconds to milliseconds and an
     fp32 package needs no second copy of its weights, but fp32 decode runs ~1.5× slower, and int8/int4
     decode ~30× slower (their kernels have no fast path without the packed layout): keep it on for those."""
+    kernels: Literal["auto", "off"] = "auto"
+    """"auto": a quantized package runs its kernel graph on neoedge's native kernels when they are
+    built and this CPU has a path measured faster than onnxruntime's own (see neoedge.kernels);
+    "off": always the stock graph and onnxruntime's kernels."""
 
     def __post_init__(self) -> None:
         limit = max_intra_threads()
@@ -48,9 +55,40 @@ class SessionSettings:
         for name in ("spinning", "prepack"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.kernels not in ("auto", "off"):
+            raise OptionsError(f"kernels must be 'auto' or 'off', got {self.kernels!r}")
 
 
-def create_session(model_path: str | os.PathLike[str], settings: SessionSettings) -> ort.InferenceSession:
+@dataclass(frozen=True)
+class LoadedGraph:
+    """The session a package runs on, the graph file it was made from, and which kernels run it."""
+
+    session: ort.InferenceSession
+    path: Path
+    kernels: kernels.KernelInfo
+
+
+def create_session(model_path: str | os.PathLike[str], settings: SessionSettings,
+                   kernel_graph: str | os.PathLike[str] | None = None) -> LoadedGraph:
+    """A session over `kernel_graph` (the same graph on neoedge's kernels) when the kernels are
+    available and preferred here, else over the stock graph `model_path`."""
+    options = _options(settings)
+    kernel_info = kernels.KernelInfo(False, kernels.STOCK, "the package has no kernel graph")
+    if settings.kernels == "off":
+        kernel_info = kernels.KernelInfo(False, kernels.STOCK, "SessionSettings(kernels='off')")
+    elif kernel_graph is not None:
+        kernel_info = kernels.register(options)
+        if kernel_info.available and kernel_info.preferred:
+            return LoadedGraph(_session(kernel_graph, options, settings), Path(kernel_graph), kernel_info)
+        if kernel_info.available:
+            # Registered but not preferred: the stock graph runs; a fresh options object keeps the
+            # library out of this session.
+            options = _options(settings)
+            kernel_info = kernels.KernelInfo(False, kernels.STOCK, kernel_info.reason, kernel_info.library)
+    return LoadedGraph(_session(model_path, options, settings), Path(model_path), kernel_info)
+
+
+def _options(settings: SessionSettings) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.intra_threads
     # One graph, run op after op: a second pool would only compete for the same cores.
@@ -60,6 +98,11 @@ def create_session(model_path: str | os.PathLike[str], settings: SessionSettings
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.spinning else "0")
     if not settings.prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
+
+
+def _session(model_path: str | os.PathLike[str], options: ort.SessionOptions,
+             settings: SessionSettings) -> ort.InferenceSession:
     try:
         session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated exception types for bad files

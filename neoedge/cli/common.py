@@ -31,15 +31,18 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def session_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--threads, --spinning and --prepack, handed to the command as one `settings` SessionSettings."""
+    """--threads, --spinning, --prepack and --kernels, handed to the command as one `settings` SessionSettings."""
     @functools.wraps(func)
-    def wrapper(*args: Any, threads: int, spinning: bool, prepack: bool, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, threads: int, spinning: bool, prepack: bool, kernels: str, **kwargs: Any) -> Any:
         try:
-            settings = SessionSettings(intra_threads=threads, spinning=spinning, prepack=prepack)
+            settings = SessionSettings(intra_threads=threads, spinning=spinning, prepack=prepack, kernels=kernels)
         except ValueError as exc:
             raise click.ClickException(str(exc)) from exc
         return func(*args, settings=settings, **kwargs)
 
+    wrapper = click.option("--kernels", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
+                           help="auto: quantized packages run on neoedge's native kernels where they are "
+                                "faster than onnxruntime's; off: onnxruntime's stock kernels.")(wrapper)
     wrapper = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
                            help="onnxruntime intra-op threads (0: one per physical core).")(wrapper)
     wrapper = click.option("--spinning/--no-spinning", default=True, show_default=True,

@@ -55,5 +55,12 @@ def info(package: Path, verify: bool, emit: Emitter) -> None:
     if manifest.validation is not None:
         lines += [f"{'validation' if i == 0 else '':15}{line}" for i, line in enumerate(manifest.validation.lines())]
     lines += [f"{'notes' if i == 0 else '':15}{note}" for i, note in enumerate(manifest.notes)]
+    if manifest.graph.kernel_file is not None:
+        from .. import kernels
+
+        here = kernels.info()
+        runs = ("runs here on " + here.isa) if here.available and here.preferred else \
+            f"not used here ({here.reason})"
+        lines.append(f"kernels        {manifest.graph.kernel_file}: neoedge's native kernels, {runs}")
     lines.append(f"integrity      all sha256 match{' (every file hashed now)' if verify else ''}")
     emit({**manifest.to_dict(), **({"verified": True} if verify else {})}, "\n".join(lines))

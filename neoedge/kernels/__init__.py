@@ -1,0 +1,141 @@
+"""neoedge's own CPU kernels for quantized linear layers, and the stock fallback.
+
+The native library (built at install time when a C++ compiler is there, see setup.py) registers
+`neoedge.kernels::MatMulNBits` with onnxruntime: a drop-in for `com.microsoft.MatMulNBits` with
+accuracy_level 4, run on the session's own thread pool and dispatched at run time to the widest
+path this CPU has: amx > avx512vnni > avxvnni > avx2 > portable (neon on arm64).
+
+    info = kernels.register(session_options)   # before creating the session
+    if info.available: ...load the package's kernel graph...
+
+Environment:
+- NEOEDGE_KERNELS=0: never use the kernels (stock onnxruntime only).
+- NEOEDGE_KERNELS_ISA=<path>: force a narrower path (for tests and comparisons); a path this CPU
+  cannot run is refused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "neoedge.kernels"
+ISA_VARIABLE = "NEOEDGE_KERNELS_ISA"
+DISABLE_VARIABLE = "NEOEDGE_KERNELS"
+PATHS = ("amx", "avx512vnni", "avxvnni", "avx2", "neon", "portable")
+# Paths measured faster than stock onnxruntime on the same CPU (benchmarks/kernels.py). The others are
+# correct but were only measured against stock's AVX-512 kernels (on AVX-512 CPUs stock wins): a
+# runtime should prefer stock there unless the path is forced.
+FASTER_THAN_STOCK = ("amx", "avx512vnni")
+INTERFACE_VERSION = 1
+STOCK = "stock"
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """Whether neoedge's kernels run, on which path, and why (or why not)."""
+
+    available: bool
+    isa: str
+    """The path the kernels take ("amx", "avx512vnni", ...), or "stock" when onnxruntime's own run."""
+    reason: str
+    library: str | None = None
+    preferred: bool = False
+    """Whether to run the package's kernel graph rather than the stock one: the path is measured
+    faster than stock on such CPUs, or was forced with NEOEDGE_KERNELS_ISA."""
+
+    def describe(self) -> str:
+        if self.available:
+            return f"neoedge native kernels, {self.isa} path" + (f" ({self.reason})" if self.reason else "")
+        return "onnxruntime stock kernels" + (f" ({self.reason})" if self.reason else "")
+
+
+def library_path() -> Path:
+    """Where the build puts the library: beside this file."""
+    name = {"win32": "neoedge_kernels.dll", "darwin": "libneoedge_kernels.dylib"}.get(
+        sys.platform, "libneoedge_kernels.so")
+    return Path(__file__).resolve().parent / name
+
+
+@lru_cache(maxsize=None)
+def _probe(path: str) -> tuple[str | None, str]:
+    """(best path, "") if the library loads and speaks this interface, else (None, why)."""
+    try:
+        library = ctypes.CDLL(path)
+        library.neoedge_kernels_interface_version.restype = ctypes.c_int
+        library.neoedge_kernels_best_isa.restype = ctypes.c_char_p
+        version = library.neoedge_kernels_interface_version()
+    except (OSError, AttributeError) as exc:
+        return None, f"cannot load {path}: {exc}"
+    if version != INTERFACE_VERSION:
+        return None, f"{path} is interface version {version}, this neoedge needs {INTERFACE_VERSION}: rebuild it"
+    return library.neoedge_kernels_best_isa().decode(), ""
+
+
+def _supported(path: str, isa: str) -> bool:
+    library = ctypes.CDLL(path)
+    library.neoedge_kernels_isa_supported.restype = ctypes.c_int
+    return bool(library.neoedge_kernels_isa_supported(isa.encode()))
+
+
+def runnable_paths() -> tuple[str, ...]:
+    """The paths this CPU runs, widest first (empty if the library is missing or does not load)."""
+    path = library_path()
+    if not path.exists() or _probe(str(path))[0] is None:
+        return ()
+    return tuple(p for p in PATHS if _supported(str(path), p))
+
+
+def info() -> KernelInfo:
+    """What `register` would do in this process now (reads the environment each time)."""
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+        return KernelInfo(False, STOCK, f"{DISABLE_VARIABLE}=0")
+    path = library_path()
+    if not path.exists():
+        return KernelInfo(False, STOCK, "the native library was not built at install time "
+                                        "(no C++ compiler, or its build failed)")
+    best, why = _probe(str(path))
+    if best is None:
+        return KernelInfo(False, STOCK, why)
+    forced = os.environ.get(ISA_VARIABLE, "")
+    if forced:
+        if forced not in PATHS:
+            return KernelInfo(False, STOCK, f"{ISA_VARIABLE}={forced} is not one of {', '.join(PATHS)}")
+        if not _supported(str(path), forced):
+            return KernelInfo(False, STOCK, f"{ISA_VARIABLE}={forced} but this CPU cannot run it (best: {best})")
+        return KernelInfo(True, forced, f"forced by {ISA_VARIABLE}", str(path), preferred=True)
+    if best not in FASTER_THAN_STOCK:
+        return KernelInfo(True, best, "not faster than onnxruntime's own kernels on this CPU; "
+                                      f"{ISA_VARIABLE}={best} uses it anyway", str(path), preferred=False)
+    return KernelInfo(True, best, "", str(path), preferred=True)
+
+
+_reported: set[str] = set()
+
+
+def register(options: ort.SessionOptions) -> KernelInfo:
+    """Registers the kernels on `options` if they can run here; otherwise says why, once per process."""
+    kernels = info()
+    if kernels.available:
+        try:
+            options.register_custom_ops_library(kernels.library)
+        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types here
+            kernels = KernelInfo(False, STOCK, f"onnxruntime refused {kernels.library}: {exc}")
+    if not kernels.available and kernels.reason not in _reported:
+        _reported.add(kernels.reason)
+        # Switched off on purpose is news, not a problem; anything else is worth a warning.
+        level = logging.INFO if kernels.reason.startswith(DISABLE_VARIABLE) else logging.WARNING
+        log.log(level, "neoedge kernels unavailable, using onnxruntime's stock kernels: %s", kernels.reason)
+    return kernels
+
+
+__all__ = ["DOMAIN", "KernelInfo", "info", "library_path", "register", "runnable_paths"]

@@ -1,0 +1,616 @@
+// AVX-512 VNNI paths: the decode GEMV (M small) and the prompt GEMM (M larger), plus the pieces the
+// AMX GEMM shares (activation layout, accumulator set-up and write-out, 4-bit unpacking).
+//
+// GEMV: streams each weight row once, in MatMulNBits' layout. A zmm of packed 4-bit weights holds 128
+// values; its low nibbles are the even k and its high nibbles the odd k, so the activations are
+// stored de-interleaved per 128 k (64 even, then 64 odd) and vpdpbusd multiplies the unsigned nibbles
+// with them directly: no shuffles of the weights. The zero-point term zp * a_scale * sum q of a
+// block is folded into its epilogue (implicit zero points) or applied once per row for all blocks.
+//
+// GEMM: per task, 32 weight rows are staged in VNNI order (for each 4 k, the 4 bytes of every row
+// side by side; 4-bit values unpacked) in a buffer that stays in L1/L2 for all activation rows,
+// which are quantized once per call in k order. vpdpbusd takes a vector of staged weights as the
+// unsigned operand and broadcasts 4 bytes of an activation row; block scales are applied per k-block
+// in fp32 into a contiguous tile of accumulators, copied to Y once.
+#include "x86.h"
+
+#if NEO_X86
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace neoedge {
+namespace x86 {
+
+namespace {
+
+template <typename T>
+T* grow(std::vector<T>& buffer, size_t count) {
+  // Scratch buffers only grow, so a steady stream of calls allocates nothing; 64 bytes of slack
+  // make every 64-byte vector load of the end in bounds.
+  if (buffer.size() < count + 64 / sizeof(T)) buffer.resize(count + 64 / sizeof(T));
+  return buffer.data();
+}
+
+int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization (MLAS CompInt8 semantics, see qgemm.h)
+
+struct QuantizedBlock {
+  float scale;
+  int32_t sum;
+};
+
+// Quantizes `len` (a multiple of 16) floats into out[0, len).
+NEO_AVX512 NEO_INLINE QuantizedBlock quantize_block_avx512(const float* a, int len, int8_t* out) {
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  __m512 amax = _mm512_setzero_ps();
+  for (int i = 0; i < len; i += 16) amax = _mm512_max_ps(amax, _mm512_andnot_ps(sign, _mm512_loadu_ps(a + i)));
+  const float max = _mm512_reduce_max_ps(amax);
+  const float scale = max / 127.f;
+  const __m512 inverse = _mm512_set1_ps(max != 0.f ? 127.f / max : 0.f);
+  __m512i sum = _mm512_setzero_si512();
+  for (int i = 0; i < len; i += 16) {
+    // cvtps2dq rounds half to even (the default MXCSR mode), as MLAS does.
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(a + i), inverse));
+    sum = _mm512_add_epi32(sum, q);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtsepi32_epi8(q));
+  }
+  return {scale, _mm512_reduce_add_epi32(sum)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMV: M small
+
+// Activations of up to kMaxGemvRows rows in the GEMV layout.
+struct GemvActivations {
+  const int8_t* q;         // [rows, kp]; 4-bit: de-interleaved per 128 k
+  const float* scale;      // [rows, blocks_pad]
+  const float* scaled_sum; // [rows, blocks_pad]
+  const float* lane_scale; // [rows, groups, 16] when a block is smaller than a vector's k span
+  // Without zero-point inputs (zp = 2^(bits-1) everywhere) the correction zp * a_scale * sum q of
+  // each block is folded into its epilogue: [rows, units, 16], one vector per block (or per group
+  // of blocks sharing a vector), the block's correction in the first lane of its lanes.
+  const float* correction;
+  int64_t kp, blocks_pad, groups, units;
+};
+
+constexpr int kMaxGemvRows = 4;
+
+// k covered by one zmm of weights.
+constexpr int span_of(int bits) { return bits == 4 ? 128 : 64; }
+
+// One row into the GEMV layout; `natural` is scratch of kp bytes.
+NEO_AVX512 void quantize_gemv_row(const Problem& p, const float* a, int8_t* q, int8_t* natural, float* scale,
+                                  float* scaled_sum, float* lane_scale, float* correction, int64_t kp,
+                                  int64_t groups) {
+  const int64_t blocks = p.blocks();
+  const int block = p.block;
+  int8_t* dst = p.bits == 8 ? q : natural;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const QuantizedBlock r = quantize_block_avx512(a + b * block, block, dst + b * block);
+    scale[b] = r.scale;
+    scaled_sum[b] = r.scale * static_cast<float>(r.sum);
+  }
+  std::memset(dst + p.k, 0, static_cast<size_t>(kp - p.k));
+  if (p.bits == 4) {
+    // Per 128 k: the 64 even k, then the 64 odd k, matching the low and high nibbles of 64 bytes.
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512i x0 = _mm512_loadu_si512(natural + g * 128), x1 = _mm512_loadu_si512(natural + g * 128 + 64);
+      int8_t* out = q + g * 128;
+      _mm256_storeu_si256((__m256i*)out, _mm512_cvtepi16_epi8(x0));
+      _mm256_storeu_si256((__m256i*)(out + 32), _mm512_cvtepi16_epi8(x1));
+      _mm256_storeu_si256((__m256i*)(out + 64), _mm512_cvtepi16_epi8(_mm512_srli_epi16(x0, 8)));
+      _mm256_storeu_si256((__m256i*)(out + 96), _mm512_cvtepi16_epi8(_mm512_srli_epi16(x1, 8)));
+    }
+  }
+  const int64_t blocks_pad = round_up(blocks, 16);
+  for (int64_t b = blocks; b < blocks_pad; ++b) scale[b] = scaled_sum[b] = 0.f;
+  const int span = span_of(p.bits);
+  const float zp = static_cast<float>(1 << (p.bits - 1));
+  if (block < span) {
+    const int lanes_per_block = 16 * block / span;
+    const int blocks_per_group = span / block;
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int i = 0; i < 16; ++i) {
+        const int64_t b = g * blocks_per_group + i / lanes_per_block;
+        lane_scale[g * 16 + i] = b < blocks ? scale[b] : 0.f;
+        if (!p.zp) correction[g * 16 + i] = b < blocks && i % lanes_per_block == 0 ? zp * scaled_sum[b] : 0.f;
+      }
+    }
+  } else if (!p.zp) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      _mm512_storeu_ps(correction + b * 16, _mm512_setzero_ps());
+      correction[b * 16] = zp * scaled_sum[b];
+    }
+  }
+}
+
+// Zero points of one row as floats, blocks [b0, b0 + 16).
+NEO_AVX512 NEO_INLINE __m512 zero_points16(const Problem& p, int64_t n, int64_t b0, int count) {
+  const __mmask16 valid = static_cast<__mmask16>(count >= 16 ? 0xFFFF : (1u << count) - 1);
+  if (!p.zp) return _mm512_set1_ps(static_cast<float>(1 << (p.bits - 1)));
+  const uint8_t* row = p.zp + n * p.zp_row_bytes();
+  __m512i z;
+  if (p.bits == 8) {
+    z = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(valid, row + b0));
+  } else {
+    // b0 is a multiple of 16: 8 bytes hold its 16 nibbles, low nibble first.
+    const __mmask16 bytes = static_cast<__mmask16>((1u << ((std::min(count, 16) + 1) / 2)) - 1);
+    const __m128i packed = _mm_maskz_loadu_epi8(bytes, row + b0 / 2);
+    const __m128i words = _mm_cvtepu8_epi16(packed);  // 8 bytes -> 8 words
+    const __m128i nibbles = _mm_and_si128(_mm_or_si128(words, _mm_slli_epi16(words, 4)), _mm_set1_epi16(0x0F0F));
+    z = _mm512_cvtepu8_epi32(nibbles);
+  }
+  return _mm512_cvtepi32_ps(z);
+}
+
+// Accumulates one zmm of weights (group g) of NR rows against MR activation rows into sums.
+template <int BITS, int MR, int NR>
+NEO_AVX512 NEO_INLINE void group_dot(const uint8_t* const (&w)[NR], const int8_t* const (&q)[MR], int64_t g,
+                                     __mmask64 mask, int64_t ahead, __m512i (&sums)[MR][NR]) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int r = 0; r < NR; ++r) {
+    const uint8_t* src = w[r] + g * 64;
+    // The rows of a tile are adjacent in memory and the next tile follows them: fetch the same
+    // place in the next tile, so the stream stays ahead across row boundaries.
+    _mm_prefetch(reinterpret_cast<const char*>(src) + ahead, _MM_HINT_T0);
+    const __m512i bytes = _mm512_maskz_loadu_epi8(mask, src);
+    if (BITS == 4) {
+      const __m512i lo = _mm512_and_si512(bytes, low);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
+      for (int m = 0; m < MR; ++m) {
+        sums[m][r] = _mm512_dpbusd_epi32(sums[m][r], lo, _mm512_loadu_si512(q[m] + g * 128));
+        sums[m][r] = _mm512_dpbusd_epi32(sums[m][r], hi, _mm512_loadu_si512(q[m] + g * 128 + 64));
+      }
+    } else {
+      for (int m = 0; m < MR; ++m)
+        sums[m][r] = _mm512_dpbusd_epi32(sums[m][r], bytes, _mm512_loadu_si512(q[m] + g * 64));
+    }
+  }
+}
+
+// y[0..NR) = horizontal sums of v[0..NR), NR a multiple of 4 or 1.
+template <int NR>
+NEO_AVX512 NEO_INLINE void store_sums(const __m512 (&v)[NR], float* y) {
+  if constexpr (NR % 4 != 0) {
+    for (int r = 0; r < NR; ++r) y[r] = _mm512_reduce_add_ps(v[r]);
+  } else {
+    for (int r = 0; r < NR; r += 4) {
+      __m256 h[4];
+      for (int i = 0; i < 4; ++i)
+        h[i] = _mm256_add_ps(_mm512_castps512_ps256(v[r + i]), _mm512_extractf32x8_ps(v[r + i], 1));
+      const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+      _mm_storeu_ps(y + r, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+    }
+  }
+}
+
+template <int BITS, int MR, int NR>
+NEO_AVX512 void gemv_tile(const Problem& p, const GemvActivations& act, int64_t m0, int64_t n0) {
+  constexpr int span = span_of(BITS);
+  const int64_t blocks = p.blocks(), row_bytes = p.row_bytes();
+  const int block = p.block;
+  const bool folded = !p.zp;
+  const uint8_t* w[NR];
+  for (int r = 0; r < NR; ++r) w[r] = p.b + (n0 + r) * row_bytes;
+  const int8_t* q[MR];
+  for (int m = 0; m < MR; ++m) q[m] = act.q + (m0 + m) * act.kp;
+  const int64_t ahead = row_bytes >= 2048 ? 1024 : std::max<int64_t>(NR * row_bytes, 512);
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  if (block >= span) {
+    const int64_t per_block = block / span;
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m512i sums[MR][NR];
+      for (int m = 0; m < MR; ++m)
+        for (int r = 0; r < NR; ++r) sums[m][r] = _mm512_setzero_si512();
+      for (int64_t j = 0; j < per_block; ++j) group_dot<BITS, MR, NR>(w, q, b * per_block + j, ~0ull, ahead, sums);
+      for (int m = 0; m < MR; ++m) {
+        const __m512 a_scale = _mm512_set1_ps(act.scale[(m0 + m) * act.blocks_pad + b]);
+        const __m512 correction = folded ? _mm512_loadu_ps(act.correction + ((m0 + m) * act.units + b) * 16)
+                                         : _mm512_setzero_ps();
+        for (int r = 0; r < NR; ++r) {
+          const __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(sums[m][r]), a_scale, correction);
+          acc[m][r] = _mm512_fmadd_ps(t, _mm512_set1_ps(p.scales[(n0 + r) * blocks + b]), acc[m][r]);
+        }
+      }
+    }
+  } else {
+    // Several blocks per zmm: each dword lane belongs to one block; scales are spread over lanes.
+    const int blocks_per_group = span / block, lanes_per_block = 16 * block / span;
+    const __m512i spread = _mm512_srli_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), lanes_per_block == 2 ? 1 : lanes_per_block == 4 ? 2 : 3);
+    const int64_t full_bytes = p.k * BITS / 8;
+    for (int64_t g = 0; g < act.groups; ++g) {
+      const int64_t left = full_bytes - g * 64;
+      const __mmask64 mask = left >= 64 ? ~0ull : (1ull << left) - 1;
+      __m512i sums[MR][NR];
+      for (int m = 0; m < MR; ++m)
+        for (int r = 0; r < NR; ++r) sums[m][r] = _mm512_setzero_si512();
+      group_dot<BITS, MR, NR>(w, q, g, mask, ahead, sums);
+      const int64_t b0 = g * blocks_per_group;
+      const __mmask16 valid = static_cast<__mmask16>((1u << std::min<int64_t>(blocks_per_group, blocks - b0)) - 1);
+      __m512 w_scale[NR];
+      for (int r = 0; r < NR; ++r)
+        w_scale[r] = _mm512_permutexvar_ps(spread, _mm512_maskz_loadu_ps(valid, p.scales + (n0 + r) * blocks + b0));
+      for (int m = 0; m < MR; ++m) {
+        const __m512 a_scale = _mm512_loadu_ps(act.lane_scale + ((m0 + m) * act.groups + g) * 16);
+        const __m512 correction = folded ? _mm512_loadu_ps(act.correction + ((m0 + m) * act.units + g) * 16)
+                                         : _mm512_setzero_ps();
+        for (int r = 0; r < NR; ++r) {
+          const __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(sums[m][r]), a_scale, correction);
+          acc[m][r] = _mm512_fmadd_ps(t, w_scale[r], acc[m][r]);
+        }
+      }
+    }
+  }
+  if (!folded) {
+    // Zero points: sum_b zp * w_scale * (a_scale * sum q), 16 blocks per vector.
+    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+      const __mmask16 valid = static_cast<__mmask16>(blocks - b0 >= 16 ? 0xFFFF : (1u << (blocks - b0)) - 1);
+      for (int r = 0; r < NR; ++r) {
+        const __m512 zw = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, p.scales + (n0 + r) * blocks + b0),
+                                        zero_points16(p, n0 + r, b0, static_cast<int>(blocks - b0)));
+        for (int m = 0; m < MR; ++m)
+          acc[m][r] = _mm512_fnmadd_ps(zw, _mm512_loadu_ps(act.scaled_sum + (m0 + m) * act.blocks_pad + b0), acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) store_sums<NR>(acc[m], p.y + (m0 + m) * p.n + n0);
+}
+
+struct GemvJob {
+  const Problem* p;
+  GemvActivations act;
+  int64_t rows_per_task;
+};
+
+template <int BITS, int MR>
+NEO_AVX512 void gemv_rows(const Problem& p, const GemvActivations& act, int64_t m0, int64_t n0, int64_t n1) {
+  // One activation row: 8 weight rows (8 independent chains, 8 prefetch streams; measured better
+  // than 4 on L2/L3-resident weights). More rows share each weight vector, with fewer weight rows
+  // so that sums and accumulators stay in the 32 zmm registers.
+  constexpr int NR = MR == 1 ? 8 : MR == 2 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) gemv_tile<BITS, MR, NR>(p, act, m0, n);
+  for (; n < n1; ++n) gemv_tile<BITS, MR, 1>(p, act, m0, n);
+}
+
+template <int BITS>
+NEO_AVX512 void gemv_task_bits(const GemvJob& job, int64_t n0, int64_t n1) {
+  const Problem& p = *job.p;
+  for (int64_t m0 = 0; m0 < p.m; m0 += kMaxGemvRows) {
+    switch (std::min<int64_t>(kMaxGemvRows, p.m - m0)) {
+      case 1: gemv_rows<BITS, 1>(p, job.act, m0, n0, n1); break;
+      case 2: gemv_rows<BITS, 2>(p, job.act, m0, n0, n1); break;
+      case 3: gemv_rows<BITS, 3>(p, job.act, m0, n0, n1); break;
+      default: gemv_rows<BITS, 4>(p, job.act, m0, n0, n1); break;
+    }
+  }
+}
+
+void gemv_task(void* user, size_t task) {
+  const GemvJob& job = *static_cast<const GemvJob*>(user);
+  const int64_t n0 = static_cast<int64_t>(task) * job.rows_per_task;
+  const int64_t n1 = std::min(job.p->n, n0 + job.rows_per_task);
+  if (job.p->bits == 4) gemv_task_bits<4>(job, n0, n1);
+  else gemv_task_bits<8>(job, n0, n1);
+}
+
+NEO_AVX512 bool run_gemv(const Problem& p, const Parallel& parallel) {
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> scales;
+  const int span = span_of(p.bits);
+  const int64_t kp = round_up(p.k, span), groups = kp / span, blocks_pad = round_up(p.blocks(), 16);
+  const int64_t units = p.block >= span ? p.blocks() : groups;
+  GemvActivations act;
+  int8_t* qd = grow(q, static_cast<size_t>(p.m * kp));
+  float* sd = grow(scales, static_cast<size_t>(p.m * (2 * blocks_pad + groups * 16 + units * 16)));
+  act.q = qd;
+  act.scale = sd;
+  act.scaled_sum = sd + p.m * blocks_pad;
+  act.lane_scale = sd + 2 * p.m * blocks_pad;
+  act.kp = kp;
+  act.blocks_pad = blocks_pad;
+  act.groups = groups;
+  act.units = units;
+  float* correction = sd + p.m * (2 * blocks_pad + groups * 16);
+  act.correction = correction;
+  thread_local std::vector<int8_t> natural;
+  int8_t* nd = grow(natural, static_cast<size_t>(kp));
+  for (int64_t m = 0; m < p.m; ++m) {
+    quantize_gemv_row(p, p.a + m * p.k, qd + m * kp, nd, sd + m * blocks_pad, sd + (p.m + m) * blocks_pad,
+                      sd + 2 * p.m * blocks_pad + m * groups * 16, correction + m * units * 16, kp, groups);
+  }
+  // Tasks of ~32 KB of weights: small enough to balance over the pool, large enough that the
+  // per-task cost of the pool stays negligible; a multiple of 8 rows for the 8-row tiles.
+  const int64_t rows = std::max<int64_t>(8, (32768 / std::max<int64_t>(1, p.row_bytes())) / 8 * 8);
+  GemvJob job{&p, act, rows};
+  return parallel(gemv_task, static_cast<size_t>((p.n + rows - 1) / rows), &job);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM: M larger
+
+struct PrepareJob {
+  const Problem* p;
+  GemmActivations act;
+};
+
+NEO_AVX512 void prepare_rows(const PrepareJob& job, int64_t m0) {
+  const Problem& p = *job.p;
+  const GemmActivations& act = job.act;
+  const int64_t blocks = p.blocks();
+  for (int64_t m = m0; m < std::min(m0 + 16, act.m_pad); ++m) {
+    int8_t* row = const_cast<int8_t*>(act.q) + m * act.stride;
+    float* scale = const_cast<float*>(act.scale) + m * act.blocks_pad;
+    float* scaled_sum = const_cast<float*>(act.scaled_sum) + m * act.blocks_pad;
+    if (m >= p.m) {
+      std::memset(row, 0, static_cast<size_t>(act.k64));
+      std::memset(scale, 0, static_cast<size_t>(act.blocks_pad) * sizeof(float));
+      std::memset(scaled_sum, 0, static_cast<size_t>(act.blocks_pad) * sizeof(float));
+      continue;
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+      const QuantizedBlock qb = quantize_block_avx512(p.a + m * p.k + b * p.block, p.block, row + b * p.block);
+      scale[b] = qb.scale;
+      scaled_sum[b] = qb.scale * static_cast<float>(qb.sum);
+    }
+    std::memset(row + p.k, 0, static_cast<size_t>(act.k64 - p.k));
+  }
+}
+
+void prepare_task(void* user, size_t task) {
+  const PrepareJob& job = *static_cast<const PrepareJob*>(user);
+  prepare_rows(job, static_cast<int64_t>(task) * 16);
+}
+
+// Transposes 16 rows of 16 dwords in place: r[j] afterwards holds dword j of every input row.
+NEO_AVX512 NEO_INLINE void transpose16(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  __m512i u[16];  // u[4g + j]: 128-bit lane l holds dword 4l + j of rows 4g..4g+3
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44);
+    const __m512i v1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
+    r[j] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    r[4 + j] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    r[8 + j] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
+}
+
+// 64 k of one weight row as bytes in k order (4-bit unpacked), zero past the row's end;
+// minus its zero points when `centre` (4-bit only: w - zp fits int8).
+NEO_AVX512 NEO_INLINE __m512i weight_chunk(const Problem& p, int64_t n, int64_t k0, bool centre) {
+  const uint8_t* row = p.b + n * p.row_bytes();
+  const int64_t left = p.k - k0;
+  __m512i v;
+  if (p.bits == 8) {
+    v = _mm512_maskz_loadu_epi8(left >= 64 ? ~0ull : (1ull << left) - 1, row + k0);
+  } else {
+    const int64_t bytes = std::min<int64_t>(32, left / 2);
+    const __m512i x = _mm512_cvtepu8_epi16(
+        _mm256_maskz_loadu_epi8(bytes >= 32 ? 0xFFFFFFFFu : (1u << bytes) - 1, row + k0 / 2));
+    // Each byte -> a word (low nibble, high nibble): (x | x << 4) & 0x0F0F, bytes in k order.
+    v = _mm512_ternarylogic_epi32(x, _mm512_slli_epi16(x, 4), _mm512_set1_epi16(0x0F0F), 0xA8);
+  }
+  if (centre) {
+    const int block = p.block;
+    const int64_t b0 = k0 / block;
+    __m512i zp = _mm512_set1_epi8(static_cast<char>(p.zero_point(n, b0)));
+    for (int j = 1; j * block < 64 && k0 + j * block < p.k; ++j) {
+      const __mmask64 part = (~0ull >> (64 - block)) << (j * block);
+      zp = _mm512_mask_mov_epi8(zp, part, _mm512_set1_epi8(static_cast<char>(p.zero_point(n, b0 + j))));
+    }
+    v = _mm512_maskz_sub_epi8(left >= 64 ? ~0ull : (1ull << left) - 1, v, zp);
+  }
+  return v;
+}
+
+}  // namespace
+
+NEO_AVX512 void stage_tile(const Problem& p, int64_t n0, bool centre, uint8_t* out, float* w_scale, float* zp_scale) {
+  const int64_t k64 = round_up(p.k, 64), blocks = p.blocks();
+  for (int g = 0; g < kTileRows / 16; ++g) {
+    for (int64_t k0 = 0; k0 < k64; k0 += 64) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t n = n0 + g * 16 + i;
+        r[i] = n < p.n ? weight_chunk(p, n, k0, centre) : _mm512_setzero_si512();
+      }
+      if (k0 + 1024 < p.k && n0 + g * 16 < p.n)
+        _mm_prefetch(reinterpret_cast<const char*>(p.b + (n0 + g * 16) * p.row_bytes() + (k0 + 1024) * p.bits / 8), _MM_HINT_T0);
+      transpose16(r);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(out + ((k0 / 4 + j) * kTileRows + g * 16) * 4, r[j]);
+    }
+  }
+  for (int i = 0; i < kTileRows; ++i) {
+    const int64_t n = n0 + i;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float ws = n < p.n ? p.scales[n * blocks + b] : 0.f;
+      w_scale[b * kTileRows + i] = ws;
+      if (zp_scale) zp_scale[b * kTileRows + i] = n < p.n ? ws * static_cast<float>(p.zero_point(n, b)) : 0.f;
+    }
+  }
+}
+
+NEO_AVX512 void init_outputs(const GemmActivations& act, int64_t blocks, int64_t m0, int64_t m1, const float* zp_scale,
+                             float* acc) {
+  for (int64_t m = m0; m < m1; ++m) {
+    __m512 v0 = _mm512_setzero_ps(), v1 = _mm512_setzero_ps();
+    const float* ss = act.scaled_sum + m * act.blocks_pad;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __m512 s = _mm512_set1_ps(ss[b]);
+      v0 = _mm512_fnmadd_ps(s, _mm512_loadu_ps(zp_scale + b * kTileRows), v0);
+      v1 = _mm512_fnmadd_ps(s, _mm512_loadu_ps(zp_scale + b * kTileRows + 16), v1);
+    }
+    _mm512_storeu_ps(acc + (m - m0) * kTileRows, v0);
+    _mm512_storeu_ps(acc + (m - m0) * kTileRows + 16, v1);
+  }
+}
+
+NEO_AVX512 void store_outputs(const Problem& p, int64_t n0, int64_t m0, int64_t m1, const float* acc) {
+  const int valid = static_cast<int>(std::min<int64_t>(kTileRows, p.n - n0));
+  const __mmask16 lo = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+  const __mmask16 hi = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : static_cast<__mmask16>((1u << (valid - 16)) - 1);
+  for (int64_t m = m0; m < m1; ++m) {
+    float* y = p.y + m * p.n + n0;
+    _mm512_mask_storeu_ps(y, lo, _mm512_loadu_ps(acc + (m - m0) * kTileRows));
+    if (hi) _mm512_mask_storeu_ps(y + 16, hi, _mm512_loadu_ps(acc + (m - m0) * kTileRows + 16));
+  }
+}
+
+namespace {
+
+// MR activation rows x 32 weight rows over one k-block: the staged weights [k/4][32][4] are the
+// unsigned operand, each row's 4 activation bytes are broadcast; then Y += block scales x sums.
+template <int MR>
+NEO_AVX512 void vnni_micro(const uint8_t* w, const int8_t* x, int64_t x_stride, int64_t kq_count,
+                           const float* a_scale, int64_t a_scale_stride, const float* w_scale, float* acc) {
+  __m512i c[MR][2];
+  for (int r = 0; r < MR; ++r) c[r][0] = c[r][1] = _mm512_setzero_si512();
+  for (int64_t kq = 0; kq < kq_count; ++kq) {
+    const __m512i w0 = _mm512_loadu_si512(w + kq * 128), w1 = _mm512_loadu_si512(w + kq * 128 + 64);
+    for (int r = 0; r < MR; ++r) {
+      int32_t word;
+      std::memcpy(&word, x + r * x_stride + kq * 4, 4);
+      const __m512i a = _mm512_set1_epi32(word);
+      c[r][0] = _mm512_dpbusd_epi32(c[r][0], w0, a);
+      c[r][1] = _mm512_dpbusd_epi32(c[r][1], w1, a);
+    }
+  }
+  const __m512 ws0 = _mm512_loadu_ps(w_scale), ws1 = _mm512_loadu_ps(w_scale + 16);
+  for (int r = 0; r < MR; ++r) {
+    const __m512 as = _mm512_set1_ps(a_scale[r * a_scale_stride]);
+    float* out = acc + r * kTileRows;
+    _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(c[r][0]), as), ws0, _mm512_loadu_ps(out)));
+    _mm512_storeu_ps(out + 16,
+                     _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(c[r][1]), as), ws1, _mm512_loadu_ps(out + 16)));
+  }
+}
+
+struct GemmJob {
+  const Problem* p;
+  GemmActivations act;
+  int64_t n_tiles, m_chunks;
+};
+
+constexpr int kVnniRows = 12;  // 12 x 2 accumulators + 2 weight vectors fit the 32 zmm registers
+
+template <int MR>
+NEO_AVX512 void vnni_rows(const Problem& p, const GemmActivations& act, const uint8_t* staged, const float* w_scale,
+                          int64_t m, int64_t b, float* acc) {
+  vnni_micro<MR>(staged + b * p.block * kTileRows, act.q + m * act.stride + b * p.block, act.stride, p.block / 4,
+                 act.scale + m * act.blocks_pad + b, act.blocks_pad, w_scale + b * kTileRows, acc);
+}
+
+NEO_AVX512 void vnni_gemm_task(const GemmJob& job, int64_t tile, int64_t chunk) {
+  const Problem& p = *job.p;
+  const GemmActivations& act = job.act;
+  const int64_t n0 = tile * kTileRows, m0 = chunk * kMChunk, m1 = std::min(p.m, m0 + kMChunk);
+  const int64_t blocks = p.blocks();
+  thread_local std::vector<uint8_t> staged_buffer;
+  thread_local std::vector<float> scale_buffer, acc_buffer;
+  uint8_t* staged = grow(staged_buffer, static_cast<size_t>(round_up(p.k, 64) * kTileRows));
+  float* w_scale = grow(scale_buffer, static_cast<size_t>(2 * blocks * kTileRows));
+  float* zp_scale = w_scale + blocks * kTileRows;
+  float* acc = grow(acc_buffer, static_cast<size_t>(kMChunk * kTileRows));
+  stage_tile(p, n0, false, staged, w_scale, zp_scale);
+  init_outputs(act, blocks, m0, m1, zp_scale, acc);
+  for (int64_t b = 0; b < blocks; ++b) {
+    int64_t m = m0;
+    for (; m + kVnniRows <= m1; m += kVnniRows)
+      vnni_rows<kVnniRows>(p, act, staged, w_scale, m, b, acc + (m - m0) * kTileRows);
+    float* out = acc + (m - m0) * kTileRows;
+    switch (m1 - m) {
+      case 11: vnni_rows<11>(p, act, staged, w_scale, m, b, out); break;
+      case 10: vnni_rows<10>(p, act, staged, w_scale, m, b, out); break;
+      case 9: vnni_rows<9>(p, act, staged, w_scale, m, b, out); break;
+      case 8: vnni_rows<8>(p, act, staged, w_scale, m, b, out); break;
+      case 7: vnni_rows<7>(p, act, staged, w_scale, m, b, out); break;
+      case 6: vnni_rows<6>(p, act, staged, w_scale, m, b, out); break;
+      case 5: vnni_rows<5>(p, act, staged, w_scale, m, b, out); break;
+      case 4: vnni_rows<4>(p, act, staged, w_scale, m, b, out); break;
+      case 3: vnni_rows<3>(p, act, staged, w_scale, m, b, out); break;
+      case 2: vnni_rows<2>(p, act, staged, w_scale, m, b, out); break;
+      case 1: vnni_rows<1>(p, act, staged, w_scale, m, b, out); break;
+      default: break;
+    }
+  }
+  store_outputs(p, n0, m0, m1, acc);
+}
+
+void gemm_task(void* user, size_t task) {
+  const GemmJob& job = *static_cast<const GemmJob*>(user);
+  vnni_gemm_task(job, static_cast<int64_t>(task) / job.m_chunks, static_cast<int64_t>(task) % job.m_chunks);
+}
+
+NEO_AVX512 bool prepare(const Problem& p, const Parallel& parallel, GemmActivations* out) {
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> scales;
+  const int64_t m_pad = round_up(p.m, 16), k64 = round_up(p.k, 64), blocks_pad = round_up(p.blocks(), 16);
+  GemmActivations act;
+  act.stride = k64 + 64;
+  act.q = grow(q, static_cast<size_t>(m_pad * act.stride));
+  float* sd = grow(scales, static_cast<size_t>(2 * m_pad * blocks_pad));
+  act.scale = sd;
+  act.scaled_sum = sd + m_pad * blocks_pad;
+  act.m_pad = m_pad;
+  act.k64 = k64;
+  act.blocks_pad = blocks_pad;
+  PrepareJob job{&p, act};
+  if (!parallel(prepare_task, static_cast<size_t>(m_pad / 16), &job)) return false;
+  *out = act;
+  return true;
+}
+
+NEO_AVX512 bool run_gemm(const Problem& p, const Parallel& parallel) {
+  GemmActivations act;
+  if (!prepare(p, parallel, &act)) return false;
+  const int64_t n_tiles = (p.n + kTileRows - 1) / kTileRows, m_chunks = (p.m + kMChunk - 1) / kMChunk;
+  GemmJob job{&p, act, n_tiles, m_chunks};
+  return parallel(gemm_task, static_cast<size_t>(n_tiles * m_chunks), &job);
+}
+
+}  // namespace
+
+bool prepare_gemm_activations(const Problem& p, const Parallel& parallel, GemmActivations* out) {
+  return prepare(p, parallel, out);
+}
+
+}  // namespace x86
+
+// Below this many rows the GEMV (weights streamed once per 4 activation rows) beats staging the
+// weights for the GEMM (benchmarks/kernels.py, 1 thread: at M = 8 the GEMV was 0.9-1.2x stock and
+// the AMX GEMM 0.7-0.8x; at M = 16 AMX was ahead).
+constexpr int64_t kGemmMinRows = 12;
+
+bool run_avx512(const Problem& p, const Parallel& parallel, bool amx) {
+  if (p.m < kGemmMinRows) return x86::run_gemv(p, parallel);
+  if (!amx) return x86::run_gemm(p, parallel);
+  x86::GemmActivations act;
+  if (!x86::prepare_gemm_activations(p, parallel, &act)) return false;
+  return x86::amx_gemm(p, parallel, act);
+}
+
+}  // namespace neoedge
+
+#endif
