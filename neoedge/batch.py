@@ -17,13 +17,12 @@ their own row, and every decode step runs all rows at once.
 
 from __future__ import annotations
 
-import mmap
 from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 
-from .kv_cache import local_chunk
+from .kv_cache import lazy_zeros, local_chunk
 from .runner import GqaRunner, Runner, State, _run
 
 
@@ -52,20 +51,6 @@ class RowPool(Protocol):
         """One token for each active row [active]; logits [active, vocab] (reused by the next step).
         Rows where `advance` is False (still being prefilled) take a placeholder: its keys are
         written where the row's next position will go and overwritten by it, the row stays as it was."""
-
-
-def lazy_zeros(shape: tuple[int, ...], dtype: type) -> np.ndarray:
-    """A zeroed array whose memory is taken only where it is written, page by page.
-
-    np.zeros asks the kernel for transparent huge pages on arrays of 4 MB and more: then writing
-    the first positions of one (row, head) slab faults in a whole 2 MB page, and a pool of 8 rows
-    x 2,048 positions became resident at ~5x what its rows held (measured: 189 MB for 38 MB of
-    caches). An anonymous mapping without huge pages keeps resident memory at what is written."""
-    size = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    buffer = mmap.mmap(-1, size)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux; elsewhere the default is already small pages
-        buffer.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(buffer, dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 class GqaPool:

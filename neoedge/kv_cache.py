@@ -6,12 +6,27 @@ copied (fork), checkpointed and turned into arrays (save) without running the mo
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
 from .manifest import GraphInfo, ModelInfo
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """A zeroed array whose memory is taken only where it is written, page by page.
+
+    np.zeros asks the kernel for transparent huge pages on arrays of 4 MB and more: then writing
+    the first positions of one (row, head) slab faults in a whole 2 MB page, and a pool of 8 rows
+    x 2,048 positions became resident at ~5x what its rows held (measured: 189 MB for 38 MB of
+    caches). An anonymous mapping without huge pages keeps resident memory at what is written."""
+    size = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    buffer = mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux; elsewhere the default is already small pages
+        buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buffer, dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 def local_chunk(window_size: int) -> int:
@@ -61,8 +76,8 @@ class InPlaceKVCache:
         for kind in model.attention_layers:
             positions = self.local_capacity if kind == "local" else capacity
             shape = (1, model.num_heads, positions, model.head_size)
-            # np.zeros maps untouched pages lazily: a large capacity costs memory only as it fills.
-            pair = [np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)]
+            # Untouched pages cost nothing: a large capacity costs memory only as it fills.
+            pair = [lazy_zeros(shape, self.dtype), lazy_zeros(shape, self.dtype)]
             self.arrays += pair
             if kind == "local":
                 self._local += pair
