@@ -52,7 +52,13 @@ CONFIGS = {
     "neoedge-int4": "neoedge int4 (default: block 128, symmetric)",
     "neoedge-int4-l8": "neoedge int4, lm_head int8",
     "neoedge-int4-b32": "neoedge int4 (block 32, asymmetric)",
+    # The same packages on onnxruntime's stock MatMulNBits (--kernels off): what neoedge ran before
+    # its own kernels, measured in the same run.
+    "neoedge-int8-stock": "neoedge int8, stock onnxruntime kernels",
+    "neoedge-int4-stock": "neoedge int4, stock onnxruntime kernels",
 }
+# Configurations that run another configuration's package with the stock kernels.
+STOCK_OF = {"neoedge-int8-stock": "neoedge-int8", "neoedge-int4-stock": "neoedge-int4"}
 NEOEDGE_EXPORTS = {
     "neoedge-fp32": dict(quantize="none"),
     "neoedge-int8": dict(quantize="int8"),
@@ -72,9 +78,11 @@ def prepare(checkpoint: str | None, configs: list[str]) -> dict[str, str]:
     paths = {"pytorch-fp32": source}
     for name, options in NEOEDGE_EXPORTS.items():
         out = WORK / f"{tag}-{name}"
-        if name in configs:
+        if name in configs or name in {STOCK_OF.get(c) for c in configs}:
             cached_export(source, out, **options)
         paths[name] = str(out)
+    for stock, of in STOCK_OF.items():
+        paths[stock] = paths[of]
     optimum_fp32 = WORK / f"{tag}-optimum-fp32"
     optimum_int8 = WORK / f"{tag}-optimum-int8"
     if {"optimum-fp32", "optimum-int8", "loop-int8"} & set(configs) and not (optimum_fp32 / "model.onnx").exists():
@@ -147,8 +155,9 @@ def worker(config: str, path: str, spec: dict[str, Any]) -> dict[str, Any]:
     sweep = []
     for context in spec["contexts"]:
         ids = rng.integers(0, vocab, size=context).tolist()
-        _, sweep_steps = run(ids, spec["sweep_tokens"])
-        sweep.append({"context": context, "decode_ms_per_token": float(np.median(sweep_steps))})
+        sweep_first, sweep_steps = run(ids, spec["sweep_tokens"])
+        sweep.append({"context": context, "decode_ms_per_token": float(np.median(sweep_steps)),
+                      "first_token_ms": sweep_first})
     from neoedge.bench import peak_rss_mb
 
     return {"config": config, "load_s": load_s, "first_token_ms": first_ms,
@@ -161,7 +170,8 @@ def _make_generate(config: str, path: str, threads: int):
     if config.startswith("neoedge"):
         from neoedge import Model, SessionSettings
 
-        model = Model(path, settings=SessionSettings(intra_threads=threads))
+        kernels = "off" if config in STOCK_OF else "auto"
+        model = Model(path, settings=SessionSettings(intra_threads=threads, kernels=kernels))
 
         def generate(ids, count):
             stamps = [time.perf_counter()]
@@ -292,7 +302,8 @@ def weights_read_per_step(config: str, path: str) -> float:
             return float(sum(f.get_tensor(name).nbytes for name in f.keys() if "wpe" not in name))
     import onnx
 
-    files = [Path(path)] if path.endswith(".onnx") else sorted(Path(path).glob("*.onnx"))
+    # A neoedge package's kernel graph reads the same weights file as model.onnx: count them once.
+    files = [Path(path)] if path.endswith(".onnx") else sorted(Path(path).glob("*.onnx"), key=lambda f: f.name != "model.onnx")
     model = onnx.load(str(files[0]), load_external_data=True)
     gather_only: dict[str, bool] = {}
     for node in model.graph.node:
@@ -379,6 +390,8 @@ def main() -> None:
                "weights_read_mb": read / 1e6, "limit_ms": limit_ms,
                "sweep": {str(c): _stats([x["sweep"][i]["decode_ms_per_token"] for x in runs])
                          for i, c in enumerate(contexts)},
+               "sweep_first_token_ms": {str(c): _stats([x["sweep"][i]["first_token_ms"] for x in runs])
+                                        for i, c in enumerate(contexts)},
                "needs_torch": config.startswith(("pytorch", "optimum"))}
         row["ratio_to_limit"] = row["decode_ms_per_token"]["median"] / limit_ms
         rows.append(row)
@@ -433,6 +446,13 @@ def markdown(report: dict[str, Any]) -> str:
         values = [row["sweep"][str(c)]["median"] for c in contexts]
         lines.append(f"| {row['label']} | " + " | ".join(f"{v:.2f}" for v in values)
                      + f" | {values[-1] / values[0]:.2f} |")
+    if all("sweep_first_token_ms" in row for row in report["results"]):
+        lines += ["", "First token ms by prompt length (the prefill of a prompt of that many tokens, median):", "",
+                  "| configuration | " + " | ".join(str(c) for c in contexts) + " |",
+                  "| --- | " + " | ".join("---" for _ in contexts) + " |"]
+        for row in report["results"]:
+            lines.append(f"| {row['label']} | " + " | ".join(
+                f"{row['sweep_first_token_ms'][str(c)]['median']:.0f}" for c in contexts) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,185 @@
+"""First token and decode against the physical floor, neoedge's kernels against onnxruntime's stock ones.
+
+    python benchmarks/decode_floor.py benchmarks/work/random125m-neoedge-int4 PKG2 ... \
+        [--contexts 128,512,1024,2000] [--rounds 3] [--threads 2]
+
+For every package and both kernel settings (`kernels="auto"`: neoedge's native kernels where this
+CPU runs them faster; `"off"`: the stock graph on onnxruntime's MatMulNBits), in a fresh process per
+round, in rotating order: for each context length C, a random prompt of C tokens (its prefill is the
+first-token time), then `--steps` decode steps (median ms/token).
+
+The floor of a decode step is the bytes it must read divided by the memory read bandwidth measured
+in the same run (2 threads, best of numpy streaming reads, before and after; the lower is used, so
+the floor is conservative in neoedge's favour only by the noise): every weight the step multiplies
+by (position and token tables only gathered from excluded; the tied table is read whole, as the
+lm_head) plus the KV cache it attends over at C (global layers: C positions; local layers: the
+window), in the cache's element type.
+
+Writes benchmarks/results/decode-floor-<date>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+
+def worker(package: str, kernels: str, contexts: list[int], steps: int, threads: int) -> dict[str, Any]:
+    from neoedge import Model, SessionSettings
+    from neoedge.bench import peak_rss_mb
+
+    model = Model(package, settings=SessionSettings(intra_threads=threads, kernels=kernels))
+    rng = np.random.default_rng(0)
+    vocab = model.info.vocab_size
+
+    def run(length: int, count: int) -> tuple[float, list[float]]:
+        ids = rng.integers(0, vocab, size=length).tolist()
+        stamps = [time.perf_counter()]
+        for event in model.sequence(tokens=ids).stream(max_new_tokens=count, stop_at_eos=False):
+            if event.token is not None:
+                stamps.append(time.perf_counter())
+        gaps = np.diff(stamps) * 1e3
+        return float(gaps[0]), gaps[1:].tolist()
+
+    run(32, 4)  # warm-up
+    points = []
+    for context in contexts:
+        first, decode = run(context, steps)
+        points.append({"context": context, "first_token_ms": first, "decode_ms": float(np.median(decode))})
+    return {"kernels": model.kernels.describe(), "points": points, "peak_rss_mb": peak_rss_mb()}
+
+
+def bytes_per_step(package: Path, context: int) -> tuple[float, float]:
+    """(weight bytes, KV cache bytes) a decode step at `context` reads."""
+    import onnx
+
+    from neoedge.manifest import Manifest
+
+    manifest = Manifest.read(package)
+    model = onnx.load(str(package / manifest.graph.file), load_external_data=False)
+    gather_only: dict[str, bool] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            gather_only[name] = gather_only.get(name, True) and node.op_type == "Gather" and node.input[0] == name
+    sizes = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT8: 1,
+             onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4, onnx.TensorProto.FLOAT16: 2}
+    weights = 0
+    for tensor in model.graph.initializer:
+        if not gather_only.get(tensor.name, False):
+            weights += int(np.prod(tensor.dims)) * sizes.get(tensor.data_type, 4)
+    info = manifest.model
+    element = 1 if manifest.graph.kv_cache == "int8" else 4
+    positions = sum(context if kind == "global" else min(context, info.window_size) for kind in info.attention_layers)
+    cache = 2 * positions * info.hidden_size * element
+    return float(weights), float(cache)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("packages", nargs="*", type=Path)
+    parser.add_argument("--contexts", default="128,512,1024,2000")
+    parser.add_argument("--steps", type=int, default=32, help="decode steps timed at each context")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    contexts = [int(c) for c in args.contexts.split(",")]
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], args.worker[1], contexts, args.steps, args.threads)))
+        return
+    from suite import memory_read_bandwidth
+
+    from neoedge.bench import machine_info
+
+    quiet = _quiet_check()
+    bandwidth = [memory_read_bandwidth(args.threads)]
+    configs = [(str(p), k) for p in args.packages for k in ("off", "auto")]
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in configs}
+    for r in range(args.rounds):
+        for package, kernels in configs[r % len(configs):] + configs[: r % len(configs)]:
+            out = subprocess.run([sys.executable, __file__, "--worker", package, kernels, "--contexts", args.contexts,
+                                  "--steps", str(args.steps), "--threads", str(args.threads)],
+                                 capture_output=True, text=True, check=True)
+            runs[(package, kernels)].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"round {r + 1}: {Path(package).name} kernels={kernels} done", file=sys.stderr)
+    bandwidth.append(memory_read_bandwidth(args.threads))
+    gb_s = min(bandwidth)
+    rows = []
+    for (package, kernels), results in runs.items():
+        points = []
+        for i, context in enumerate(contexts):
+            weights, cache = bytes_per_step(Path(package), context)
+            floor_ms = (weights + cache) / (gb_s * 1e9) * 1e3
+            decode = float(np.median([r["points"][i]["decode_ms"] for r in results]))
+            first = float(np.median([r["points"][i]["first_token_ms"] for r in results]))
+            points.append({"context": context, "decode_ms": decode, "first_token_ms": first, "floor_ms": floor_ms,
+                           "over_floor": decode / floor_ms, "weights_mb": weights / 1e6, "cache_mb": cache / 1e6})
+        rows.append({"package": package, "kernels_setting": kernels, "kernels": results[0]["kernels"],
+                     "points": points, "peak_rss_mb": float(np.median([r["peak_rss_mb"] for r in results]))})
+    report = {"date": datetime.date.today().isoformat(), "machine": machine_info(), "quiet_check": quiet,
+              "bandwidth_gb_s": bandwidth, "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
+              "contexts": contexts, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"decode-floor-{report['date']}{'-' + args.tag if args.tag else ''}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [f"# First token and decode against the floor ({report['date']})", "",
+             f"{m.get('cpu', m['machine'])}, {m['logical_cores']} cores ({' '.join(m.get('flags', []))}), onnxruntime "
+             f"{m['onnxruntime']}; {report['threads']} threads; memory read bandwidth "
+             f"{' / '.join(f'{b:.1f}' for b in report['bandwidth_gb_s'])} GB/s (before / after; the floor uses "
+             f"the lower); {report['rounds']} rounds of fresh processes, medians; random-weight packages. "
+             f"Machine before the run: {report['quiet_check']}.", "",
+             "Command: `python benchmarks/decode_floor.py " + " ".join(
+                 dict.fromkeys(r["package"] for r in report["rows"])) + f" --contexts "
+             f"{','.join(map(str, report['contexts']))} --rounds {report['rounds']}`", ""]
+    contexts = report["contexts"]
+    lines += ["Decode ms/token (× the floor):", "",
+              "| package | kernels | " + " | ".join(str(c) for c in contexts) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in contexts) + " |"]
+    for row in report["rows"]:
+        lines.append(f"| {Path(row['package']).name} | {row['kernels']} | " + " | ".join(
+            f"{p['decode_ms']:.2f} ({p['over_floor']:.2f}×)" for p in row["points"]) + " |")
+    lines += ["", "Floor ms (weights + KV cache read per step / bandwidth):", "",
+              "| package | " + " | ".join(str(c) for c in contexts) + " |",
+              "| --- | " + " | ".join("---" for _ in contexts) + " |"]
+    for row in report["rows"]:
+        if row["kernels_setting"] == "off":
+            lines.append(f"| {Path(row['package']).name} | " + " | ".join(f"{p['floor_ms']:.2f}" for p in row["points"]) + " |")
+    lines += ["", "First token ms (prefill of a prompt of that many tokens):", "",
+              "| package | kernels | " + " | ".join(str(c) for c in contexts) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in contexts) + " |"]
+    for row in report["rows"]:
+        lines.append(f"| {Path(row['package']).name} | {row['kernels']} | " + " | ".join(
+            f"{p['first_token_ms']:.0f}" for p in row["points"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _quiet_check() -> str:
+    tool = Path("/work/shared/tools/quiet-check")
+    if not tool.exists():
+        return "not checked"
+    result = subprocess.run([str(tool)], capture_output=True, text=True)
+    return " ".join((result.stdout + result.stderr).split()) or f"exit {result.returncode}"
+
+
+if __name__ == "__main__":
+    main()
