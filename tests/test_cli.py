@@ -52,7 +52,7 @@ def test_info_human_and_json(cli, package):
     result = cli("info", package)
     assert result.exit_code == 0, result.output
     assert "window 8" in result.stdout and "gqa" in result.stdout and "validation" in result.stdout
-    assert "weights        none (fp32 weights)" in result.stdout and "0.0 MB" not in result.stdout
+    assert "weights        fp32 (not quantized)" in result.stdout and "0.0 MB" not in result.stdout
     data = json.loads(cli("info", package, "--json").stdout)
     assert data["format_version"] == FORMAT_VERSION
     assert data["model"]["attention_layers"] == ["global", "local", "global", "local"]
@@ -175,3 +175,27 @@ def test_demo_exports_and_generates(cli, tmp_path):
     expected = Model(tmp_path / "demo" / "package").generate(
         "Return a new list", max_new_tokens=12, temperature=0.8, top_k=40, seed=0).text
     assert result.stdout == expected + "\n" and expected.strip()
+
+
+def _options():
+    import click
+
+    for name, command in sorted(main.commands.items()):
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                yield name, param
+
+
+@pytest.mark.parametrize("command,option", [(c, p.opts[0]) for c, p in _options()])
+def test_every_option_says_what_it_does(command, option):
+    param = next(p for c, p in _options() if c == command and p.opts[0] == option)
+    assert param.help and len(param.help.split()) >= 3, f"neoedge {command} {option} has no help text"
+
+
+def test_bench_progress_shows_no_rate_or_eta(cli, package):
+    """The steps take from milliseconds (a warm-up) to seconds (a fresh process): a rate or an ETA
+    computed from them would mislead, so the bar shows the count and the elapsed time only."""
+    result = cli("bench", package, "--prompt-tokens", "8", "--new-tokens", "3", "--runs", "2", "--no-cold-start")
+    assert result.exit_code == 0, result.output
+    assert "bench: 0/3 runs |" in result.stderr and "\n" not in result.stderr  # cleared, no blank line left
+    assert "run/s" not in result.stderr and "s/run" not in result.stderr and "<" not in result.stderr

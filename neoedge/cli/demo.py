@@ -25,11 +25,12 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
               help="Hub id or checkpoint directory to export.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("neoedge-demo"), show_default=True,
               help="Directory to write the model package into (as OUT/package).")
-@click.option("--prompt", default="Return a new list", show_default=True)
-@click.option("--max-new-tokens", type=int, default=48, show_default=True)
-@click.option("--temperature", type=float, default=0.8, show_default=True)
-@click.option("--top-k", type=int, default=40, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--prompt", default="Return a new list", show_default=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True, help="Most tokens to generate.")
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="Sampling temperature (0 = greedy).")
+@click.option("--top-k", type=int, default=40, show_default=True,
+              help="Sample among the k most likely tokens (0 = off).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed for sampling (same seed, same text).")
 @friendly_errors
 def demo(model: str, out: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
          seed: int) -> None:

@@ -14,7 +14,7 @@ from .common import Emitter, friendly_errors, megabytes, output_options
 def describe_quantization(manifest: Manifest) -> str:
     q = manifest.quantization
     if q.scheme == "none":
-        return "none (fp32 weights)"
+        return "fp32 (not quantized)"
     settings: dict[str, Any] = dict(q.settings)
     parts = [q.scheme]
     order = ("method", "block_size", "zero_point", "lm_head_bits", "accuracy_level", "embedding")
