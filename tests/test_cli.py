@@ -53,6 +53,7 @@ def test_info_human_and_json(cli, package):
     assert result.exit_code == 0, result.output
     assert "window 8" in result.stdout and "gqa" in result.stdout and "validation" in result.stdout
     assert "weights        fp32 (not quantized)" in result.stdout and "0.0 MB" not in result.stdout
+    assert "defaults       greedy, at most 128 new tokens\n" in result.stdout
     data = json.loads(cli("info", package, "--json").stdout)
     assert data["format_version"] == FORMAT_VERSION
     assert data["model"]["attention_layers"] == ["global", "local", "global", "local"]
@@ -201,3 +202,12 @@ def test_bench_progress_shows_no_rate_or_eta(cli, package):
     assert result.exit_code == 0, result.output
     assert "bench: 0/3 runs |" in result.stderr and "\n" not in result.stderr  # cleared, no blank line left
     assert "run/s" not in result.stderr and "s/run" not in result.stderr and "<" not in result.stderr
+
+
+def test_info_shows_sampling_defaults(cli, package_copy, edit_manifest):
+    edit_manifest(package_copy, lambda d: d.update(generation={"max_new_tokens": 40, "temperature": 0.6, "top_k": 20,
+                                                                "repetition_penalty": 1.3, "stop": ["\n\n"]}))
+    result = cli("info", package_copy)
+    assert result.exit_code == 0, result.output
+    assert ("defaults       sampling: temperature 0.6, top_k 20, repetition penalty 1.3, at most 40 new tokens, "
+            "stop at '\\n\\n'\n") in result.stdout
