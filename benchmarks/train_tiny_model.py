@@ -70,6 +70,9 @@ def main() -> None:
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
 
+    # Greedy decoding of a model this small loops on a few tokens; its packages sample by default
+    # (export reads generation_config.json into the package's defaults). Chosen by reading outputs.
+    model.generation_config.update(do_sample=True, temperature=0.6, top_k=20, repetition_penalty=1.3)
     out = save_checkpoint(model.eval(), tokenizer, args.out)
     (out / HELDOUT_FILE).write_text("\n\n".join(heldout_docs) + "\n", encoding="utf-8")
     report = {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from neoedge.errors import ExportError
-from neoedge.manifest import ModelInfo
+from neoedge.errors import ExportError, ManifestError
+from neoedge.manifest import GenerationDefaults, ModelInfo
 
 from .activations import ACTIVATIONS
 from .graph import Weights
@@ -34,6 +34,8 @@ class Checkpoint:
     layer_norm_eps: float
     activation: str  # config.activation_function, one of graph.ACTIVATIONS
     tied_embeddings: bool  # lm_head is the token embedding table (GPT-Neo's usual layout)
+    # The package's defaults: the checkpoint's generation_config.json, as transformers reads it.
+    generation: GenerationDefaults = GenerationDefaults(max_new_tokens=128)
 
     def weights(self) -> Weights:
         arrays = {name: tensor.detach().float().numpy() for name, tensor in self.model.state_dict().items()}
@@ -98,13 +100,77 @@ def load_checkpoint(source: str) -> Checkpoint:
         eos_token_id=eos,
         source=source,
     )
+    generation = generation_defaults(_generation_config(source), source, eos)
     tied = model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
     log.info("loaded %s: %d layers, hidden %d, %d parameters%s", source, info.num_layers, info.hidden_size,
              sum(int(np.prod(p.shape)) for p in model.parameters()), "" if tied else ", untied lm_head")
     return Checkpoint(source=source, model=model, info=info,
                       tokenizer_json=tokenizer.backend_tokenizer.to_str(),
                       layer_norm_eps=float(config.layer_norm_epsilon), activation=config.activation_function,
-                      tied_embeddings=tied)
+                      tied_embeddings=tied, generation=generation)
+
+
+# Without a generation_config.json (or a max_new_tokens in it) a package generates at most this many.
+DEFAULT_MAX_NEW_TOKENS = 128
+# Fields neoedge maps; the others of generation_config.json are ignored with a warning (never
+# silently: num_beams, no_repeat_ngram_size, max_length ... would change what transformers generates).
+MAPPED_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
+_BOOKKEEPING = {"transformers_version", "_from_model_config", "_commit_hash", "bos_token_id", "pad_token_id"}
+
+
+def _generation_config(source: str) -> Any | None:
+    """The checkpoint's transformers GenerationConfig, or None if it has no generation_config.json."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(source)
+    except OSError:
+        log.info("%s has no generation_config.json: the package's defaults are greedy decoding, at most %d "
+                 "new tokens", source, DEFAULT_MAX_NEW_TOKENS)
+        return None
+    except Exception as exc:
+        raise ExportError(f"cannot read the generation_config.json of {source!r}: {exc}") from exc
+
+
+def generation_defaults(config: Any | None, source: str, eos_token_id: int | None = None) -> GenerationDefaults:
+    """The package's default generation options from a transformers GenerationConfig, meaning what
+    `generate()` would do with it: greedy unless do_sample, and then transformers' own defaults for
+    what the file leaves out (temperature 1, top_k 50, top_p 1). Every field set in the file that
+    neoedge cannot honour is named in a warning; a value neoedge would refuse is an ExportError."""
+    if config is None:
+        return GenerationDefaults(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+    given = config.to_diff_dict()  # only the fields the file sets to something other than the default
+    values: dict[str, Any] = {"max_new_tokens": config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS}
+    if config.do_sample:
+        values.update(temperature=float(config.temperature if config.temperature is not None else 1.0),
+                      top_k=int(config.top_k or 0), top_p=float(config.top_p if config.top_p is not None else 1.0))
+    else:
+        ignored = [k for k in ("temperature", "top_k", "top_p") if k in given]
+        if ignored:
+            log.warning("%s: generation_config.json sets %s without do_sample: transformers decodes greedily "
+                        "then, and so does the package", source, ", ".join(f"{k}={given[k]!r}" for k in ignored))
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        values["repetition_penalty"] = float(config.repetition_penalty)
+    for key in sorted(set(given) - set(MAPPED_FIELDS) - _BOOKKEEPING):
+        if key == "eos_token_id":
+            eos = given[key]
+            if eos != eos_token_id and eos != [eos_token_id]:
+                log.warning("%s: generation_config.json's eos_token_id %r is ignored: the package ends at the "
+                            "model's eos_token_id %r", source, eos, eos_token_id)
+            continue
+        if key == "max_length" and "max_new_tokens" not in given:
+            log.warning("%s: generation_config.json's max_length=%r (prompt and output together) is ignored: "
+                        "the package generates at most %d new tokens", source, given[key], values["max_new_tokens"])
+            continue
+        log.warning("%s: generation_config.json's %s=%r is ignored: neoedge has no such generation option",
+                    source, key, given[key])
+    try:
+        defaults = GenerationDefaults(**values)
+    except ManifestError as exc:
+        raise ExportError(f"{source}: generation_config.json cannot be the package's defaults: "
+                          f"{str(exc).removeprefix('generation: ')}") from None
+    log.info("%s: package generation defaults %s", source, defaults.as_options())
+    return defaults
 
 
 def check_config(config: Any, source: str) -> None:

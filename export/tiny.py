@@ -63,6 +63,10 @@ def _module_docs(name: str, docs: list[str]) -> None:
         if attr.startswith("_"):
             continue
         value = getattr(module, attr)
+        # A submodule is an attribute only once something has imported it: counting its docs would
+        # make the corpus depend on what else the process imported before.
+        if inspect.ismodule(value):
+            continue
         add(value)
         if inspect.isclass(value) and getattr(value, "__module__", None) == module.__name__:
             for member in sorted(vars(value)):

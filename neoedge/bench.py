@@ -648,6 +648,9 @@ def measure_served(package: Path, model: Model, settings: BenchSettings, clients
     return ServedClients(clients=clients, concurrent=load(concurrent), one_at_a_time=load(one_at_a_time))
 
 
+PROGRESS_FORMAT = "{desc}: {n_fmt}/{total_fmt} runs |{bar}| {elapsed}"
+
+
 def run_bench(package: str | os.PathLike[str], settings: BenchSettings, *, progress: bool = False) -> BenchReport:
     from tqdm.auto import tqdm
 
@@ -665,7 +668,10 @@ def run_bench(package: str | os.PathLike[str], settings: BenchSettings, *, progr
     total_steps = (settings.warmup + settings.runs + len(settings.contexts) + int(settings.cold_start)
                    + int(bool(settings.chat_turns)) + len(settings.sequences) + int(settings.cancel)
                    + len(settings.batches) + int(1 in settings.batches) + int(bool(settings.clients)))
-    with tqdm(total=total_steps, desc="bench", unit="run", disable=not progress, leave=False) as bar:
+    # No rate or ETA: the steps differ by orders of magnitude (an 8-token warm-up, a fresh process
+    # for the cold start), so any estimate from the steps done so far would mislead.
+    with tqdm(total=total_steps, desc="bench", unit="run", disable=not progress, leave=False,
+              bar_format=PROGRESS_FORMAT) as bar:
         for _ in range(settings.warmup):
             time_generation(model, prompt, settings.options(min(settings.new_tokens, 8)))
             bar.update()

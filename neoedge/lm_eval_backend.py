@@ -19,7 +19,9 @@ How requests run:
   make_disjoint_window, as its Hugging Face backend makes them), scored the same way.
 - generate_until: every request goes to one continuous-batching Engine (`batch_size` rows), with
   its own options: `until` as stop strings (plus <|endoftext|>), `max_gen_toks`, greedy unless the
-  task samples (`do_sample`, `temperature`, `top_p`, `top_k`, `repetition_penalty`).
+  task samples (`do_sample`, `temperature`, `top_p`, `top_k`, `repetition_penalty`). What the task
+  leaves unset of top_k, top_p and repetition_penalty comes from the package's defaults (its
+  checkpoint's generation_config.json), as the hf backend's `generate()` takes them from the model's.
 
 lm-eval 0.4.13 finds models only in its own registry (no plugin entry points), so something must
 import this module first: `neoedge eval` and `neoedge-lm-eval` (lm-eval's own command line with
@@ -235,10 +237,15 @@ class NeoedgeLM(TemplateLM):
         if sample and temperature == 0.0:
             raise HarnessError("do_sample=True needs a temperature > 0 (temperature 0 is greedy: set do_sample=False)")
         seed = kwargs.get("seed")
+        # transformers' generate() takes what its arguments leave unset from the checkpoint's
+        # generation config: the package's defaults are that config, so unset ones come from them.
+        defaults = self.model.options()
         return GenerationOptions(
             max_new_tokens=max_gen_toks, temperature=temperature if sample else 0.0,
-            top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0),
-            repetition_penalty=float(kwargs.get("repetition_penalty") or 1.0),
+            top_k=int(kwargs["top_k"] or 0) if "top_k" in kwargs else defaults.top_k,
+            top_p=float(kwargs["top_p"] or 1.0) if "top_p" in kwargs else defaults.top_p,
+            repetition_penalty=float(kwargs["repetition_penalty"] or 1.0) if "repetition_penalty" in kwargs
+            else defaults.repetition_penalty,
             seed=(int(seed) if seed is not None else self._seed + index) if sample else None,
             # An empty stop string means "none" to the harness (it skips them too).
             stop=tuple(text for text in until if text), stop_at_eos=True)

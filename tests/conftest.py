@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from neoedge.export import export_package
-from neoedge.export.tiny import save_checkpoint, stdlib_docstrings, tiny_config, train_tokenizer
+# Nothing from neoedge.export (onnx, torch) is imported at module level: tests/runtime_tier/ runs,
+# below this conftest, in a runtime-only install.
 
 # name -> GPTNeoConfig overrides; "window4" starts with a local layer and has an odd layer count.
 CONFIGS = {
@@ -33,6 +33,8 @@ os.environ["NEOEDGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="neoedge-test-cache-")
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
+    from neoedge.export.tiny import stdlib_docstrings, train_tokenizer
+
     return train_tokenizer(stdlib_docstrings(), vocab_size=512)
 
 
@@ -40,6 +42,8 @@ def bpe_tokenizer():
 def checkpoints(tmp_path_factory, bpe_tokenizer) -> dict[str, Path]:
     import torch
     from transformers import GPTNeoForCausalLM
+
+    from neoedge.export.tiny import save_checkpoint, tiny_config
 
     root = tmp_path_factory.mktemp("checkpoints")
     out = {}
@@ -53,6 +57,8 @@ def checkpoints(tmp_path_factory, bpe_tokenizer) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def packages(tmp_path_factory, checkpoints) -> dict[tuple[str, str], Path]:
     """(config name, attention implementation) -> exported fp32 package."""
+    from neoedge.export import export_package
+
     root = tmp_path_factory.mktemp("packages")
     return {
         (name, attention): export_package(str(path), root / f"{name}-{attention}", attention=attention,
@@ -66,6 +72,18 @@ def packages(tmp_path_factory, checkpoints) -> dict[tuple[str, str], Path]:
 def package(packages) -> Path:
     """The default package: fp32, fused attention."""
     return packages[("window8", "gqa")]
+
+
+@pytest.fixture(scope="session")
+def tier_packages(tmp_path_factory) -> dict[str, Path]:
+    """The runtime tier's packages (tests/runtime_tier/build_packages.py: seeded numpy weights,
+    built without torch), shared by the tier and by the normal suite's check of them."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "runtime_tier"))
+    from build_packages import ensure_packages
+
+    return ensure_packages(tmp_path_factory.mktemp("tier"))
 
 
 @pytest.fixture(scope="session")

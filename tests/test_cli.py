@@ -52,7 +52,8 @@ def test_info_human_and_json(cli, package):
     result = cli("info", package)
     assert result.exit_code == 0, result.output
     assert "window 8" in result.stdout and "gqa" in result.stdout and "validation" in result.stdout
-    assert "weights        none (fp32 weights)" in result.stdout and "0.0 MB" not in result.stdout
+    assert "weights        fp32 (not quantized)" in result.stdout and "0.0 MB" not in result.stdout
+    assert "defaults       greedy, at most 128 new tokens\n" in result.stdout
     data = json.loads(cli("info", package, "--json").stdout)
     assert data["format_version"] == FORMAT_VERSION
     assert data["model"]["attention_layers"] == ["global", "local", "global", "local"]
@@ -171,7 +172,42 @@ def test_demo_exports_and_generates(cli, tmp_path):
     assert result.exit_code == 0, result.output
     from neoedge import Model
 
-    # What the demo printed is what the exported package generates with the demo's settings.
-    expected = Model(tmp_path / "demo" / "package").generate(
-        "Return a new list", max_new_tokens=12, temperature=0.8, top_k=40, seed=0).text
-    assert result.stdout == expected + "\n" and expected.strip()
+    # What the demo printed is what the exported package generates with its defaults (the shipped
+    # checkpoint's generation_config.json: sampling) and the demo's seed.
+    model = Model(tmp_path / "demo" / "package")
+    assert model.options().temperature == 0.6
+    expected = model.generate("The default value is", max_new_tokens=12, seed=0)
+    assert result.stdout == expected.text + "\n" and len(expected.tokens) == 12
+
+
+def _options():
+    import click
+
+    for name, command in sorted(main.commands.items()):
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                yield name, param
+
+
+@pytest.mark.parametrize("command,option", [(c, p.opts[0]) for c, p in _options()])
+def test_every_option_says_what_it_does(command, option):
+    param = next(p for c, p in _options() if c == command and p.opts[0] == option)
+    assert param.help and len(param.help.split()) >= 3, f"neoedge {command} {option} has no help text"
+
+
+def test_bench_progress_shows_no_rate_or_eta(cli, package):
+    """The steps take from milliseconds (a warm-up) to seconds (a fresh process): a rate or an ETA
+    computed from them would mislead, so the bar shows the count and the elapsed time only."""
+    result = cli("bench", package, "--prompt-tokens", "8", "--new-tokens", "3", "--runs", "2", "--no-cold-start")
+    assert result.exit_code == 0, result.output
+    assert "bench: 0/3 runs |" in result.stderr and "\n" not in result.stderr  # cleared, no blank line left
+    assert "run/s" not in result.stderr and "s/run" not in result.stderr and "<" not in result.stderr
+
+
+def test_info_shows_sampling_defaults(cli, package_copy, edit_manifest):
+    edit_manifest(package_copy, lambda d: d.update(generation={"max_new_tokens": 40, "temperature": 0.6, "top_k": 20,
+                                                                "repetition_penalty": 1.3, "stop": ["\n\n"]}))
+    result = cli("info", package_copy)
+    assert result.exit_code == 0, result.output
+    assert ("defaults       sampling: temperature 0.6, top_k 20, repetition penalty 1.3, at most 40 new tokens, "
+            "stop at '\\n\\n'\n") in result.stdout

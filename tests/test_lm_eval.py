@@ -254,27 +254,37 @@ def test_runs_without_torch(trained_fp32, tmp_path):
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["loaded"] == [] and 0.0 <= out["acc"] <= 1.0
+    from neoedge import lm_eval_backend as backend
+
+    # The same evaluation as in this (torch-laden) process: the torch-free run is no different.
+    here = backend.evaluate(str(trained_fp32), ["stdlib_cloze", "stdlib_nextword_gen"], limit=4,
+                            bootstrap_iters=0, threads=1)
+    assert out == {"acc": here["results"]["stdlib_cloze"]["acc,none"], "loaded": []}
 
 
-def test_shared_pass_equals_one_by_one_on_a_quantized_package(checkpoints, tmp_path):
+@pytest.mark.parametrize("kernels, max_bound, mean_bound", [("off", 5e-3, 1e-4), ("auto", 1e-2, 1e-3)])
+def test_shared_pass_equals_one_by_one_on_a_quantized_package(checkpoints, tmp_path, kernels, max_bound, mean_bound):
     """int4 weights and an int8 KV cache: contexts sharing a pass score as they do alone, up to the
     cache's rounding. Within one pass attention reads the exact keys of that pass's own positions;
     a later pass reads them from the int8 cache. Alone, a context is prefilled chunk by chunk and
     continuations follow in their own passes; shared, a context and its first continuation are one
     pass. So a few tokens move by the int8 cache's rounding (measured up to ~8e-4 here, 1.4e-6 on the
-    trained model); a batching bug would move them by whole nats."""
+    trained model); a batching bug would move them by whole nats. neoedge's own kernels run a pass
+    of many rows (GEMM) and of one (GEMV) with fp32 sums in other orders, which moves more cached
+    keys across an int8 rounding boundary (measured max 4.3e-3, mean 3.0e-4 on the AMX path)."""
     import numpy as np
+
+    from neoedge import SessionSettings
 
     package = tmp_path / "int4"
     export_package(str(checkpoints["window8"]), package, quantize="int4", progress=False)
-    model = Model(package)
+    model = Model(package, settings=SessionSettings(kernels=kernels))
     assert model.manifest.graph.kv_cache == "int8"
     rows = [json.loads(line) for line in (backend.TASKS_DIR / "stdlib_nextword.jsonl").open()][:12]
     pairs = [(model.encode(r["context"]), model.encode(" " + c)) for r in rows for c in r["choices"]]
     alone, shared = score_pairs(model, pairs), score_pairs(model, pairs, batch_size=8)
     differences = np.array([x - y for a, b in zip(alone, shared) for x, y in zip(a.logprobs, b.logprobs)])
-    assert np.abs(differences).max() < 5e-3 and np.abs(differences).mean() < 1e-4
+    assert np.abs(differences).max() < max_bound and np.abs(differences).mean() < mean_bound
     assert sum(a.greedy != b.greedy for a, b in zip(alone, shared)) <= 1
 
 

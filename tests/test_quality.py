@@ -71,4 +71,5 @@ def test_int8_kv_cache_decodes_like_its_prefill(trained_packages, heldout_ids):
     ids = heldout_ids[:400]
     prefill, stepwise = generator.logits(ids), generator.stepwise_logits(ids, prefill=10)
     assert (prefill.argmax(-1) == stepwise.argmax(-1)).mean() >= 0.99
-    assert np.abs(prefill - stepwise).max() < 0.5
+    # Measured 0.074 over 400 positions (logits of std 3.2); a misplaced int8 cache row moves them by whole units.
+    assert np.abs(prefill - stepwise).max() < 0.2

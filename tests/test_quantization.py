@@ -125,8 +125,14 @@ def test_manifest_records_the_scheme(quantized):
         assert data["quantization"]["scheme"] == scheme
         assert data["quantization"]["settings"]["bits"] == int(scheme[3:])
         assert data["quantization"]["settings"]["block_size"] == 32
-        assert data["validation"]["top1_agreement"] > 0.5 and data["validation"]["passed"]
-        assert data["validation"]["quality"]["bounds"] == scheme
+        validation = data["validation"]
+        assert validation["passed"] and validation["quality"]["bounds"] == scheme
+        # Random weights (nearly uniform predictions): measured top-1 agreement 96.9% / 81.2%, logit
+        # correlation 0.99988 / 0.984, relative error 0.015 / 0.177 (int8 / int4, block 32).
+        int8 = scheme == "int8"
+        assert validation["top1_agreement"] >= (0.9 if int8 else 0.7)
+        assert validation["quality"]["correlation"] >= (0.999 if int8 else 0.95)
+        assert validation["quality"]["relative_error"] <= (0.05 if int8 else 0.35)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -139,27 +145,38 @@ def test_quantized_packages_run_without_torch(quantized, scheme):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip()
+    expected = Generator(quantized[scheme]).generate("Open a file", max_new_tokens=8, stop_at_eos=False)
+    assert result.stdout == expected + "\n"
+
+
+def _relative_error(logits: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((logits - reference) ** 2) / np.mean(reference ** 2)))
 
 
 def test_quantized_logits_stay_close_to_fp32(quantized, package):
+    """Measured (64 positions, block 32): int8 agreement 98.4%, relative error 0.015; int4 79.7%,
+    0.168. Logits of another model, or of a wrong packing, are off by ~1 (relative)."""
     ids = np.random.default_rng(1).integers(0, 512, size=64)
     fp32 = Generator(package).logits(ids)
     for scheme, path in quantized.items():
         logits = Generator(path).logits(ids)
         agreement = (logits.argmax(-1) == fp32.argmax(-1)).mean()
-        assert agreement >= (0.9 if scheme == "int8" else 0.6), (scheme, agreement)
+        assert agreement >= (0.9 if scheme == "int8" else 0.7), (scheme, agreement)
+        assert _relative_error(logits, fp32) <= (0.05 if scheme == "int8" else 0.35), scheme
 
 
-def test_default_block_size_fits_the_model(checkpoints, tmp_path):
+def test_default_block_size_fits_the_model(checkpoints, package, tmp_path):
     """The tiny model's hidden width (64) is not a multiple of the default 128, its MLP's (256) is:
     the default halves where needed, and the manifest records the blocks actually used."""
     manifest = export_package(str(checkpoints["window8"]), tmp_path / "q", quantize="int4", progress=False,
                               validate=False)
     assert manifest.quantization.settings["block_size"] == [64, 128]
     assert manifest.quantization.settings["zero_point"] == "symmetric"
+    # What the mixed blocks compute is the model at int4 precision: relative error measured 0.23
+    # (symmetric, blocks of 64 and 128, random weights); a block layout read wrongly gives ~1.
     ids = np.random.default_rng(2).integers(0, 512, size=16)
-    assert np.isfinite(Generator(tmp_path / "q").logits(ids)).all()
+    fp32 = Generator(package).logits(ids)
+    assert _relative_error(Generator(tmp_path / "q").logits(ids), fp32) <= 0.4
 
 
 def test_block_size_that_does_not_divide_is_refused(checkpoints, tmp_path):
@@ -177,4 +194,7 @@ def test_unpacked_quantized_package_warns_and_still_computes_the_same(quantized,
     with caplog.at_level("WARNING", logger="neoedge.generator"):
         unpacked = Generator(quantized["int4"], prepack=False)
     assert "many times slower" in caplog.text
-    assert (unpacked.logits(ids).argmax(-1) == packed.argmax(-1)).mean() > 0.9
+    # Another kernel, the same int4 weights: measured relative difference 0.012, same argmax everywhere.
+    got = unpacked.logits(ids)
+    assert (got.argmax(-1) == packed.argmax(-1)).mean() >= 0.95
+    assert _relative_error(got, packed) <= 0.04

@@ -37,7 +37,10 @@ def test_generate_and_stream_without_torch(package):
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["loaded"] == []
-    assert out["text"] and out["text"] == out["streamed"]
+    from neoedge import Model
+
+    expected = Model(package).generate("Open a file", max_new_tokens=12).text
+    assert out["text"] == out["streamed"] == expected and len(Model(package).encode(expected)) >= 6
 
 
 def test_cli_generate_without_torch(package):

@@ -25,13 +25,15 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
               help="Hub id or checkpoint directory to export.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("neoedge-demo"), show_default=True,
               help="Directory to write the model package into (as OUT/package).")
-@click.option("--prompt", default="Return a new list", show_default=True)
-@click.option("--max-new-tokens", type=int, default=48, show_default=True)
-@click.option("--temperature", type=float, default=0.8, show_default=True)
-@click.option("--top-k", type=int, default=40, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--prompt", default="The default value is", show_default=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True, help="Most tokens to generate.")
+@click.option("--temperature", type=float,
+              help="Sampling temperature (0 = greedy) [default: the package's, from the checkpoint's "
+                   "generation_config.json].")
+@click.option("--top-k", type=int, help="Sample among the k most likely tokens (0 = off) [default: the package's].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed for sampling (same seed, same text).")
 @friendly_errors
-def demo(model: str, out: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
+def demo(model: str, out: Path, prompt: str, max_new_tokens: int, temperature: float | None, top_k: int | None,
          seed: int) -> None:
     """Export a model and generate from it, end to end. Offline, a small bundled GPT-Neo is used."""
     from ..model import Model

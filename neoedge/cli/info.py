@@ -8,13 +8,14 @@ from typing import Any
 import click
 
 from ..manifest import Manifest
+from ..options import GenerationOptions
 from .common import Emitter, friendly_errors, megabytes, output_options
 
 
 def describe_quantization(manifest: Manifest) -> str:
     q = manifest.quantization
     if q.scheme == "none":
-        return "none (fp32 weights)"
+        return "fp32 (not quantized)"
     settings: dict[str, Any] = dict(q.settings)
     parts = [q.scheme]
     order = ("method", "block_size", "zero_point", "lm_head_bits", "accuracy_level", "embedding")
@@ -23,6 +24,23 @@ def describe_quantization(manifest: Manifest) -> str:
             value = settings[key]
             label = key.replace("_", " ")
             parts.append(f"{label} {'/'.join(map(str, value)) if isinstance(value, list) else value}")
+    return ", ".join(parts)
+
+
+def describe_generation(manifest: Manifest) -> str:
+    """The package's default generation options in words (what `generate` uses unless told otherwise)."""
+    options = GenerationOptions.merged(manifest.generation, {})
+    if options.greedy:
+        parts = ["greedy"]
+    else:
+        parts = [f"sampling: temperature {options.temperature:g}"]
+        parts += [f"top_k {options.top_k}"] if options.top_k else []
+        parts += [f"top_p {options.top_p:g}"] if options.top_p < 1.0 else []
+    if options.repetition_penalty != 1.0:
+        parts.append(f"repetition penalty {options.repetition_penalty:g}")
+    parts.append(f"at most {options.max_new_tokens} new tokens")
+    if options.stop:
+        parts.append("stop at " + ", ".join(map(repr, options.stop)))
     return ", ".join(parts)
 
 
@@ -49,6 +67,7 @@ def info(package: Path, verify: bool, emit: Emitter) -> None:
         f"tokens         bos {m.bos_token_id}, eos {m.eos_token_id}",
         f"attention      {manifest.graph.attention}, {manifest.graph.kv_cache} KV cache",
         f"weights        {describe_quantization(manifest)}",
+        f"defaults       {describe_generation(manifest)}",
         f"files          {megabytes(total)}: " + ", ".join(
             f"{name} ({megabytes(entry.bytes)})" for name, entry in manifest.files.items()),
     ]
