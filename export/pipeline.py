@@ -16,11 +16,14 @@ from neoedge import __version__
 from neoedge.errors import ExportError
 from neoedge.manifest import GraphInfo, Manifest, Quantization, file_entries
 
-from .graph import ExternalWeights, build_decoder
 from .calibrate import calibration_batches, kv_cache_scales
+from .graph import build_decoder
 from .load import load_checkpoint
-from .quantize import make_quantizer
+from .quantize import WeightStorage
+from .scheme import make_scheme
 from .validate import describe_failure, validate_package
+from .weight_quantization import quantize_weights
+from .weights_file import ExternalWeights
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +66,7 @@ def export_package(
     if kv_cache == "int8" and attention != "gqa":
         raise ExportError("an int8 KV cache needs --attention gqa")
     try:
-        quantizer = make_quantizer(quantize, block_size=block_size, lm_head_bits=lm_head_bits,
-                                   symmetric=symmetric)
+        scheme = make_scheme(quantize, block_size=block_size, lm_head_bits=lm_head_bits, symmetric=symmetric)
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
 
@@ -88,10 +90,13 @@ def export_package(
         layers = tqdm(total=checkpoint.info.num_layers, desc="layers", unit="layer", leave=False,
                       disable=not progress)
         try:
+            quantized = quantize_weights(checkpoint.weights(), scheme, checkpoint.info.num_layers,
+                                         on_layer=layers.update)
             with ExternalWeights(staging / WEIGHTS_FILE) as weights_file:
-                model = build_decoder(checkpoint.info, checkpoint.weights(), graph_info, quantizer,
+                storage = WeightStorage(scheme.accuracy_level) if scheme else WeightStorage()
+                model = build_decoder(checkpoint.info, quantized.weights, graph_info, storage,
                                       layer_norm_eps=checkpoint.layer_norm_eps, kv_scales=kv_scales,
-                                      on_layer=layers.update, weights_file=weights_file)
+                                      weights_file=weights_file)
         except ValueError as exc:
             raise ExportError(str(exc)) from exc
         finally:
@@ -107,7 +112,7 @@ def export_package(
         manifest = Manifest(
             model=checkpoint.info,
             graph=graph_info,
-            quantization=Quantization(scheme=quantizer.scheme, settings=quantizer.settings()),
+            quantization=Quantization(scheme=quantize, settings=quantized.settings),
             files=file_entries(staging),
             generation={"max_new_tokens": 128},
             tokenizer=TOKENIZER_FILE,

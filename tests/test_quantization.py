@@ -13,14 +13,18 @@ import torch
 
 from neoedge import Generator
 from neoedge.export import export_package
+from neoedge.export.blockwise import QuantizedTensor, minmax_grid, quantize_blockwise, quantize_codes
 from neoedge.export.graph import build_decoder
 from neoedge.export.load import load_checkpoint
-from neoedge.export.quantize import NBitsQuantizer, _grid, quantize_blockwise
+from neoedge.export.quantize import WeightStorage
+from neoedge.export.scheme import QuantizationScheme
+from neoedge.export.weight_quantization import quantize_weights
 from neoedge.manifest import GraphInfo
 
 
-def _dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int, block: int
-                ) -> np.ndarray:
+def _dequantize(q: QuantizedTensor) -> np.ndarray:
+    """MatMulNBits' dequantization written out from its packed inputs (not QuantizedTensor's own)."""
+    packed, scales, zeros, bits = q.packed, q.scales, q.zero_points, q.bits
     if bits == 4:
         packed = np.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:2], -1)
     if zeros is None:  # symmetric: MatMulNBits' implicit zero point is mid-range
@@ -36,12 +40,15 @@ def _dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None
 def test_blockwise_quantization_error(bits, block):
     weight = np.random.default_rng(bits).standard_normal((24, 96)).astype(np.float32)
     weight[3, 5] = 9.0  # an outlier stretches its block's range
-    packed, scales, zeros = quantize_blockwise(weight, bits, block)
-    restored = _dequantize(packed, scales, zeros, bits, block)
+    quantized = quantize_blockwise(weight, bits, block)
+    scales = quantized.scales
+    restored = _dequantize(quantized)
+    np.testing.assert_array_equal(restored, quantized.dequantize())
     error = np.square(restored - weight).reshape(24, -1, block).sum(-1)
     blocks = weight.reshape(24, -1, block)
     low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
-    s, z, q = _grid(blocks, low, high, (1 << bits) - 1)
+    s, z = minmax_grid(low, high, (1 << bits) - 1)
+    q = quantize_codes(blocks, s, z, (1 << bits) - 1)
     minmax_error = np.square((q - z[..., None].astype(np.float32)) * s[..., None] - blocks).sum(-1)
     assert np.all(error <= minmax_error + 1e-6)  # never worse than plain min/max, block by block
     if bits == 8:  # min/max grid: every weight within half a step
@@ -55,9 +62,10 @@ def test_symmetric_quantization_puts_the_extreme_on_the_grid(bits):
     weight = np.random.default_rng(bits).standard_normal((24, 96)).astype(np.float32)
     weight[3, 5] = 9.0  # positive extreme: the scale turns negative so it lands on -mid
     weight[7, 40] = -9.0
-    packed, scales, zeros = quantize_blockwise(weight, bits, 32, symmetric=True)
-    assert zeros is None
-    restored = _dequantize(packed, scales, zeros, bits, 32)
+    quantized = quantize_blockwise(weight, bits, 32, symmetric=True)
+    assert quantized.zero_points is None
+    scales = quantized.scales
+    restored = _dequantize(quantized)
     if bits == 8:  # no clipping search at 8 bits: the extremes exact, every weight within a step
         # (within half a step, except on the grid's short side, which ends one step early)
         assert np.all(np.abs(restored - weight) <= np.repeat(np.abs(scales), 32, axis=1) + 1e-6)
@@ -75,17 +83,21 @@ def test_quantized_graph_equals_the_model_with_dequantized_weights(checkpoints, 
     blocks per row (64 = 1 block), whose packed zero points are padded — the embedding lookup from
     the shared table and the lm_head)."""
     checkpoint = load_checkpoint(str(checkpoints["window8"]))
-    quantizer = NBitsQuantizer(bits, block, lm_head_bits=lm_head_bits, symmetric=symmetric, accuracy_level=0)
-    graph = build_decoder(checkpoint.info, checkpoint.weights(), GraphInfo(file="m", attention="plain"), quantizer)
+    scheme = QuantizationScheme(bits, block, lm_head_bits, symmetric)
+    quantized = quantize_weights(checkpoint.weights(), scheme, checkpoint.info.num_layers).weights
+    graph = build_decoder(checkpoint.info, quantized, GraphInfo(file="m", attention="plain"),
+                          WeightStorage(accuracy_level=0))
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
 
     model = checkpoint.model
     state = model.state_dict()
+    stored = 0
     for name, tensor in state.items():
         if name.endswith(("proj.weight", "c_fc.weight")) or name == "transformer.wte.weight":
-            b = lm_head_bits if name == "transformer.wte.weight" else bits
-            quantized = quantize_blockwise(tensor.numpy(), b, block, symmetric=symmetric)
-            tensor.copy_(torch.from_numpy(_dequantize(*quantized, b, block)))
+            assert isinstance(quantized[name], QuantizedTensor), name
+            tensor.copy_(torch.from_numpy(_dequantize(quantized[name])))
+            stored += 1
+    assert stored == 6 * checkpoint.info.num_layers + 1  # every weight MatMul and the table
     ids = np.random.default_rng(0).integers(0, checkpoint.info.vocab_size, size=40)
     feeds = {"input_ids": ids[None], "position_ids": np.arange(40)[None], "logits_positions": np.arange(40)}
     for layer in range(checkpoint.info.num_layers):
