@@ -67,6 +67,11 @@ class QuantizedTensor:
         scales = (self.scales * np.asarray(factors, np.float32)[:, None]).astype(np.float32)
         return QuantizedTensor(self.packed, scales, self.zero_points, self.bits, self.block)
 
+    def rows(self, start: int, stop: int) -> QuantizedTensor:
+        """Outputs start..stop-1 (rows are independent in this layout)."""
+        zero_points = None if self.zero_points is None else self.zero_points[start:stop]
+        return QuantizedTensor(self.packed[start:stop], self.scales[start:stop], zero_points, self.bits, self.block)
+
     @staticmethod
     def concat_rows(parts: Sequence[QuantizedTensor]) -> QuantizedTensor:
         """Stack weights along their outputs (rows are independent in this layout)."""
@@ -77,6 +82,16 @@ class QuantizedTensor:
         zero_points = None if first.symmetric else np.concatenate([p.zero_points for p in parts])
         return QuantizedTensor(np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]),
                                zero_points, first.bits, first.block)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTable(QuantizedTensor):
+    """The tied embedding/lm_head table: one set of codes (stored once), the lm_head's `scales`,
+    and the token lookup's own scales for the same codes. GatherBlockQuantized reads its scales from
+    an initializer of its own anyway ([vocab, blocks, 1]), so the lookup can have the scales that
+    bring its rows closest to the embedding while the lm_head keeps the ones fitted to its inputs."""
+
+    lookup_scales: np.ndarray | None = None  # float32 [vocab, blocks]; None: the lm_head's
 
 
 def zeros_padded(blocks: int) -> bool:
@@ -148,13 +163,23 @@ def fit_grid(blocks: np.ndarray, bits: int, *, symmetric: bool, importance: np.n
     best_error = np.full(low.shape, np.inf, np.float32)
     scales = np.ones(low.shape, np.float32)
     zero_points = np.zeros(low.shape, np.uint8)
+    error = np.empty(blocks.shape, np.float32)
     for ratio in ratios:
         s_, z_ = symmetric_grid(extreme * ratio, qmax) if symmetric else minmax_grid(low * ratio, high * ratio, qmax)
-        q_ = quantize_codes(blocks, s_, z_, qmax)
-        error = np.square((q_.astype(np.float32) - z_[..., None]) * s_[..., None] - blocks)
-        error = (error if importance is None else error * importance).sum(axis=-1)
-        better = error < best_error
-        best_error[better] = error[better]
+        # (dequantized - weight)^2 in one buffer: the codes as floats, as quantize_codes rounds them.
+        np.divide(blocks, s_[..., None], out=error)
+        np.round(error, out=error)
+        error += z_[..., None]
+        np.clip(error, 0, qmax, out=error)
+        error -= z_[..., None]
+        error *= s_[..., None]
+        error -= blocks
+        np.square(error, out=error)
+        if importance is not None:
+            error *= importance
+        error_sum = error.sum(axis=-1)
+        better = error_sum < best_error
+        best_error[better] = error_sum[better]
         scales[better], zero_points[better] = s_[better], z_[better]
     return scales, zero_points
 
@@ -178,3 +203,43 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block: int, *, symmetric: 
     scales, zero_points = fit_grid(blocks, bits, symmetric=symmetric, importance=importance)
     codes = quantize_codes(blocks, scales, zero_points, (1 << bits) - 1)
     return pack(codes.reshape(out_features, in_features), scales, None if symmetric else zero_points, bits, block)
+
+
+def refit_scales(quantized: QuantizedTensor, weight: np.ndarray, hessian: np.ndarray | None = None) -> np.ndarray:
+    """The scales float32 [out, blocks] that, with `quantized`'s codes and zero points kept, bring
+    the dequantized weight closest to `weight` [out, in]: in the plain squared error (per block), or
+    with `hessian` [in, in] in (w - w')^T H (w - w') over each whole row (the layer's output error
+    on inputs of that second moment; blocks of a row interact through H). Least squares, solved
+    exactly; a block whose codes are all at the zero point keeps its scale."""
+    out_features, blocks = quantized.scales.shape
+    block = quantized.block
+    centered = (quantized.codes().reshape(out_features, blocks, block).astype(np.float64)
+                - quantized.zero_point_values()[..., None])  # c' [out, blocks, block]
+    w = np.asarray(weight, np.float64).reshape(out_features, blocks, block)
+    if hessian is None:
+        gram = np.einsum("obk,obk->ob", centered, centered)
+        target = np.einsum("obk,obk->ob", centered, w)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scales = np.where(gram > 0, target / gram, quantized.scales)
+        return scales.astype(np.float32)
+    # float32 products (codes are small integers), float64 normal equations.
+    h = np.asarray(hessian, np.float32)
+    scales = quantized.scales.astype(np.float64)
+    for first in range(0, out_features, 4096):  # rows are independent; a few thousand at a time
+        rows = slice(first, min(first + 4096, out_features))
+        c = centered[rows].astype(np.float32)
+        target_w = w[rows].reshape(-1, blocks * block).astype(np.float32)
+        gram = np.empty((c.shape[0], blocks, blocks))
+        target = np.empty((c.shape[0], blocks))
+        for b in range(blocks):
+            # c'_b^T H_b. (H restricted to block b's rows), for every row at once: [rows, in].
+            t = c[:, b] @ h[b * block:(b + 1) * block]
+            gram[:, b] = np.einsum("rck,rck->rc", t.reshape(-1, blocks, block), c, dtype=np.float64)
+            target[:, b] = np.einsum("ri,ri->r", t, target_w, dtype=np.float64)
+        # Normal equations per row: sum_c (c'_b^T H_bc c'_c) s_c = c'_b^T H w.
+        solvable = np.linalg.det(gram) > 1e-30 * np.prod(np.einsum("rbb->rb", gram), axis=-1)
+        solved = scales[rows].copy()
+        if solvable.any():
+            solved[solvable] = np.linalg.solve(gram[solvable], target[solvable][..., None])[..., 0]
+        scales[rows] = solved
+    return scales.astype(np.float32)

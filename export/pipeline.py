@@ -16,7 +16,7 @@ from neoedge import __version__
 from neoedge.errors import ExportError
 from neoedge.manifest import GraphInfo, Manifest, Quantization, file_entries
 
-from .calibrate import calibration_batches, kv_cache_scales
+from .calibrate import DEFAULT_LENGTH, calibration_batches, read_calibration
 from .graph import build_decoder
 from .load import load_checkpoint
 from .quantize import WeightStorage
@@ -49,10 +49,16 @@ def export_package(
     block_size: int | None = None,
     lm_head_bits: int | None = None,
     symmetric: bool | None = None,
+    algorithm: str | None = None,
+    calibration: str | Path | None = None,
     tolerance: float = FP32_TOLERANCE,
     progress: bool = True,
 ) -> Manifest:
-    """Export a GPT-Neo checkpoint (hub id or local directory) to a model package at `output`."""
+    """Export a GPT-Neo checkpoint (hub id or local directory) to a model package at `output`.
+
+    `algorithm` chooses how quantized weights are rounded (export/scheme.py; default by
+    measurement), `calibration` a UTF-8 text file for the data-aware algorithms and the int8 KV
+    cache (default: the corpus that ships with neoedge)."""
     from tqdm.auto import tqdm
 
     output = Path(output)
@@ -66,7 +72,13 @@ def export_package(
     if kv_cache == "int8" and attention != "gqa":
         raise ExportError("an int8 KV cache needs --attention gqa")
     try:
-        scheme = make_scheme(quantize, block_size=block_size, lm_head_bits=lm_head_bits, symmetric=symmetric)
+        scheme = make_scheme(quantize, block_size=block_size, lm_head_bits=lm_head_bits, symmetric=symmetric,
+                             algorithm=algorithm)
+        calibrated = kv_cache == "int8" or (scheme is not None and scheme.data_aware)
+        if calibration is not None and not calibrated:
+            raise ValueError("--calibration has no effect here: fp32 or round-to-nearest weights "
+                             "with a float32 KV cache use no calibration text")
+        calibration_text = read_calibration(calibration) if calibrated else None
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
 
@@ -80,22 +92,19 @@ def export_package(
 
         bar.set_postfix_str(steps[1])
         graph_info = GraphInfo(file=MODEL_FILE, attention=attention, kv_cache=kv_cache)
-        kv_scales = None
-        if kv_cache == "int8":
-            batches = calibration_batches(checkpoint.tokenizer_json, min(512, checkpoint.info.context_length))
-            with tqdm(total=len(batches), desc="calibrate KV cache", unit="batch", leave=False,
-                      disable=not progress) as calibrating:
-                kv_scales = kv_cache_scales(checkpoint.model, batches, checkpoint.info.num_heads,
-                                            on_batch=calibrating.update)
-        layers = tqdm(total=checkpoint.info.num_layers, desc="layers", unit="layer", leave=False,
-                      disable=not progress)
+        layers = tqdm(total=checkpoint.info.num_layers, desc="calibrate and quantize" if calibrated else "quantize",
+                      unit="layer", leave=False, disable=not progress or (scheme is None and not calibrated))
         try:
+            batches = None
+            if calibration_text is not None:
+                batches = calibration_batches(checkpoint.tokenizer_json, calibration_text,
+                                              length=min(checkpoint.info.context_length, DEFAULT_LENGTH))
             quantized = quantize_weights(checkpoint.weights(), scheme, checkpoint.info.num_layers,
-                                         on_layer=layers.update)
+                                         model=checkpoint.model, calibration=batches, on_layer=layers.update)
             with ExternalWeights(staging / WEIGHTS_FILE) as weights_file:
                 storage = WeightStorage(scheme.accuracy_level) if scheme else WeightStorage()
                 model = build_decoder(checkpoint.info, quantized.weights, graph_info, storage,
-                                      layer_norm_eps=checkpoint.layer_norm_eps, kv_scales=kv_scales,
+                                      layer_norm_eps=checkpoint.layer_norm_eps, kv_scales=quantized.kv_scales,
                                       weights_file=weights_file)
         except ValueError as exc:
             raise ExportError(str(exc)) from exc

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blockwise import QuantizedTensor, zeros_padded
+from .blockwise import QuantizedTable, QuantizedTensor, zeros_padded
 from .graph_builder import GraphBuilder
 from .weights import Tensor
 
@@ -27,6 +27,13 @@ class TiedTable:
     inputs: tuple[str, ...]  # fp32: the table; quantized: packed weights, scales (, zero points)
     shape: tuple[int, int]  # [vocab, hidden]
     quantized: QuantizedTensor | None
+
+    @property
+    def lookup_scales(self) -> np.ndarray | None:
+        """The token lookup's own scales [vocab, blocks], if they differ from the lm_head's."""
+        if isinstance(self.quantized, QuantizedTable):
+            return self.quantized.lookup_scales
+        return None
 
 
 class WeightStorage:
@@ -104,8 +111,8 @@ class WeightStorage:
         tied = table.quantized
         vocab, width = table.shape
         blocks = width // tied.block
-        inputs = [table.inputs[0], ids,
-                  g.initializer(f"{TABLE_NAME}.row_scales", tied.scales.reshape(vocab, blocks, 1))]
+        scales = tied.scales if table.lookup_scales is None else table.lookup_scales
+        inputs = [table.inputs[0], ids, g.initializer(f"{TABLE_NAME}.row_scales", scales.reshape(vocab, blocks, 1))]
         if tied.zero_points is not None:  # 8 bits: one zero point per byte already
             inputs.append(g.initializer(f"{TABLE_NAME}.row_zeros", tied.zero_points.reshape(vocab, blocks, 1)))
         rows = g.op("GatherBlockQuantized", inputs, f"{name}/GatherBlockQuantized", domain=MS_DOMAIN,
@@ -119,6 +126,8 @@ class WeightStorage:
         width = table.shape[1]
         blocks = width // table.quantized.block
         packed, scales, packed_zeros = table.inputs
+        if table.lookup_scales is not None:
+            scales = g.initializer(f"{TABLE_NAME}.row_scales", table.lookup_scales)
         rows = g.op("Gather", [packed, ids], f"{name}/rows/Gather")  # [batch, seq, blocks, block bytes]
         values = g.op("Cast", [_unpack_nibbles(g, f"{name}/rows", rows)], f"{name}/rows/Cast", to=1)
         zeros = _unpack_nibbles(g, f"{name}/zeros", g.op("Gather", [packed_zeros, ids], f"{name}/zeros/Gather"))

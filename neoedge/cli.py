@@ -62,6 +62,12 @@ def main(verbose: int) -> None:
 @click.option("--symmetric/--asymmetric", default=None,
               help="Zero points per block (asymmetric) or none (symmetric, faster kernels); "
                    "default: int8 asymmetric, int4 symmetric.")
+@click.option("--algorithm", type=click.Choice(["rtn", "weighted-clip", "awq", "gptq"]),
+              help="How int8/int4 weights are rounded: rtn (round-to-nearest, no calibration) or data-aware "
+                   "from calibration text (weighted-clip, awq, gptq); default: gptq.")
+@click.option("--calibration", type=click.Path(path_type=Path, dir_okay=False),
+              help="UTF-8 text for data-aware quantization and the int8 KV cache's scales "
+                   "(default: the corpus that ships with neoedge).")
 @click.option("--attention", type=click.Choice(["gqa", "plain"]), default="gqa", show_default=True,
               help="gqa: fused attention, in-place KV cache (fast); plain: standard ONNX ops.")
 @click.option("--kv-cache", type=click.Choice(["auto", "float32", "int8"]), default="auto", show_default=True,
@@ -71,13 +77,15 @@ def main(verbose: int) -> None:
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against transformers.")
 @_friendly_errors
 def export(source: str, output: Path, quantize: str, block_size: int | None, lm_head_bits: str | None,
-           symmetric: bool | None, attention: str, kv_cache: str, force: bool, no_validate: bool) -> None:
+           symmetric: bool | None, algorithm: str | None, calibration: Path | None, attention: str, kv_cache: str,
+           force: bool, no_validate: bool) -> None:
     """Export SOURCE (a hub id such as EleutherAI/gpt-neo-125m, or a checkpoint directory) to a
     model package at OUTPUT."""
     manifest = _export_module().export_package(
         source, output, quantize=quantize, attention=attention, kv_cache=kv_cache, force=force,
         validate=not no_validate,
-        block_size=block_size, lm_head_bits=int(lm_head_bits) if lm_head_bits else None, symmetric=symmetric)
+        block_size=block_size, lm_head_bits=int(lm_head_bits) if lm_head_bits else None, symmetric=symmetric,
+        algorithm=algorithm, calibration=calibration)
     report = manifest.validation
     if report:
         click.echo(f"validated against transformers over {report['positions']} positions: max |Δlogit| "
@@ -164,7 +172,8 @@ def info(package: Path, as_json: bool, verify: bool) -> None:
         f"context        {m.context_length} tokens; local window {m.window_size} ({layers})",
         f"tokens         bos {m.bos_token_id}, eos {m.eos_token_id}",
         f"attention      {manifest.graph.attention}, {manifest.graph.kv_cache} KV cache",
-        f"quantization   {manifest.quantization.scheme} {manifest.quantization.settings or ''}".rstrip(),
+        f"quantization   {manifest.quantization.scheme} "
+        f"{manifest.quantization.settings.describe() if manifest.quantization.settings else ''}".rstrip(),
         f"files          {total / 1e6:.1f} MB: " + ", ".join(
             f"{name} ({entry.bytes / 1e6:.1f} MB)" for name, entry in manifest.files.items()),
     ]

@@ -78,9 +78,69 @@ class GraphInfo:
 
 
 @dataclass(frozen=True)
+class CalibrationInfo:
+    """The text a quantized package's weights (and int8 KV cache scales) were calibrated on."""
+
+    text: str  # "built-in: <file>" for the corpus that ships with neoedge, else the file's name
+    sha256: str  # of the text's UTF-8 bytes
+    sequences: int
+    tokens_per_sequence: int
+
+
+@dataclass(frozen=True)
+class QuantizationSettings:
+    """How a package's weights are quantized: MatMulNBits blocks, and how their codes were chosen."""
+
+    bits: int
+    block_size: int | tuple[int, ...]  # one size, or the sizes used where a default had to shrink
+    lm_head_bits: int
+    zero_point: Literal["symmetric", "asymmetric"]
+    accuracy_level: int = 4
+    # rtn (round-to-nearest), weighted-clip, awq or gptq (export/scheme.py); packages written
+    # before this field existed are rtn.
+    algorithm: str = "rtn"
+    damping: float | None = None  # gptq
+    act_order: bool | None = None  # gptq
+    table_damping: float | None = None  # data-aware algorithms: the token lookup's share of the table's error
+    calibration: CalibrationInfo | None = None
+    method: str = "MatMulNBits"
+    embedding: str = "tied, shared with lm_head"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantizationSettings:
+        data = dict(data)
+        if isinstance(data.get("block_size"), list):
+            data["block_size"] = tuple(data["block_size"])
+        if data.get("calibration") is not None:
+            data["calibration"] = CalibrationInfo(**data["calibration"])
+        return cls(**data)
+
+    def describe(self) -> str:
+        """One line, e.g. "4-bit MatMulNBits, block 128, symmetric, lm_head 4-bit, gptq (...)"."""
+        blocks = self.block_size if isinstance(self.block_size, int) else "/".join(map(str, self.block_size))
+        text = (f"{self.bits}-bit {self.method}, block {blocks}, {self.zero_point}, lm_head {self.lm_head_bits}-bit, "
+                f"{self.algorithm}")
+        details = [f"{name} {value}" for name, value in
+                   (("damping", self.damping), ("act_order", self.act_order), ("table_damping", self.table_damping))
+                   if value is not None]
+        if self.calibration is not None:
+            c = self.calibration
+            details.append(f"calibrated on {c.sequences}x{c.tokens_per_sequence} tokens of {c.text}")
+        return text + (f" ({', '.join(details)})" if details else "")
+
+
+@dataclass(frozen=True)
 class Quantization:
     scheme: Literal["none", "int8", "int4"] = "none"
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: QuantizationSettings | None = None  # None for fp32
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Quantization:
+        if not isinstance(data, dict) or not isinstance(data.get("settings") or {}, dict):
+            raise TypeError("quantization and its settings must be objects")
+        settings = data.get("settings") or None  # fp32 packages have written {}
+        return cls(scheme=data.get("scheme", "none"),
+                   settings=QuantizationSettings.from_dict(settings) if settings is not None else None)
 
 
 @dataclass(frozen=True)
@@ -128,7 +188,7 @@ class Manifest:
             manifest = cls(
                 model=ModelInfo(**model),
                 graph=GraphInfo(**data["graph"]),
-                quantization=Quantization(**data.get("quantization", {})),
+                quantization=Quantization.from_dict(data.get("quantization", {})),
                 files={name: FileEntry(**entry) for name, entry in data["files"].items()},
                 generation=dict(data.get("generation", {})),
                 validation=dict(data.get("validation", {})),
