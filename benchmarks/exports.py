@@ -1,8 +1,10 @@
 """Packages the benchmarks export once and keep under benchmarks/work, re-exported when stale.
 
 A cached package is reused only if it was written from the same source with the same options by
-the current export code (a hash of neoedge/export's sources); otherwise a benchmark would time or
-score a graph the code no longer produces.
+the current code: a hash of every source file of the export pipeline and of the runtime (the export
+writes the manifest with the runtime's schema and validates through the runtime, so a runtime change
+can change a package too); otherwise a benchmark would time or score a graph the code no longer
+produces.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-EXPORT_CODE = Path(__file__).resolve().parent.parent / "export"
+REPO = Path(__file__).resolve().parent.parent
+CODE = (REPO / "export", REPO / "neoedge")
 
 
 def fingerprint(source: str, options: dict[str, Any]) -> str:
     digest = hashlib.sha256(f"{source}\n{sorted(options.items())!r}\n".encode())
-    for path in sorted(EXPORT_CODE.glob("*.py")):
-        digest.update(path.name.encode() + b"\n" + path.read_bytes())
+    for root in CODE:
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(REPO)).encode() + b"\n" + path.read_bytes())
     return digest.hexdigest()
 
 

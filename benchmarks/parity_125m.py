@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neoedge import Generator
-from neoedge.options import GenerationOptions
+from neoedge import Model, SessionSettings
 from report import write_report
 
 HERE = Path(__file__).resolve().parent
@@ -46,7 +45,7 @@ def main() -> None:
     checkpoint, package = paths["pytorch-fp32"], paths["neoedge-fp32"]
     torch.set_num_threads(2)
     model = GPTNeoForCausalLM.from_pretrained(checkpoint).eval()
-    generator = Generator(package, intra_threads=2)
+    generator = Model(package, settings=SessionSettings(intra_threads=2))
     info = generator.manifest.model
     length = info.context_length
     ids = np.random.default_rng(0).integers(0, info.vocab_size, size=length, dtype=np.int64)
@@ -68,9 +67,9 @@ def main() -> None:
                                   dtype=torch.long), do_sample=False, max_new_tokens=args.new_tokens,
                                   min_new_tokens=args.new_tokens, pad_token_id=info.eos_token_id)[0, len(prompt):]
     torch_seconds = time.perf_counter() - start
-    options = GenerationOptions(max_new_tokens=args.new_tokens, stop_at_eos=False)
     start = time.perf_counter()
-    produced = list(generator.generate_tokens(prompt.tolist(), options))
+    produced = list(generator.sequence(tokens=prompt.tolist()).generate(
+        max_new_tokens=args.new_tokens, stop_at_eos=False).tokens)
     neoedge_seconds = time.perf_counter() - start
     expected = expected.tolist()
     same = next((i for i, (a, b) in enumerate(zip(produced, expected)) if a != b), len(expected))

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from neoedge import Generator
+from neoedge import Model, SessionSettings
 from neoedge.evaluate import score
 from neoedge.export.calibrate import calibration_batches, read_calibration
 from neoedge.export.tiny import HELDOUT_FILE
@@ -57,6 +57,7 @@ BEFORE, AFTER = "rtn", "gptq"
 EVERY_ALGORITHM = ("rtn", "weighted-clip", "awq", "gptq")
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
+SESSION = SessionSettings(intra_threads=2)
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def measure_fixture(fixture: str, args: argparse.Namespace) -> dict[str, Any]:
     checkpoint = fixture_checkpoint(fixture)
     fp32_dir = cached_export(str(checkpoint), _package_dir(fixture, "fp32"), progress=False, quantize="none")
-    fp32 = Generator(fp32_dir)
-    bos = fp32.manifest.model.bos_token_id
+    fp32 = Model(fp32_dir, settings=SESSION)
+    bos = fp32.info.bos_token_id
     text = (checkpoint / HELDOUT_FILE).read_text(encoding="utf-8")
     texts = Texts(np.asarray([bos] + fp32.tokenizer.encode(text), dtype=np.int64),
                   calibration_batches(fp32_dir.joinpath("tokenizer.json").read_text(encoding="utf-8"),
@@ -106,11 +107,11 @@ def measure_fixture(fixture: str, args: argparse.Namespace) -> dict[str, Any]:
             print(f"{fixture}: {scheme}, {algorithm} ...", file=sys.stderr)
             package = cached_export(str(checkpoint), _package_dir(fixture, f"{scheme} {algorithm}"), progress=False,
                                     algorithm=algorithm, **options)
-            generator = Generator(package)
-            report = score(generator.logits, texts.heldout, window=args.window, stride=args.stride,
+            model = Model(package, settings=SESSION)
+            report = score(model.logits, texts.heldout, window=args.window, stride=args.stride,
                            reference=fp32.logits)
             rows.append(_row(scheme, algorithm, report.perplexity, report.top1_agreement, report.mean_kl,
-                             calibration_scores(generator.logits, fp32.logits, texts.calibration), package))
+                             calibration_scores(model.logits, fp32.logits, texts.calibration), package))
     if args.anchors and fixture == "tiny":
         rows += _anchor_rows(checkpoint, fp32.logits, texts, args)
     for row in rows:

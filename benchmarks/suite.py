@@ -159,14 +159,15 @@ def worker(config: str, path: str, spec: dict[str, Any]) -> dict[str, Any]:
 def _make_generate(config: str, path: str, threads: int):
     """A function (prompt ids, n) -> timestamps [start, token 1, ..., token n]."""
     if config.startswith("neoedge"):
-        from neoedge import GenerationOptions, Generator
+        from neoedge import Model, SessionSettings
 
-        generator = Generator(path, intra_threads=threads)
+        model = Model(path, settings=SessionSettings(intra_threads=threads))
 
         def generate(ids, count):
             stamps = [time.perf_counter()]
-            for _ in generator.generate_tokens(ids, GenerationOptions(max_new_tokens=count, stop_at_eos=False)):
-                stamps.append(time.perf_counter())
+            for event in model.sequence(tokens=ids).stream(max_new_tokens=count, stop_at_eos=False):
+                if event.token is not None:
+                    stamps.append(time.perf_counter())
             return stamps
         return generate
 

@@ -3,6 +3,7 @@
 Needs the `[export]` extra (torch, transformers, onnx); the runtime never imports this package.
 """
 
-from .pipeline import export_package
+from .destination import OutputExistsError
+from .pipeline import ExportOptions, export_package
 
-__all__ = ["export_package"]
+__all__ = ["ExportOptions", "OutputExistsError", "export_package"]

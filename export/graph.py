@@ -25,6 +25,7 @@ from onnx import TensorProto, helper
 
 from neoedge.manifest import GraphInfo, ModelInfo
 
+from .activations import ACTIVATIONS, mlp_activation
 from .graph_builder import GraphBuilder
 from .quantize import MS_DOMAIN, WeightStorage
 from .weights import Weights, stack_outputs
@@ -41,12 +42,17 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
                   storage: WeightStorage | None = None, layer_norm_eps: float = 1e-5,
                   kv_scales: list[tuple[np.ndarray, np.ndarray]] | None = None,
                   on_layer: Callable[[], None] | None = None,
-                  weights_file: ExternalWeights | None = None) -> onnx.ModelProto:
+                  weights_file: ExternalWeights | None = None,
+                  activation: str = "gelu_new") -> onnx.ModelProto:
     """The decoder graph. `weights` are stored as they come (fp32 arrays, or QuantizedTensors from
     the quantization step) by `storage` (default: WeightStorage()). `kv_scales` (per layer: key and
     value scales [heads, 1, head_size]) are required when graph_info.kv_cache is "int8". `on_layer`
     is called as each layer is finished (a progress bar's hook). With `weights_file` the weights go
-    there as they are made, and the graph must be saved beside it."""
+    there as they are made, and the graph must be saved beside it. `activation` is the config's
+    activation_function (one of ACTIVATIONS). An untied lm_head is read from
+    weights["lm_head.weight"] when present; without it the lm_head is the token embedding table."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation_function {activation!r} has no exact ONNX form here")
     storage = storage or WeightStorage()
     g = GraphBuilder(weights_file)
     gi = graph_info
@@ -152,8 +158,7 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
         m, h = skip_layer_norm(h, attn, bias(f"{p}.attn.attention.out_proj.bias"), f"{p}.ln_2",
                                f"{where}/ln_2/SkipLayerNorm")
         fc = storage.linear(g, f"{where}/mlp/c_fc", m, weights.layer(layer, "mlp.c_fc.weight"))
-        # gelu_new is the tanh approximation, which is exactly what FastGelu computes.
-        act = g.op("FastGelu", [fc, bias(f"{p}.mlp.c_fc.bias")], f"{where}/mlp/FastGelu", domain=MS_DOMAIN)
+        act = mlp_activation(g, f"{where}/mlp", activation, fc, bias(f"{p}.mlp.c_fc.bias"))
         proj = storage.linear(g, f"{where}/mlp/c_proj", act, weights.layer(layer, "mlp.c_proj.weight"))
         last = layer == model.num_layers - 1
         next_norm = "transformer.ln_f" if last else f"transformer.h.{layer + 1}.ln_1"
@@ -165,7 +170,10 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
     h = x
     # Only the requested positions go through the lm_head (one position per decode step).
     selected = g.op("Gather", [h, gi.logits_positions], "/lm_head/select/Gather", axis=1)
-    storage.lm_head(g, "/lm_head", table, selected, gi.logits)
+    if "lm_head.weight" in weights.arrays:  # untied: its own table, stored like any weight MatMul
+        storage.untied_lm_head(g, "/lm_head", weights["lm_head.weight"], selected, gi.logits)
+    else:
+        storage.lm_head(g, "/lm_head", table, selected, gi.logits)
 
     graph = g.graph("gpt_neo_decoder", inputs, outputs)
     onnx_model = helper.make_model(

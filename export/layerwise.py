@@ -28,7 +28,9 @@ from .blockwise import QuantizedTensor
 from .weights import Tensor
 
 # Weight groups: weights that read the same inputs, quantized together.
-QKV, OUT_PROJ, C_FC, C_PROJ, LM_HEAD = "qkv", "out_proj", "c_fc", "c_proj", "lm_head"
+# LM_HEAD is the tied table; UNTIED_LM_HEAD an lm_head with its own weight (the token table is then
+# quantized on its own, outside the pass).
+QKV, OUT_PROJ, C_FC, C_PROJ, LM_HEAD, UNTIED_LM_HEAD = "qkv", "out_proj", "c_fc", "c_proj", "lm_head", "untied_lm_head"
 
 
 @dataclass(frozen=True)
@@ -53,17 +55,20 @@ class PassResult:
 
 
 def run_layers(model: Any, batches: np.ndarray, quantize_group: GroupQuantizer | None = None, *,
-               on_layer: Callable[[], None] | None = None) -> PassResult:
+               tied: bool = True, on_layer: Callable[[], None] | None = None) -> PassResult:
     """Run `model` (transformers GPTNeoForCausalLM) over `batches` (int64 [sequences, length]) layer
     by layer. With `quantize_group`, every weight group is quantized in order (q/k/v, out_proj,
     c_fc, c_proj of each layer, then the tied table as the lm_head) and the pass continues with the
-    quantized weights; without, it runs the fp32 model (the KV cache maxima only)."""
+    quantized weights; without, it runs the fp32 model (the KV cache maxima only). With `tied`
+    False the lm_head group is the model's own lm_head weight, not the token table."""
     import torch
     import torch.nn.functional as F
+    from transformers.activations import ACT2FN
 
     config = model.config
-    if config.activation_function != "gelu_new":
-        raise ValueError(f"the calibration pass implements gelu_new, not {config.activation_function}")
+    # The MLP's activation exactly as transformers computes it (export/activations.py writes the
+    # same definition into the graph).
+    activation = ACT2FN[config.activation_function]
     body = model.transformer
     hidden_size, heads, eps = config.hidden_size, config.num_heads, config.layer_norm_epsilon
     ids = torch.from_numpy(np.ascontiguousarray(batches, dtype=np.int64))
@@ -124,9 +129,9 @@ def run_layers(model: Any, batches: np.ndarray, quantize_group: GroupQuantizer |
             x = F.layer_norm(h, (hidden_size,), block.ln_2.weight, block.ln_2.bias, eps)
             (wfc,), scales = group(C_FC, index, {f"{p}.mlp.c_fc.weight": block.mlp.c_fc}, x, True)
             fold_norm(f"{p}.ln_2", block.ln_2, scales)
-            a = F.gelu(x @ wfc.T + block.mlp.c_fc.bias, approximate="tanh")  # gelu_new
+            a = activation(x @ wfc.T + block.mlp.c_fc.bias)
             del x
-            # GELU is not linear: nothing before c_proj can absorb input scales.
+            # The activation is not linear: nothing before c_proj can absorb input scales.
             (wproj,), _ = group(C_PROJ, index, {f"{p}.mlp.c_proj.weight": block.mlp.c_proj}, a, False)
             h = h + a @ wproj.T + block.mlp.c_proj.bias
             del a
@@ -134,8 +139,11 @@ def run_layers(model: Any, batches: np.ndarray, quantize_group: GroupQuantizer |
                 on_layer()
         if quantize_group is not None:
             x = F.layer_norm(h, (hidden_size,), body.ln_f.weight, body.ln_f.bias, eps)
-            # The table is also the token lookup, which reads it unscaled: nothing to fold into.
-            group(LM_HEAD, -1, {"transformer.wte.weight": body.wte}, x, False)
+            if tied:
+                # The table is also the token lookup, which reads it unscaled: nothing to fold into.
+                group(LM_HEAD, -1, {"transformer.wte.weight": body.wte}, x, False)
+            else:  # ln_f is followed by nothing else, but an untied head keeps the plain layout
+                group(UNTIED_LM_HEAD, -1, {"lm_head.weight": model.lm_head}, x, False)
     return PassResult(updates, kv_maxima)
 
 

@@ -1,27 +1,31 @@
-"""`neoedge export`: a fixed sequence of steps, written to a temporary directory and moved into place
-only when the package is complete and validated."""
+"""`neoedge export`: a fixed sequence of steps, built in a staging directory beside OUT and moved
+into place only when the package is complete and validated (export/destination.py says how, and
+what is guaranteed when an export is interrupted; export/lock.py keeps exports to one OUT apart)."""
 
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
-from dataclasses import replace
+import math
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import onnx
 
 from neoedge import __version__
-from neoedge.errors import ExportError
-from neoedge.manifest import GraphInfo, Manifest, Quantization, file_entries
+from neoedge.errors import ExportError, NeoedgeError
+from neoedge.manifest import GraphInfo, Manifest, ModelInfo, Quantization, QuantizationSettings, file_entries
 
-from .calibrate import DEFAULT_LENGTH, calibration_batches, read_calibration
+from .calibrate import DEFAULT_LENGTH, CalibrationText, calibration_batches, read_calibration
+from .destination import Staging, check_output, output_path, parent_directories, publish, remove_stale_staging
 from .graph import build_decoder
-from .load import load_checkpoint
+from .load import Checkpoint, load_checkpoint
+from .lock import output_lock
 from .quantize import WeightStorage
-from .scheme import make_scheme
-from .validate import describe_failure, validate_package
+from .scheme import ALGORITHMS, QuantizationScheme, make_scheme
+from .signals import cleanup_on_termination
+from .validate import validate_package
 from .weight_quantization import quantize_weights
 from .weights_file import ExternalWeights
 
@@ -34,14 +38,141 @@ TOKENIZER_FILE = "tokenizer.json"
 # creation for a 125M package; and protobuf could not hold a graph over 2 GB at all.
 WEIGHTS_FILE = MODEL_FILE + ".data"
 FP32_TOLERANCE = 1e-4
+# onnxruntime 1.32's CPU GroupQueryAttention refuses, when it runs, a head size that is not a
+# multiple of 8 ("head_size must be a multiple of 8"); every multiple of 8 from 8 to 512 was tried
+# and runs exactly. GPT-Neo-architecture models on the hub have head sizes from 4 to 128.
+GQA_HEAD_SIZE_MULTIPLE = 8
+
+SCHEMES = ("none", "int8", "int4")
+ATTENTIONS = ("auto", "gqa", "plain")
+KV_CACHES = ("auto", "float32", "int8")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to export, validated once when the export is asked for (before anything is read or
+    written). "auto" attention is gqa where GroupQueryAttention can take the model's head size, else
+    plain; "auto" KV cache is int8 for quantized gqa packages, float32 otherwise. `algorithm`
+    chooses how quantized weights are rounded (export/scheme.py; default by measurement),
+    `calibration` a UTF-8 text file for the data-aware algorithms and the int8 KV cache (default:
+    the corpus that ships with neoedge)."""
+
+    quantize: Literal["none", "int8", "int4"] = "none"
+    attention: Literal["auto", "gqa", "plain"] = "auto"
+    kv_cache: Literal["auto", "float32", "int8"] = "auto"
+    block_size: int | None = None
+    lm_head_bits: int | None = None
+    symmetric: bool | None = None
+    algorithm: str | None = None
+    calibration: str | os.PathLike[str] | None = None
+    validate: bool = True
+    optimize: bool = True
+    tolerance: float = FP32_TOLERANCE
+
+    def __post_init__(self) -> None:
+        for name, value, choices in (("quantize", self.quantize, SCHEMES), ("attention", self.attention, ATTENTIONS),
+                                     ("kv_cache", self.kv_cache, KV_CACHES)):
+            if value not in choices:
+                raise ExportError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+        if self.kv_cache == "int8" and self.attention == "plain":
+            raise ExportError("an int8 KV cache needs the gqa attention (GroupQueryAttention), not plain")
+        for name, value in (("block_size", self.block_size), ("lm_head_bits", self.lm_head_bits)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ExportError(f"{name} must be an integer, got {value!r}")
+        if self.quantize == "none":
+            for name, value in (("block_size", self.block_size), ("lm_head_bits", self.lm_head_bits),
+                                ("symmetric", self.symmetric), ("algorithm", self.algorithm)):
+                if value is not None:
+                    raise ExportError(f"{name} applies to int8/int4 quantization only, and quantize is 'none'")
+        if self.lm_head_bits is not None and self.lm_head_bits not in (4, 8):
+            raise ExportError(f"lm_head_bits must be 4 or 8, got {self.lm_head_bits}")
+        if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            raise ExportError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if self.algorithm is not None and self.algorithm not in ALGORITHMS:
+            raise ExportError(f"unknown quantization algorithm {self.algorithm!r}; choose one of: "
+                              f"{', '.join(ALGORITHMS)}")
+        if self.calibration is not None:
+            if not isinstance(self.calibration, (str, os.PathLike)) or not os.fspath(self.calibration):
+                raise ExportError(f"calibration must be a text file's path, got {self.calibration!r}")
+            if self.quantize == "none" and self.kv_cache != "int8":
+                raise ExportError("calibration has no effect here: an fp32 package with a float32 KV cache "
+                                  "uses no calibration text")
+            if self.algorithm == "rtn" and self.kv_cache == "float32":
+                raise ExportError("calibration has no effect here: round-to-nearest weights with a float32 KV "
+                                  "cache use no calibration text")
+        if self.symmetric is not None and not isinstance(self.symmetric, bool):
+            raise ExportError(f"symmetric must be True, False or None, got {self.symmetric!r}")
+        for name in ("validate", "optimize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ExportError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) \
+                or not math.isfinite(self.tolerance) or self.tolerance <= 0:
+            raise ExportError(f"tolerance must be a positive number, got {self.tolerance!r}")
+
+    def scheme(self) -> QuantizationScheme | None:
+        """The quantization scheme (None for fp32)."""
+        try:
+            return make_scheme(self.quantize, block_size=self.block_size, lm_head_bits=self.lm_head_bits,
+                               symmetric=self.symmetric, algorithm=self.algorithm)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from exc
+
+    def calibrated(self, plan: AttentionPlan) -> bool:
+        """Whether the export runs the calibration pass: data-aware weights or an int8 KV cache."""
+        scheme = self.scheme()
+        return plan.kv_cache == "int8" or (scheme is not None and scheme.data_aware)
+
+    def calibration_text(self) -> CalibrationText:
+        """The calibration text (the built-in corpus by default); ExportError if it cannot be used."""
+        try:
+            return read_calibration(self.calibration)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """The attention implementation and KV cache the model gets, and why, if not as asked."""
+
+    attention: Literal["gqa", "plain"]
+    kv_cache: Literal["float32", "int8"]
+    notes: tuple[str, ...] = ()
+
+
+def plan_attention(options: ExportOptions, model: ModelInfo) -> AttentionPlan:
+    gqa_fits = model.head_size % GQA_HEAD_SIZE_MULTIPLE == 0
+    why_not = (f"onnxruntime's GroupQueryAttention needs a head size that is a multiple of "
+               f"{GQA_HEAD_SIZE_MULTIPLE}, and this model's is {model.head_size} "
+               f"(hidden_size {model.hidden_size} / num_heads {model.num_heads})")
+    notes: list[str] = []
+    attention = options.attention
+    if attention == "gqa" and not gqa_fits:
+        raise ExportError(f"the gqa attention cannot take {model.source}: {why_not}; the plain attention "
+                          f"can (the default, auto, picks it)")
+    if options.kv_cache == "int8" and not gqa_fits:
+        raise ExportError(f"an int8 KV cache needs the gqa attention, which cannot take {model.source}: {why_not}")
+    if attention == "auto":
+        attention = "gqa" if gqa_fits else "plain"
+        if not gqa_fits:
+            notes.append(f"attention is plain (standard ONNX ops, exact), not gqa: {why_not}")
+    kv_cache = options.kv_cache
+    if kv_cache == "auto":
+        # Quantized packages trade exactness for speed anyway; an int8 cache with calibrated scales
+        # costs them no measurable quality and reads a quarter of the bytes. fp32 stays exact.
+        kv_cache = "int8" if options.quantize != "none" and attention == "gqa" else "float32"
+        if options.quantize != "none" and attention == "plain":
+            notes.append("the KV cache is float32: an int8 cache needs the gqa attention")
+    for note in notes:
+        log.warning("%s: %s", model.source, note)
+    return AttentionPlan(attention, kv_cache, tuple(notes))
 
 
 def export_package(
-    source: str,
-    output: str | Path,
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
     *,
     quantize: Literal["none", "int8", "int4"] = "none",
-    attention: Literal["gqa", "plain"] = "gqa",
+    attention: Literal["auto", "gqa", "plain"] = "auto",
     kv_cache: Literal["auto", "float32", "int8"] = "auto",
     force: bool = False,
     validate: bool = True,
@@ -50,106 +181,140 @@ def export_package(
     lm_head_bits: int | None = None,
     symmetric: bool | None = None,
     algorithm: str | None = None,
-    calibration: str | Path | None = None,
+    calibration: str | os.PathLike[str] | None = None,
     tolerance: float = FP32_TOLERANCE,
     progress: bool = True,
 ) -> Manifest:
     """Export a GPT-Neo checkpoint (hub id or local directory) to a model package at `output`.
 
-    `algorithm` chooses how quantized weights are rounded (export/scheme.py; default by
-    measurement), `calibration` a UTF-8 text file for the data-aware algorithms and the int8 KV
-    cache (default: the corpus that ships with neoedge)."""
+    `output` must not exist, or (with `force`) hold a neoedge package, which is then replaced in one
+    step. Nothing else is ever removed or overwritten. Raises ExportError (OutputExistsError if
+    `output` holds a package and `force` is not set)."""
+    options = ExportOptions(quantize=quantize, attention=attention, kv_cache=kv_cache, block_size=block_size,
+                            lm_head_bits=lm_head_bits, symmetric=symmetric, algorithm=algorithm,
+                            calibration=calibration, validate=validate,
+                            optimize=optimize, tolerance=tolerance)
+    if not isinstance(force, bool):
+        raise ExportError(f"force must be True or False, got {force!r}")
+    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source):
+        raise ExportError(f"source must be a hub id or a checkpoint directory, got {source!r}")
+    source = os.fspath(source)
+    output = output_path(output)
+    options.scheme()  # a block size the scheme cannot use is refused before anything is read
+    if options.calibration is not None:
+        options.calibration_text()  # and so is a calibration file that cannot be used
+    check_output(output, force=force)
+    with cleanup_on_termination(), parent_directories(output), output_lock(output):
+        # Holding the lock: no other export to OUT runs, so leftovers of interrupted ones can go, and
+        # OUT is checked again (another export may have written it since the first check).
+        remove_stale_staging(output)
+        replacing = check_output(output, force=force)
+        return _export(source, output, options, replacing, progress)
+
+
+def _export(source: str, output: Path, options: ExportOptions, replacing: bool, progress: bool) -> Manifest:
     from tqdm.auto import tqdm
 
-    output = Path(output)
-    if output.exists() and not force:
-        raise ExportError(f"{output} already exists; pass --force (force=True) to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if kv_cache == "auto":
-        # Quantized packages trade exactness for speed anyway; an int8 cache with calibrated scales
-        # costs them no measurable quality and reads a quarter of the bytes. fp32 stays exact.
-        kv_cache = "int8" if quantize != "none" and attention == "gqa" else "float32"
-    if kv_cache == "int8" and attention != "gqa":
-        raise ExportError("an int8 KV cache needs --attention gqa")
-    try:
-        scheme = make_scheme(quantize, block_size=block_size, lm_head_bits=lm_head_bits, symmetric=symmetric,
-                             algorithm=algorithm)
-        calibrated = kv_cache == "int8" or (scheme is not None and scheme.data_aware)
-        if calibration is not None and not calibrated:
-            raise ValueError("--calibration has no effect here: fp32 or round-to-nearest weights "
-                             "with a float32 KV cache use no calibration text")
-        calibration_text = read_calibration(calibration) if calibrated else None
-    except ValueError as exc:
-        raise ExportError(str(exc)) from exc
-
     steps = ["load checkpoint", "build graph", "write package", "validate", "move into place"]
-    bar = tqdm(total=len(steps), desc="export", unit="step", disable=not progress)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-    try:
+    with tqdm(total=len(steps), desc="export", unit="step", disable=not progress) as bar:
         bar.set_postfix_str(steps[0])
         checkpoint = load_checkpoint(source)
+        plan = plan_attention(options, checkpoint.info)
+        scheme = options.scheme()
+        calibration = None
+        if options.calibrated(plan):
+            calibration = options.calibration_text()
+        elif options.calibration is not None:
+            raise ExportError(f"calibration has no effect here: {options.quantize} with round-to-nearest weights "
+                              f"and a {plan.kv_cache} KV cache uses no calibration text")
         bar.update()
-
-        bar.set_postfix_str(steps[1])
-        graph_info = GraphInfo(file=MODEL_FILE, attention=attention, kv_cache=kv_cache)
-        layers = tqdm(total=checkpoint.info.num_layers, desc="calibrate and quantize" if calibrated else "quantize",
-                      unit="layer", leave=False, disable=not progress or (scheme is None and not calibrated))
+        staging = Staging.create(output)
         try:
-            batches = None
-            if calibration_text is not None:
-                batches = calibration_batches(checkpoint.tokenizer_json, calibration_text,
-                                              length=min(checkpoint.info.context_length, DEFAULT_LENGTH))
-            quantized = quantize_weights(checkpoint.weights(), scheme, checkpoint.info.num_layers,
-                                         model=checkpoint.model, calibration=batches, on_layer=layers.update)
-            with ExternalWeights(staging / WEIGHTS_FILE) as weights_file:
-                storage = WeightStorage(scheme.accuracy_level) if scheme else WeightStorage()
-                model = build_decoder(checkpoint.info, quantized.weights, graph_info, storage,
-                                      layer_norm_eps=checkpoint.layer_norm_eps, kv_scales=quantized.kv_scales,
-                                      weights_file=weights_file)
+            bar.set_postfix_str(steps[1])
+            graph_info = GraphInfo(file=MODEL_FILE, attention=plan.attention, kv_cache=plan.kv_cache)
+            settings = _build(checkpoint, graph_info, scheme, calibration, staging.package, progress)
+            bar.update()
+
+            bar.set_postfix_str(steps[2])
+            if options.optimize:
+                _onnxruntime_step("optimize the graph", _optimize_graph, staging.package / MODEL_FILE)
+            (staging.package / TOKENIZER_FILE).write_text(checkpoint.tokenizer_json, encoding="utf-8")
+            manifest = Manifest(
+                model=checkpoint.info,
+                graph=graph_info,
+                quantization=Quantization(scheme=options.quantize, settings=settings),
+                files=file_entries(staging.package),
+                generation={"max_new_tokens": 128},
+                notes=plan.notes,
+                tokenizer=TOKENIZER_FILE,
+                created_by=f"neoedge {__version__}",
+            )
+            manifest.write(staging.package)
+            bar.update()
+
+            if options.validate:
+                bar.set_postfix_str(steps[3])
+                report = _onnxruntime_step("validate the package", validate_package, staging.package,
+                                           checkpoint.model, tolerance=options.tolerance)
+                for line in report.lines():
+                    log.info("validation: %s", line)
+                if not report.passed:
+                    left = "left as it was" if replacing else "not written"
+                    raise ExportError(f"validation failed: {', '.join(report.problems)} (over {report.positions} "
+                                      f"positions); {output} was {left}")
+                manifest = replace(manifest, validation=report)
+                manifest.write(staging.package)
+            bar.update()
+
+            bar.set_postfix_str(steps[4])
+            publish(staging, replace=replacing)
+            bar.update()
+        except OSError as exc:
+            raise ExportError(f"export to {output} failed: {exc}") from exc
+        finally:
+            staging.discard()
+    return manifest
+
+
+def _build(checkpoint: Checkpoint, graph_info: GraphInfo, scheme: QuantizationScheme | None,
+           calibration: CalibrationText | None, directory: Path, progress: bool) -> QuantizationSettings | None:
+    """Quantize (calibrating first, if `calibration` is given) and write the decoder graph and its
+    weights file into `directory`; returns the manifest's quantization settings."""
+    from tqdm.auto import tqdm
+
+    batches = None
+    if calibration is not None:
+        try:
+            batches = calibration_batches(checkpoint.tokenizer_json, calibration,
+                                          length=min(checkpoint.info.context_length, DEFAULT_LENGTH))
         except ValueError as exc:
             raise ExportError(str(exc)) from exc
-        finally:
-            layers.close()
-        bar.update()
+    with tqdm(total=checkpoint.info.num_layers, desc="calibrate and quantize" if batches is not None else "quantize",
+              unit="layer", leave=False, disable=not progress or (scheme is None and batches is None)) as layers:
+        try:
+            quantized = quantize_weights(checkpoint.weights(), scheme, checkpoint.info.num_layers,
+                                         model=checkpoint.model, calibration=batches, on_layer=layers.update)
+            if graph_info.kv_cache == "int8" and quantized.kv_scales is None:
+                raise ValueError("an int8 KV cache needs the calibration pass")
+            storage = WeightStorage(scheme.accuracy_level) if scheme is not None else WeightStorage()
+            with ExternalWeights(directory / WEIGHTS_FILE) as weights_file:
+                model = build_decoder(checkpoint.info, quantized.weights, graph_info, storage,
+                                      layer_norm_eps=checkpoint.layer_norm_eps, kv_scales=quantized.kv_scales,
+                                      weights_file=weights_file, activation=checkpoint.activation)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from exc
+    onnx.save_model(model, str(directory / MODEL_FILE))
+    return quantized.settings
 
-        bar.set_postfix_str(steps[2])
-        onnx.save_model(model, str(staging / MODEL_FILE))
-        del model
-        if optimize:
-            _optimize_graph(staging / MODEL_FILE)
-        (staging / TOKENIZER_FILE).write_text(checkpoint.tokenizer_json, encoding="utf-8")
-        manifest = Manifest(
-            model=checkpoint.info,
-            graph=graph_info,
-            quantization=Quantization(scheme=quantize, settings=quantized.settings),
-            files=file_entries(staging),
-            generation={"max_new_tokens": 128},
-            tokenizer=TOKENIZER_FILE,
-            created_by=f"neoedge {__version__}",
-        )
-        manifest.write(staging)
-        bar.update()
 
-        if validate:
-            bar.set_postfix_str(steps[3])
-            exact = quantize == "none" and kv_cache == "float32"
-            report = validate_package(staging, checkpoint.model, tolerance=tolerance if exact else None)
-            log.info("validation against transformers: %s", report)
-            if exact and not report["passed"]:
-                raise ExportError(f"validation failed: {describe_failure(report)}")
-            manifest = replace(manifest, validation=report)
-            manifest.write(staging)
-        bar.update()
-
-        bar.set_postfix_str(steps[4])
-        _move_into_place(staging, output)
-        bar.update()
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+def _onnxruntime_step(what: str, step, *args, **kwargs):
+    """Run a step that hands the graph to onnxruntime; its errors (plain Exceptions) become ExportError."""
+    try:
+        return step(*args, **kwargs)
+    except (NeoedgeError, OSError):
         raise
-    finally:
-        bar.close()
-    return manifest
+    except Exception as exc:
+        raise ExportError(f"onnxruntime could not {what}: {exc}") from exc
 
 
 def _optimize_graph(path: Path) -> None:
@@ -172,6 +337,11 @@ def _optimize_graph(path: Path) -> None:
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                      "1024")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # onnxruntime creates its files with mode 0644 whatever the umask; the package's files get the
+    # mode of one created like any other (the graph written by onnx.save_model).
+    mode = path.stat().st_mode & 0o777
+    for written in (optimized, path.with_name(optimized_weights)):
+        os.chmod(written, mode)
     optimized.replace(path)
     path.with_name(optimized_weights).replace(path.with_name(WEIGHTS_FILE))
     # The optimized graph names the file it was written with; point it at the package's name.
@@ -181,15 +351,3 @@ def _optimize_graph(path: Path) -> None:
             if entry.key == "location":
                 entry.value = WEIGHTS_FILE
     onnx.save_model(model, str(path))
-
-
-def _move_into_place(staging: Path, output: Path) -> None:
-    """Replace `output` with the finished package; the old one is removed only after the swap."""
-    previous = None
-    if output.exists():
-        previous = output.with_name(f".{output.name}.old")
-        shutil.rmtree(previous, ignore_errors=True)
-        output.rename(previous)
-    staging.rename(output)
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)

@@ -71,15 +71,27 @@ class WeightStorage:
         if table.quantized is not None:
             self._matmul_nbits(g, name, hidden, table.inputs, table.quantized, output)
             return
+        self._gemm_transposed(g, name, hidden, table.inputs[0], table.shape, output)
+
+    def untied_lm_head(self, g: GraphBuilder, name: str, weight: Tensor, hidden: str, output: str) -> None:
+        """logits = hidden @ weight.T for an lm_head of its own [vocab, hidden], written to `output`."""
+        if isinstance(weight, QuantizedTensor):
+            self._matmul_nbits(g, name, hidden, self._initializers(g, "lm_head", weight), weight, output)
+            return
+        self._gemm_transposed(g, name, hidden, g.initializer("lm_head.weight", weight), weight.shape, output)
+
+    @staticmethod
+    def _gemm_transposed(g: GraphBuilder, name: str, hidden: str, table: str, table_shape: tuple[int, ...],
+                         output: str) -> None:
         # Gemm with transB reads the [vocab, hidden] embedding as-is: no transposed second copy on
         # disk, and none in memory either (a Transpose of an initializer would be constant-folded
         # into one at session load).
-        vocab, width = table.shape
+        vocab, width = table_shape
         shape = g.op("Shape", [hidden], f"{name}/Shape")
         leading = g.op("Slice", [shape, g.constant([0]), g.constant([2])], f"{name}/Slice")
         out_shape = g.op("Concat", [leading, g.constant([vocab])], f"{name}/Concat", axis=0)
         flat = g.op("Reshape", [hidden, g.constant([-1, width])], f"{name}/flatten/Reshape")
-        logits = g.op("Gemm", [flat, table.inputs[0]], f"{name}/Gemm", transB=1)
+        logits = g.op("Gemm", [flat, table], f"{name}/Gemm", transB=1)
         g.node_to("Reshape", [logits, out_shape], [output], f"{name}/Reshape")
 
     # -- MatMulNBits ------------------------------------------------------------------------------

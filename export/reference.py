@@ -7,8 +7,9 @@ implementations cannot agree to 1e-4 there. When they do not, the export asks th
 of them is off, and by how much.
 
 Written out with numpy, one layer at a time (each layer's weights are converted to float64 only
-while it runs, so a 2.7B model needs little memory beyond its fp32 copy). transformers cannot serve:
-its GPT-Neo attention casts queries and keys to float32 whatever the model's dtype.
+while it runs, so a 2.7B model needs little memory beyond its fp32 copy); only the MLP's activation
+is transformers' own module, applied to float64 values. transformers' model cannot serve: its
+GPT-Neo attention casts queries and keys to float32 whatever the model's dtype.
 """
 
 from __future__ import annotations
@@ -34,15 +35,17 @@ def _linear(x: np.ndarray, module: Any) -> np.ndarray:
     return out + _f64(module.bias) if module.bias is not None else out
 
 
-def _gelu_new(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+def _activation(x: np.ndarray, module: Any) -> np.ndarray:
+    # transformers' own activation module, run in float64: whatever `activation_function` names, the
+    # reference computes exactly its definition (the export accepts only parameter-free ones).
+    import torch
+
+    return module(torch.from_numpy(x)).numpy()
 
 
 def exact_logits(model: Any, ids: np.ndarray) -> np.ndarray:
     """Logits [positions, vocab] of a transformers GPTNeoForCausalLM for `ids`, computed in float64."""
     config, body = model.config, model.transformer
-    if config.activation_function != "gelu_new":
-        raise ValueError(f"the float64 reference implements gelu_new, not {config.activation_function}")
     eps, heads = config.layer_norm_epsilon, config.num_heads
     count, head_size = len(ids), config.hidden_size // heads
     positions = np.arange(count)
@@ -63,5 +66,6 @@ def exact_logits(model: Any, ids: np.ndarray) -> np.ndarray:
         context = (probs @ v).transpose(1, 0, 2).reshape(count, config.hidden_size)
         hidden = hidden + _linear(context, attention.out_proj)
         x = _layer_norm(hidden, block.ln_2, eps)
-        hidden = hidden + _linear(_gelu_new(_linear(x, block.mlp.c_fc)), block.mlp.c_proj)
+        hidden = hidden + _linear(_activation(_linear(x, block.mlp.c_fc), block.mlp.act), block.mlp.c_proj)
+    # lm_head.weight is the embedding table itself when tied, its own matrix when not.
     return _layer_norm(hidden, body.ln_f, eps) @ _f64(model.lm_head.weight).T

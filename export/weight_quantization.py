@@ -16,17 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from neoedge.manifest import QuantizationSettings
+from neoedge.manifest import CalibrationInfo, QuantizationSettings
 
 from .awq import quantize_scaled, search_scales
 from .blockwise import QuantizedTable, QuantizedTensor, quantize_blockwise, refit_scales
 from .calibrate import CalibrationBatches, kv_cache_scales
 from .gptq import gptq_quantize, refine_codes
-from .layerwise import LM_HEAD, GroupQuantizer, GroupResult, embedding_fisher, run_layers
+from .layerwise import LM_HEAD, UNTIED_LM_HEAD, GroupQuantizer, GroupResult, embedding_fisher, run_layers
 from .scheme import QuantizationScheme
 from .weights import Tensor, Weights
 
 TABLE = "transformer.wte.weight"
+UNTIED = "lm_head.weight"  # present in the weights only when the lm_head is not the token table
 # Every weight MatMul of a block, by its transformers name under transformer.h.{i}.
 LINEARS = ("attn.attention.q_proj.weight", "attn.attention.k_proj.weight", "attn.attention.v_proj.weight",
            "attn.attention.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -57,16 +58,26 @@ def quantize_weights(weights: Weights, scheme: QuantizationScheme | None, num_la
     if model is None:
         raise ValueError("the calibration pass needs the model")
     blocks_used: set[int] = set()
+    tied = UNTIED not in weights.arrays
     fisher = None
-    if scheme is not None and scheme.data_aware and scheme.lookup_weight > 0:
+    if scheme is not None and scheme.data_aware and scheme.lookup_weight > 0 and tied:
         fisher = embedding_fisher(model, calibration.ids[:scheme.fisher_sequences])
     quantizer = _group_quantizer(scheme, blocks_used, fisher) if scheme is not None else None
-    result = run_layers(model, calibration.ids, quantizer, on_layer=on_layer)
+    result = run_layers(model, calibration.ids, quantizer, tied=tied, on_layer=on_layer)
     kv_scales = kv_cache_scales(result.kv_maxima, model.config.num_heads)
     if scheme is None:
         return QuantizedWeights(weights, None, kv_scales)
-    settings = replace(_settings(scheme, blocks_used), calibration=calibration.info)
-    return QuantizedWeights(weights.replaced(result.updates), settings, kv_scales)
+    updates = dict(result.updates)
+    if not tied:  # the token table alone: a lookup, whose inputs no calibration statistic describes
+        updates[TABLE] = _rtn(weights[TABLE], scheme, scheme.lm_head_bits, blocks_used)
+    settings = _settings(scheme, blocks_used, tied, calibration.info)
+    return QuantizedWeights(weights.replaced(updates), settings, kv_scales)
+
+
+def _rtn(weight: np.ndarray, scheme: QuantizationScheme, bits: int, blocks_used: set[int]) -> QuantizedTensor:
+    block = scheme.block_for(weight.shape[1])
+    blocks_used.add(block)
+    return quantize_blockwise(weight, bits, block, symmetric=scheme.symmetric)
 
 
 def _round_to_nearest(weights: Weights, scheme: QuantizationScheme, num_layers: int,
@@ -74,22 +85,23 @@ def _round_to_nearest(weights: Weights, scheme: QuantizationScheme, num_layers: 
     blocks_used: set[int] = set()
 
     def quantize(name: str, bits: int) -> QuantizedTensor:
-        weight = weights[name]
-        block = scheme.block_for(weight.shape[1])
-        blocks_used.add(block)
-        return quantize_blockwise(weight, bits, block, symmetric=scheme.symmetric)
+        return _rtn(weights[name], scheme, bits, blocks_used)
 
     updates: dict[str, Tensor] = {TABLE: quantize(TABLE, scheme.lm_head_bits)}
+    tied = UNTIED not in weights.arrays
+    if not tied:  # an lm_head of its own, at the lm_head's precision
+        updates[UNTIED] = quantize(UNTIED, scheme.lm_head_bits)
     for layer in range(num_layers):
         for name in LINEARS:
             full = f"transformer.h.{layer}.{name}"
             updates[full] = quantize(full, scheme.bits)
         if on_layer is not None:
             on_layer()
-    return QuantizedWeights(weights.replaced(updates), _settings(scheme, blocks_used), None)
+    return QuantizedWeights(weights.replaced(updates), _settings(scheme, blocks_used, tied), None)
 
 
-def _settings(scheme: QuantizationScheme, blocks_used: set[int]) -> QuantizationSettings:
+def _settings(scheme: QuantizationScheme, blocks_used: set[int], tied: bool,
+              calibration: CalibrationInfo | None = None) -> QuantizationSettings:
     used = sorted(blocks_used) or [scheme.block_size]
     gptq, data_aware = scheme.algorithm == "gptq", scheme.data_aware
     return QuantizationSettings(
@@ -97,7 +109,9 @@ def _settings(scheme: QuantizationScheme, blocks_used: set[int]) -> Quantization
         zero_point="symmetric" if scheme.symmetric else "asymmetric", accuracy_level=scheme.accuracy_level,
         algorithm=scheme.algorithm, damping=scheme.damping if gptq else None,
         act_order=scheme.act_order if gptq else None,
-        table_damping=scheme.table_damping if data_aware else None)
+        table_damping=scheme.table_damping if data_aware else None,
+        calibration=calibration,
+        embedding="tied, shared with lm_head" if tied else "untied: lm_head stored separately")
 
 
 @dataclass(frozen=True)
@@ -129,8 +143,9 @@ def _statistics(x: Any, full: bool) -> _Statistics:
 
 def _group_quantizer(scheme: QuantizationScheme, blocks_used: set[int], fisher: np.ndarray | None) -> GroupQuantizer:
     def quantize(group: str, layer: int, weights: list[np.ndarray], x: Any, foldable: bool) -> GroupResult:
-        algorithm = (scheme.table_algorithm or scheme.algorithm) if group == LM_HEAD else scheme.algorithm
-        bits = scheme.lm_head_bits if group == LM_HEAD else scheme.bits
+        head = group in (LM_HEAD, UNTIED_LM_HEAD)
+        algorithm = (scheme.table_algorithm or scheme.algorithm) if head else scheme.algorithm
+        bits = scheme.lm_head_bits if head else scheme.bits
         block = scheme.block_for(weights[0].shape[1])
         blocks_used.add(block)
         if algorithm == "rtn":
@@ -151,7 +166,7 @@ def _group_quantizer(scheme: QuantizationScheme, blocks_used: set[int], fisher: 
         else:  # weighted-clip, and awq where nothing can absorb a scale
             quantized = quantize_blockwise(stacked, bits, block, symmetric=scheme.symmetric,
                                            importance=stats.mean_square.astype(np.float32))
-        sweeps = scheme.table_sweeps if group == LM_HEAD else scheme.sweeps
+        sweeps = scheme.table_sweeps if head else scheme.sweeps
         if algorithm == "gptq" and sweeps:
             quantized = refine_codes(quantized, stacked, stats.hessian, sweeps)
         if scheme.refit and stats.hessian is not None:

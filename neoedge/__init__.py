@@ -1,34 +1,67 @@
 """neoedge: GPT-Neo on ordinary CPUs, from a self-contained ONNX model package.
 
-    from neoedge import Generator
-    gen = Generator("my-package", intra_threads=2)
-    print(gen.generate("The quick brown fox", max_new_tokens=32))
-    for text in gen.stream("Once upon a time", temperature=0.8, top_p=0.95, seed=1):
-        print(text, end="", flush=True)
+    from neoedge import Model
+    model = Model("my-package")                       # load once, share everywhere
+    print(model.generate("The quick brown fox", max_new_tokens=32).text)
+    chat = model.sequence()                           # a conversation that keeps its KV cache
+    for event in chat.stream("Once upon a time", temperature=0.8, top_p=0.95, seed=1):
+        print(event.text, end="", flush=True)
 
 The runtime needs only onnxruntime, numpy and tokenizers (no torch, transformers or onnx).
 """
 
 import logging
 
-from .errors import ExportError, NeoedgeError, PackageError, PromptError
+from .cancel import CancelToken
+from .errors import (ContextFullError, EngineClosedError, ExportError, FormatVersionError, GraphMismatchError,
+                     IntegrityError, ManifestError, NeoedgeError, OptionsError, PackageError, PackagePathError,
+                     PromptError, QueueFullError, RunError, SequenceBusyError, StateFileError,
+                     TokenizerMismatchError)
+from .events import Completion, ContinuationScore, FinishReason, TokenEvent, TopLogprob, Usage
+from .generation import Stream
 from .generator import Generator
 from .manifest import FORMAT_VERSION, Manifest
-from .options import GenerationOptions
+from .model import Model
+from .options import ContextPolicy, GenerationOptions
+from .sequence import Sequence
 from .session import SessionSettings
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "FORMAT_VERSION",
+    "CancelToken",
+    "Completion",
+    "ContextFullError",
+    "ContextPolicy",
+    "EngineClosedError",
+    "FormatVersionError",
+    "GraphMismatchError",
+    "IntegrityError",
+    "ManifestError",
+    "OptionsError",
+    "PackagePathError",
+    "QueueFullError",
+    "TokenizerMismatchError",
+    "ContinuationScore",
     "ExportError",
+    "FinishReason",
     "GenerationOptions",
     "Generator",
     "Manifest",
+    "Model",
     "NeoedgeError",
     "PackageError",
     "PromptError",
+    "RunError",
+    "Sequence",
+    "SequenceBusyError",
     "SessionSettings",
+    "StateFileError",
+    "Stream",
+    "TokenEvent",
+    "TopLogprob",
+    "Usage",
     "__version__",
 ]
 

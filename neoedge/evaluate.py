@@ -19,25 +19,41 @@ class EvaluationError(NeoedgeError, ValueError):
     """The text or the settings cannot be evaluated (empty, too short, not UTF-8, bad window)."""
 
 
+# The whole text is read into memory and tokenized (in pieces): this bounds both.
+MAX_TEXT_BYTES = 64 << 20
+
+
 @dataclass(frozen=True)
 class Windows:
     """Sliding windows over a token sequence; every token is scored exactly once.
 
-    Each window holds up to `length` tokens and starts `stride` after the previous one; the tokens
-    already scored by an earlier window serve only as context.
+    Each window holds up to `length` tokens and starts `stride` after the previous one (1 <= stride
+    <= length); the tokens already scored by an earlier window serve only as context. A window's
+    logits at position p predict token p + 1, so a window scores the tokens after its first one up
+    to its last; when the next window starts right at its end (stride == length: windows that do
+    not overlap), it also scores the token just past its end, which the next window cannot predict.
     """
 
     length: int
     stride: int
 
-    def spans(self, total: int) -> Iterator[tuple[int, int, int]]:
-        """Yield (begin, end, first_scored): predict tokens first_scored..end-1 from window begin..end-1."""
+    def __post_init__(self) -> None:
+        for name in ("length", "stride"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise EvaluationError(f"window {name} must be a positive integer, got {value!r}")
+        if self.stride > self.length:
+            raise EvaluationError(f"stride must be between 1 and the window ({self.length}), got {self.stride}")
+
+    def spans(self, total: int) -> Iterator[tuple[int, int, int, int]]:
+        """Yield (begin, end, first, stop): window begin..end-1 predicts tokens first..stop-1."""
         scored_until = 1  # token 0 (the bos we prepend) has nothing to predict it
         for begin in range(0, total, self.stride):
             end = min(begin + self.length, total)
-            if end > scored_until:
-                yield begin, end, scored_until
-                scored_until = end
+            stop = end + 1 if end < total and begin + self.stride >= end else end
+            if stop > scored_until:
+                yield begin, end, scored_until, stop
+                scored_until = stop
             if end == total:
                 return
 
@@ -63,7 +79,14 @@ def read_text(path: str | os.PathLike[str]) -> str:
     if not path.is_file():
         raise EvaluationError(f"text file not found: {path}")
     try:
-        text = path.read_bytes().decode("utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_TEXT_BYTES + 1)
+    except OSError as exc:
+        raise EvaluationError(f"cannot read {path}: {exc.strerror}") from exc
+    if len(raw) > MAX_TEXT_BYTES:
+        raise EvaluationError(f"{path} is larger than {MAX_TEXT_BYTES >> 20} MB: score it in parts")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise EvaluationError(f"{path} is not UTF-8 text: {exc}") from exc
     if not text.strip():
@@ -84,19 +107,31 @@ def evaluate(generator: Generator, text: str, *, window: int | None = None, stri
              reference: Generator | None = None, progress: bool = False) -> QualityReport:
     """Perplexity of `text` under `generator` and, with `reference`, how closely it follows it.
 
-    The text is tokenized once and preceded by bos, so its first token is scored too.
+    The text is tokenized once and preceded by bos, so its first token is scored too. `window`
+    defaults to min(context, 1024) and `stride` to window // 2 (None: the default; 0 is an error).
     """
     model = generator.manifest.model
-    window = window or min(model.context_length, 1024)
-    if not 2 <= window <= model.context_length:
-        raise EvaluationError(f"window must be between 2 and the context ({model.context_length}), got {window}")
+    if window is None:
+        window = min(model.context_length, 1024)
+    if isinstance(window, bool) or not isinstance(window, int) or not 2 <= window <= model.context_length:
+        raise EvaluationError(f"window must be between 2 and the context ({model.context_length}), got {window!r}")
+    Windows(window, window // 2 if stride is None else stride)  # a bad stride fails before tokenizing
     if reference is not None:
         if reference.manifest.files[reference.manifest.tokenizer].sha256 != \
                 generator.manifest.files[generator.manifest.tokenizer].sha256:
             raise EvaluationError("the reference package has a different tokenizer: they cannot be compared")
-    if not text.strip():
+        if reference.manifest.model.vocab_size != model.vocab_size:
+            raise EvaluationError(f"the reference package's vocabulary ({reference.manifest.model.vocab_size}) is "
+                                  f"not this one's ({model.vocab_size}): they cannot be compared")
+        if reference.manifest.model.context_length < window:
+            raise EvaluationError(f"the window ({window}) is longer than the reference package's context "
+                                  f"({reference.manifest.model.context_length})")
+    if not isinstance(text, str) or not text.strip():
         raise EvaluationError("the text is empty")
-    ids = np.asarray([model.bos_token_id] + generator.tokenizer.encode(text), dtype=np.int64)
+    ids = np.concatenate([np.array([model.bos_token_id], np.int64), generator.tokenizer.encode_long(text)])
+    if ids.size and int(ids.max()) >= model.vocab_size:
+        raise EvaluationError(f"the tokenizer produced id {int(ids.max())}, beyond the model's vocabulary "
+                              f"({model.vocab_size})")
     return score(generator.logits, ids, window=window, stride=stride,
                  reference=reference.logits if reference is not None else None, progress=progress)
 
@@ -106,21 +141,21 @@ def score(logits: LogitsFn, ids: np.ndarray, *, window: int, stride: int | None 
     """Perplexity of ids[1:] given ids[0] (bos) and, with `reference`, top-1 agreement and mean
     KL(reference || model) of the next-token distributions. Any model can be scored through a
     logits function, which is how benchmarks compare neoedge with other runtimes on equal terms."""
-    stride = stride or max(1, window // 2)
-    if not 1 <= stride <= window:
-        raise EvaluationError(f"stride must be between 1 and the window ({window}), got {stride}")
+    if stride is None:
+        stride = max(1, window // 2)
+    windows = Windows(window, stride)
     if len(ids) < window:
         raise EvaluationError(f"the text has {len(ids) - 1} tokens, fewer than one window ({window}): "
                               "use a longer text or a smaller window")
     from tqdm.auto import tqdm
 
-    spans = list(Windows(window, stride).spans(len(ids)))
+    spans = list(windows.spans(len(ids)))
     nll = ref_nll = kl = 0.0
     agree = 0
-    for begin, end, first in tqdm(spans, desc="eval", unit="window", disable=not progress):
-        targets = ids[first:end]
+    for begin, end, first, stop in tqdm(spans, desc="eval", unit="window", disable=not progress):
+        targets = ids[first:stop]
         positions = np.arange(len(targets))
-        rows = slice(first - 1 - begin, end - 1 - begin)  # logits at position p predict token p+1
+        rows = slice(first - 1 - begin, stop - 1 - begin)  # logits at position p predict token p+1
         logp = _log_softmax(logits(ids[begin:end])[rows])
         nll -= float(logp[positions, targets].sum())
         if reference is not None:

@@ -1,41 +1,92 @@
-"""Forward passes of the decoder graph: prefill a prompt, then one token at a time.
+"""Forward passes of the decoder graph over one sequence's state.
 
-A runner owns the KV cache of the sequence being generated. `GqaRunner` is the fast path (cache
-updated in place, every decode-step input and output bound once to fixed numpy buffers);
-`PlainRunner` drives the portable graph whose past is concatenated inside it.
+A runner is shared by every sequence of a model and holds no sequence state: `new_state()` makes the
+per-sequence part (KV cache, fixed input/output buffers), and `forward` / `step` run the graph on
+it. `GqaRunner` is the fast path (cache updated in place, every decode-step input and output bound
+once to fixed numpy buffers); `PlainRunner` drives the portable graph whose past is concatenated
+inside it.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Union
 
 import numpy as np
 import onnxruntime as ort
 
-from .kv_cache import ConcatKVCache, InPlaceKVCache
 from .errors import PackageError
+from .session import ORT_ERRORS, run_error
+from .kv_cache import ConcatKVCache, InPlaceKVCache, local_chunk
 from .manifest import Manifest
 
 
+class Terminated(Exception):
+    """A forward pass was stopped by its RunOptions' terminate flag (a cancel). The state is as
+    before the pass: nothing was advanced."""
+
+
+class GqaState:
+    """One sequence's part of the fast path: its cache and the buffers its decode step is bound to."""
+
+    def __init__(self, runner: GqaRunner, capacity: int) -> None:
+        self.cache = InPlaceKVCache(runner.model, runner.graph, capacity)
+        # Decode-step inputs and output live in these arrays for the state's lifetime; a step writes
+        # a few scalars into them and runs: no allocation, no copy of the cache.
+        self.ids = np.zeros((1, 1), np.int64)
+        self.positions = np.zeros((1, 1), np.int64)
+        self.logits_positions = np.zeros((1,), np.int64)
+        # GroupQueryAttention's lengths: index of the last valid cache position, and the total,
+        # for the global layers' cache and for the local layers' bounded one.
+        self.seqlens_k = np.zeros((1,), np.int32)
+        self.total = np.zeros((), np.int32)
+        self.local_seqlens_k = np.zeros((1,), np.int32)
+        self.local_total = np.zeros((), np.int32)
+        self.logits = np.zeros((1, 1, runner.model.vocab_size), np.float32)
+        self.last_logits = self.logits[0, 0]
+        self.step_binding = runner.bind(self, self.ids, self.positions, self.logits_positions, self.logits)
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+
+class PlainState:
+    def __init__(self, runner: PlainRunner) -> None:
+        self.cache = ConcatKVCache(runner.model, runner.graph)
+        self.last_logits = np.zeros(runner.model.vocab_size, np.float32)
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+
+State = Union[GqaState, PlainState]
+
+
 class Runner(Protocol):
-    length: int
-    """Positions in the cache (prompt and generated tokens so far)."""
+    chunk: int
+    """Most positions one forward pass takes."""
 
-    def reset(self, capacity: int) -> None:
-        """Start a new sequence that will hold at most `capacity` positions."""
+    def new_state(self, capacity: int) -> State:
+        """Per-sequence state for a sequence of at most `capacity` positions."""
 
-    def prefill(self, ids: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
-        """Run the prompt ids [sequence]; logits of the last position [vocab] or all [sequence, vocab]."""
+    def copy_state(self, state: State) -> State:
+        """An independent state holding the same positions (fork)."""
 
-    def step(self, token: int) -> np.ndarray:
-        """Append one token; its logits [vocab]. The array is reused by the next step."""
+    def forward(self, state: State, ids: np.ndarray, *, all_logits: bool = False,
+                run_options: ort.RunOptions | None = None) -> np.ndarray:
+        """Append ids [count <= chunk]; logits of the last position [vocab] (a view reused by the next
+        pass) or of every position [count, vocab]. Raises Terminated if run_options was terminated."""
+
+    def step(self, state: State, token: int, run_options: ort.RunOptions | None = None) -> np.ndarray:
+        """Append one token; its logits [vocab] (a view reused by the next pass)."""
 
 
-def make_runner(session: ort.InferenceSession, manifest: Manifest) -> Runner:
+def make_runner(session: ort.InferenceSession, manifest: Manifest, graph_path: str = "") -> Runner:
     _check_graph_names(session, manifest)
     if manifest.graph.attention == "gqa":
-        return GqaRunner(session, manifest)
-    return PlainRunner(session, manifest)
+        return GqaRunner(session, manifest, graph_path)
+    return PlainRunner(session, manifest, graph_path)
 
 
 def _check_graph_names(session: ort.InferenceSession, manifest: Manifest) -> None:
@@ -56,118 +107,129 @@ def _check_graph_names(session: ort.InferenceSession, manifest: Manifest) -> Non
                            f"{', ...' if len(missing) > 4 else ''}): re-export the package with this neoedge")
 
 
+# run_with_iobinding reports a failed run (a terminate flag included) as a plain RuntimeError.
+RUN_ERRORS = (*ORT_ERRORS, RuntimeError)
+
+
+def _run(session: ort.InferenceSession, binding: ort.IOBinding, run_options: ort.RunOptions | None,
+         what: str = "a forward pass", where: str = "") -> None:
+    try:
+        session.run_with_iobinding(binding, run_options)
+    except RUN_ERRORS as exc:  # onnxruntime raises its own exception types, not NeoedgeErrors
+        if run_options is not None and run_options.terminate:
+            raise Terminated() from exc
+        raise run_error(exc, what, where) from exc
+
+
 class GqaRunner:
-    def __init__(self, session: ort.InferenceSession, manifest: Manifest) -> None:
-        self._session = session
-        self._model = manifest.model
-        self._graph = manifest.graph
-        self._cache: InPlaceKVCache | None = None
-        # Decode-step inputs and output live in these arrays for the runner's lifetime; a step writes
-        # a few scalars into them and runs: no allocation, no copy of the cache.
-        self._ids = np.zeros((1, 1), np.int64)
-        self._positions = np.zeros((1, 1), np.int64)
-        self._logits_positions = np.zeros((1,), np.int64)
-        # GroupQueryAttention's lengths: index of the last valid cache position, and the total,
-        # for the global layers' cache and for the local layers' bounded one.
-        self._seqlens_k = np.zeros((1,), np.int32)
-        self._total = np.zeros((), np.int32)
-        self._local_seqlens_k = np.zeros((1,), np.int32)
-        self._local_total = np.zeros((), np.int32)
-        self._logits = np.zeros((1, 1, self._model.vocab_size), np.float32)
-        self._last_logits = self._logits[0, 0]
-        self._step_binding: ort.IOBinding | None = None
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest, graph_path: str = "") -> None:
+        self.session = session
+        self.graph_path = str(graph_path)
+        self.model = manifest.model
+        self.graph = manifest.graph
+        self.chunk = local_chunk(self.model.window_size)
 
-    @property
-    def length(self) -> int:
-        return self._cache.length if self._cache is not None else 0
+    def new_state(self, capacity: int) -> GqaState:
+        return GqaState(self, capacity)
 
-    def reset(self, capacity: int) -> None:
-        self._cache = InPlaceKVCache(self._model, self._graph, capacity)
-        self._step_binding = self._bind(self._ids, self._positions, self._logits_positions, self._logits)
+    def copy_state(self, state: GqaState) -> GqaState:
+        other = GqaState.__new__(GqaState)
+        other.__dict__.update({k: v.copy() if isinstance(v, np.ndarray) else v for k, v in state.__dict__.items()})
+        other.cache = state.cache.copy()
+        other.last_logits = other.logits[0, 0]
+        other.step_binding = self.bind(other, other.ids, other.positions, other.logits_positions, other.logits)
+        return other
 
-    def _bind(self, ids: np.ndarray, positions: np.ndarray, logits_positions: np.ndarray,
-              logits: np.ndarray | None) -> ort.IOBinding:
-        g = self._graph
-        binding = self._session.io_binding()
+    def bind(self, state: GqaState, ids: np.ndarray, positions: np.ndarray, logits_positions: np.ndarray,
+             logits: np.ndarray | None) -> ort.IOBinding:
+        g = self.graph
+        binding = self.session.io_binding()
         for name, array in ((g.input_ids, ids), (g.position_ids, positions),
-                            (g.logits_positions, logits_positions), (g.seqlens_k, self._seqlens_k),
-                            (g.total_sequence_length, self._total), (g.local_seqlens_k, self._local_seqlens_k),
-                            (g.local_total_sequence_length, self._local_total)):
+                            (g.logits_positions, logits_positions), (g.seqlens_k, state.seqlens_k),
+                            (g.total_sequence_length, state.total), (g.local_seqlens_k, state.local_seqlens_k),
+                            (g.local_total_sequence_length, state.local_total)):
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
         if logits is None:
             binding.bind_output(g.logits, "cpu")
         else:
             binding.bind_ortvalue_output(g.logits, ort.OrtValue.ortvalue_from_numpy(logits))
-        self._cache.bind(binding)
+        state.cache.bind(binding)
         return binding
 
-    def _set_lengths(self, count: int) -> None:
-        cache = self._cache
+    def _set_lengths(self, state: GqaState, count: int) -> None:
+        cache = state.cache
         cache.make_room(count)
-        self._seqlens_k[0] = cache.length + count - 1
-        self._total[...] = cache.length + count
-        self._local_seqlens_k[0] = cache.local_length + count - 1
-        self._local_total[...] = cache.local_length + count
+        state.seqlens_k[0] = cache.length + count - 1
+        state.total[...] = cache.length + count
+        state.local_seqlens_k[0] = cache.local_length + count - 1
+        state.local_total[...] = cache.local_length + count
 
-    def prefill(self, ids: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
-        if self._cache is None:
-            raise RuntimeError("reset() must start a sequence before prefill()")
-        # Long prompts go through in chunks, so the local layers' bounded buffers can slide between.
-        chunk = self._cache.chunk
-        parts = []
-        for offset in range(0, ids.shape[0], chunk):
-            part = ids[offset: offset + chunk].astype(np.int64, copy=False).reshape(1, -1)
-            count = part.shape[1]
-            start = self._cache.length
-            positions = np.arange(start, start + count, dtype=np.int64).reshape(1, count)
-            selected = np.arange(count, dtype=np.int64) if all_logits else np.array([count - 1], np.int64)
-            self._set_lengths(count)
-            binding = self._bind(part, positions, selected, None if all_logits else self._logits)
-            self._session.run_with_iobinding(binding)
-            self._cache.advance(count)
-            if all_logits:
-                parts.append(binding.get_outputs()[0].numpy()[0])
-        if all_logits:
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return self._last_logits
+    def forward(self, state: GqaState, ids: np.ndarray, *, all_logits: bool = False,
+                run_options: ort.RunOptions | None = None) -> np.ndarray:
+        count = ids.shape[0]
+        start = state.cache.length
+        part = ids.astype(np.int64, copy=False).reshape(1, count)
+        positions = np.arange(start, start + count, dtype=np.int64).reshape(1, count)
+        selected = np.arange(count, dtype=np.int64) if all_logits else np.array([count - 1], np.int64)
+        self._set_lengths(state, count)
+        binding = self.bind(state, part, positions, selected, None if all_logits else state.logits)
+        _run(self.session, binding, run_options, f"a pass over {count} tokens at position {start}", self.graph_path)
+        state.cache.advance(count)
+        return binding.get_outputs()[0].numpy()[0] if all_logits else state.last_logits
 
-    def step(self, token: int) -> np.ndarray:
-        self._ids[0, 0] = token
-        self._positions[0, 0] = self._cache.length
-        self._set_lengths(1)
-        self._session.run_with_iobinding(self._step_binding)
-        self._cache.advance(1)
-        return self._last_logits
+    def step(self, state: GqaState, token: int, run_options: ort.RunOptions | None = None) -> np.ndarray:
+        state.ids[0, 0] = token
+        state.positions[0, 0] = state.cache.length
+        self._set_lengths(state, 1)
+        _run(self.session, state.step_binding, run_options, f"the decode step at position {state.cache.length}",
+             self.graph_path)
+        state.cache.advance(1)
+        return state.last_logits
 
 
 class PlainRunner:
-    def __init__(self, session: ort.InferenceSession, manifest: Manifest) -> None:
-        self._session = session
-        self._model = manifest.model
-        self._graph = manifest.graph
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest, graph_path: str = "") -> None:
+        self.session = session
+        self.graph_path = str(graph_path)
+        self.model = manifest.model
+        self.graph = manifest.graph
+        self.chunk = local_chunk(self.model.window_size)
         self._output_names = [o.name for o in session.get_outputs()]
-        self._cache = ConcatKVCache(self._model, self._graph)
-        self.length = 0
 
-    def reset(self, capacity: int) -> None:
-        self._cache = ConcatKVCache(self._model, self._graph)
-        self.length = 0
+    def new_state(self, capacity: int) -> PlainState:
+        return PlainState(self)
 
-    def prefill(self, ids: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
+    def copy_state(self, state: PlainState) -> PlainState:
+        other = PlainState.__new__(PlainState)
+        other.cache = state.cache.copy()
+        other.last_logits = state.last_logits.copy()
+        return other
+
+    def forward(self, state: PlainState, ids: np.ndarray, *, all_logits: bool = False,
+                run_options: ort.RunOptions | None = None) -> np.ndarray:
         count = ids.shape[0]
-        g = self._graph
+        g = self.graph
+        length = state.cache.length
         feeds = {
             g.input_ids: ids.reshape(1, count).astype(np.int64, copy=False),
-            g.position_ids: np.arange(self.length, self.length + count, dtype=np.int64).reshape(1, count),
+            g.position_ids: np.arange(length, length + count, dtype=np.int64).reshape(1, count),
             g.logits_positions: np.arange(count, dtype=np.int64) if all_logits
             else np.array([count - 1], np.int64),
-            **self._cache.past,
+            **state.cache.past,
         }
-        outputs = dict(zip(self._output_names, self._session.run(None, feeds)))
-        self._cache.update(outputs, count)
-        self.length = self._cache.length
+        try:
+            values = self.session.run(None, feeds, run_options)
+        except RUN_ERRORS as exc:
+            if run_options is not None and run_options.terminate:
+                raise Terminated() from exc
+            raise run_error(exc, f"a pass over {count} tokens at position {length}", self.graph_path) from exc
+        outputs = dict(zip(self._output_names, values))
+        state.cache.update(outputs, count)
         logits = outputs[g.logits][0]
-        return logits if all_logits else logits[0]
+        if all_logits:
+            return logits
+        np.copyto(state.last_logits, logits[0])
+        return state.last_logits
 
-    def step(self, token: int) -> np.ndarray:
-        return self.prefill(np.array([token], np.int64))
+    def step(self, state: PlainState, token: int, run_options: ort.RunOptions | None = None) -> np.ndarray:
+        return self.forward(state, np.array([token], np.int64), run_options=run_options)

@@ -42,10 +42,13 @@ class Sampler:
             self._seen_ids = np.zeros(vocab_size, np.int64)
             self._seen_ids[: distinct.size] = distinct
             self._seen_count = distinct.size
+            self._penalized = np.empty(vocab_size, np.float32)
 
     def __call__(self, logits: np.ndarray) -> int:
-        """Pick a token from one position's logits [vocab]. May modify `logits` in place."""
+        """Pick a token from one position's logits [vocab]. `logits` is left as it is."""
         if self._penalize:
+            np.copyto(self._penalized, logits)
+            logits = self._penalized
             self._apply_penalty(logits)
         if self.options.greedy:
             token = int(logits.argmax())

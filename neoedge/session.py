@@ -1,4 +1,5 @@
-"""onnxruntime session settings that matter on small CPUs, and session creation."""
+"""onnxruntime session settings that matter on small CPUs, session creation, and onnxruntime's
+errors turned into neoedge's."""
 
 from __future__ import annotations
 
@@ -7,16 +8,29 @@ import os
 from dataclasses import dataclass
 
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from .errors import PackageError
+from .errors import OptionsError, PackageError, RunError
 
 log = logging.getLogger(__name__)
+
+# onnxruntime raises its own exception classes (Fail, InvalidArgument, RuntimeException, ...), none
+# of which share a base class below Exception.
+ORT_ERRORS: tuple[type[Exception], ...] = tuple(
+    value for value in vars(_ort_state).values()
+    if isinstance(value, type) and issubclass(value, Exception))
+
+
+def max_intra_threads() -> int:
+    """More threads per op than logical CPUs never runs an op faster, and onnxruntime spins up every
+    one of them at load (100,000 of them take minutes): this is the most SessionSettings accepts."""
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
 class SessionSettings:
     intra_threads: int = 0
-    """Threads for one op; 0 lets onnxruntime use one per physical core."""
+    """Threads for one op; 0 lets onnxruntime use one per physical core. At most os.cpu_count()."""
     spinning: bool = True
     """Keep worker threads spinning between ops: turning it off costs ~1 ms/token on 2 cores."""
     prepack: bool = True
@@ -26,9 +40,14 @@ class SessionSettings:
     decode ~30× slower (their kernels have no fast path without the packed layout): keep it on for those."""
 
     def __post_init__(self) -> None:
+        limit = max_intra_threads()
         if isinstance(self.intra_threads, bool) or not isinstance(self.intra_threads, int) \
-                or self.intra_threads < 0:
-            raise ValueError(f"intra_threads must be an integer >= 0, got {self.intra_threads!r}")
+                or not 0 <= self.intra_threads <= limit:
+            raise OptionsError(f"intra_threads must be an integer from 0 (one per physical core) to "
+                               f"{limit} (this machine's CPUs), got {self.intra_threads!r}")
+        for name in ("spinning", "prepack"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionsError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
 
 def create_session(model_path: str | os.PathLike[str], settings: SessionSettings) -> ort.InferenceSession:
@@ -44,6 +63,16 @@ def create_session(model_path: str | os.PathLike[str], settings: SessionSettings
     try:
         session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated exception types for bad files
-        raise PackageError(f"cannot load model graph {model_path}: {exc}") from exc
+        raise PackageError(f"cannot load model graph {model_path}: {one_line(exc)}") from exc
     log.debug("loaded %s with %s", model_path, settings)
     return session
+
+
+def run_error(exc: BaseException, what: str, where: str | os.PathLike[str]) -> RunError:
+    """The RunError to raise for onnxruntime's `exc`: what was running, on which graph."""
+    return RunError(f"onnxruntime failed during {what} ({where}): {one_line(exc)}")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (onnxruntime's often span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
 
 from neoedge.cli import main
+from neoedge.manifest import FORMAT_VERSION
 
 
 @pytest.fixture
@@ -21,9 +23,9 @@ def cli():
 
 
 def test_generate_prints_only_text(cli, package):
-    from neoedge import Generator
+    from neoedge import Model
 
-    expected = Generator(package).generate("Open the", max_new_tokens=10)
+    expected = Model(package).generate("Open the", max_new_tokens=10).text
     result = cli("generate", package, "Open the", "--max-new-tokens", "10", "--no-stream")
     assert result.exit_code == 0, result.output
     assert result.stdout == expected + "\n"
@@ -50,8 +52,9 @@ def test_info_human_and_json(cli, package):
     result = cli("info", package)
     assert result.exit_code == 0, result.output
     assert "window 8" in result.stdout and "gqa" in result.stdout and "validation" in result.stdout
+    assert "weights        none (fp32 weights)" in result.stdout and "0.0 MB" not in result.stdout
     data = json.loads(cli("info", package, "--json").stdout)
-    assert data["format_version"] == 1
+    assert data["format_version"] == FORMAT_VERSION
     assert data["model"]["attention_layers"] == ["global", "local", "global", "local"]
     assert "all sha256 match" in cli("info", package, "--verify").stdout
 
@@ -89,24 +92,24 @@ def test_over_long_prompt_is_a_clear_error(cli, package):
 def test_export_refuses_existing_output(cli, package, checkpoints):
     result = cli("export", checkpoints["window8"], package)
     assert result.exit_code != 0
-    assert "already exists" in result.stderr and "--force" in result.stderr
+    assert "already holds a neoedge package; add --force to replace it" in result.stderr
+    assert "force=True" not in result.stderr
 
 
-def test_export_force_replaces(cli, checkpoints, tmp_path):
+def test_export_force_replaces_a_package(cli, package, checkpoints, tmp_path):
     out = tmp_path / "pkg"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    shutil.copytree(package, out)
     result = cli("export", checkpoints["window4"], out, "--force", "--attention", "plain")
     assert result.exit_code == 0, result.output
-    assert not (out / "stale.txt").exists()
     assert json.loads((out / "neoedge.json").read_text())["graph"]["attention"] == "plain"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
     assert "validated against transformers" in result.stderr
 
 
 def test_bench_reports_every_measurement(cli, package, tmp_path):
     out = tmp_path / "bench.json"
     result = cli("bench", package, "--prompt-tokens", "16", "--new-tokens", "6", "--runs", "2",
-                 "--context", "32,64", "--json", out, "--threads", "1")
+                 "--context", "32,64", "--output", out, "--threads", "1", "--chat-turns", "3", "--cancel")
     assert result.exit_code == 0, result.output
     assert "decode" in result.stdout and "cold start" in result.stdout
     report = json.loads(out.read_text())
@@ -115,12 +118,26 @@ def test_bench_reports_every_measurement(cli, package, tmp_path):
     assert [p["context"] for p in report["context_sweep"]] == [32, 64]
     assert report["cold_start_s"] > 0 and report["peak_rss_mb"] > 0
     assert report["machine"]["onnxruntime"]
+    assert len(report["chat"]["cached_ms"]) == 3 and len(report["chat"]["uncached_ms"]) == 3
+    assert report["cancel"]["prefill_tokens"] == 254 and report["cancel"]["decode_ms"]["max"] > 0
+    assert "chat" in result.stdout and "cancel" in result.stdout
+
+
+def test_bench_json_conventions(cli, package, tmp_path):
+    """--json prints JSON on stdout; the old --json FILE still works, with a deprecation notice."""
+    args = ["bench", package, "--prompt-tokens", "8", "--new-tokens", "3", "--runs", "1", "--no-cold-start"]
+    printed = cli(*args, "--json")
+    assert printed.exit_code == 0, printed.output
+    assert json.loads(printed.stdout)["settings"]["prompt_tokens"] == 8
+    old = cli(*args, "--json", tmp_path / "old.json")
+    assert old.exit_code == 0, old.output
+    assert "deprecated" in old.stderr and json.loads((tmp_path / "old.json").read_text())["settings"]["runs"] == 1
 
 
 def test_bench_times_sampled_generation(cli, package, tmp_path):
     out = tmp_path / "bench.json"
     result = cli("bench", package, "--prompt-tokens", "8", "--new-tokens", "6", "--runs", "1", "--no-cold-start",
-                 "--temperature", "0.8", "--top-p", "0.9", "--json", out)
+                 "--temperature", "0.8", "--top-p", "0.9", "--output", out)
     assert result.exit_code == 0, result.output
     assert "sampling: temperature 0.8, top_p 0.9" in result.stdout
     settings = json.loads(out.read_text())["settings"]
@@ -136,7 +153,15 @@ def test_bench_rejects_invalid_sampling_settings(cli, package):
 def test_bench_rejects_a_prompt_longer_than_the_context(cli, package):
     result = cli("bench", package, "--prompt-tokens", "999", "--no-cold-start")
     assert result.exit_code != 0
-    assert "does not fit the context" in result.stderr
+    assert "does not fit the model's context (256)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1  # refused before any run, no progress bar
+
+
+def test_bench_rejects_a_context_sweep_beyond_the_model(cli, package):
+    result = cli("bench", package, "--prompt-tokens", "8", "--new-tokens", "4", "--context", "64,300",
+                 "--no-cold-start")
+    assert result.exit_code != 0
+    assert "--context 300 + 32 tokens = 332 tokens does not fit the model's context (256)" in result.stderr
 
 
 def test_demo_exports_and_generates(cli, tmp_path):
@@ -144,5 +169,9 @@ def test_demo_exports_and_generates(cli, tmp_path):
 
     result = cli("demo", "--model", trained_checkpoint(), "--out", tmp_path / "demo", "--max-new-tokens", "12")
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip()
-    assert (tmp_path / "demo" / "package" / "neoedge.json").is_file()
+    from neoedge import Model
+
+    # What the demo printed is what the exported package generates with the demo's settings.
+    expected = Model(tmp_path / "demo" / "package").generate(
+        "Return a new list", max_new_tokens=12, temperature=0.8, top_k=40, seed=0).text
+    assert result.stdout == expected + "\n" and expected.strip()

@@ -91,21 +91,21 @@ def test_validation_falls_back_to_float64_beyond_fp32_rounding(packages, referen
     from neoedge.export.validate import ROUNDING_MARGIN, validate_package
 
     report = validate_package(packages[("window8", "gqa")], reference_model("window8"), tolerance=1e-12)
-    errors = report["float64"]
-    assert report["passed"]
-    assert 0 < errors["max_abs_error_transformers"] < 1e-5
-    assert max(errors["max_abs_error_prefill"], errors["max_abs_error_stepwise"]) \
-        <= ROUNDING_MARGIN * errors["max_abs_error_transformers"]
+    errors = report.float64
+    assert report.passed
+    assert 0 < errors.max_abs_error_transformers < 1e-5
+    assert errors.max_abs_error <= ROUNDING_MARGIN * errors.max_abs_error_transformers
 
 
 def test_validation_still_catches_a_wrong_graph(packages, reference_model):
     """A package checked against a GPT-Neo of the same shape with other weights fails both the
     tolerance and the float64 check."""
-    from neoedge.export.validate import describe_failure, validate_package
+    from neoedge.export.validate import validate_package
 
     package, other = packages[("window8", "gqa")], reference_model("window8")
     wrong = type(other)(other.config).eval()
     report = validate_package(package, wrong, tolerance=1e-4)
-    assert not report["passed"]
-    assert report["float64"]["max_abs_error_prefill"] > 100 * report["float64"]["max_abs_error_transformers"]
-    assert "from the exact float64 logits" in describe_failure(report)
+    assert not report.passed
+    assert report.float64.max_abs_error_prefill > 100 * report.float64.max_abs_error_transformers
+    assert "from the exact float64 logits" in " ".join(report.problems)
+    assert "FAILED" in report.lines()[-1]

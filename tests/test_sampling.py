@@ -76,18 +76,57 @@ def test_distribution_matches_the_definition(overrides, peaked, vocab):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)
 
 
+def _chi_square_critical(df: int, z: float = 3.719) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile (z = 3.719: upper 1e-4)."""
+    return df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
+
+
+def assert_draws_follow(counts: np.ndarray, probs: np.ndarray) -> None:
+    """A chi-square test over every token (rare ones pooled into bins of >= 5 expected draws, so the
+    tail is tested, not only the head), and the mass of the rarest half of the tokens within five
+    standard deviations of its expectation."""
+    draws = counts.sum()
+    assert counts[probs == 0].sum() == 0, "drew a token outside the distribution"
+    support = np.flatnonzero(probs > 0)
+    order = support[np.argsort(probs[support], kind="stable")]
+    expected, observed = probs[order] * draws, counts[order]
+    edges = np.searchsorted(np.cumsum(expected), np.arange(5.0, expected.sum(), 5.0))
+    starts = np.unique(np.r_[0, edges[edges < len(order)]])
+    bins_expected, bins_observed = np.add.reduceat(expected, starts), np.add.reduceat(observed, starts)
+    statistic = float(((bins_observed - bins_expected) ** 2 / bins_expected).sum())
+    df = len(bins_expected) - 1
+    if df >= 1:
+        assert statistic < _chi_square_critical(df), f"chi-square {statistic:.1f} over {df} degrees of freedom"
+    rare = order[: len(order) // 2]
+    mass = probs[rare].sum()
+    spread = np.sqrt(draws * mass * (1 - mass))
+    assert abs(counts[rare].sum() - draws * mass) < 5 * spread + 1, (counts[rare].sum(), draws * mass)
+
+
 @pytest.mark.parametrize("overrides", [dict(temperature=1.0), dict(temperature=0.9, top_k=12),
-                                       dict(temperature=1.2, top_p=0.7)],
-                         ids=["whole vocabulary", "top_k", "top_p"])
+                                       dict(temperature=1.2, top_p=0.7), dict(temperature=1.5)],
+                         ids=["whole vocabulary", "top_k", "top_p", "flat"])
 def test_draws_follow_the_distribution(overrides):
     vocab, draws = 1000, 20000  # 15 whole blocks and a partial one
     logits = lm_like_logits(vocab, seed=3, peaked=True)
     sampler = Sampler(GenerationOptions(seed=5, **overrides), vocab, np.array([0]))
     probs = sampler.probabilities(logits)
     counts = np.bincount([sampler(logits.copy()) for _ in range(draws)], minlength=vocab)
-    assert counts[probs == 0].sum() == 0, "drew a token outside the distribution"
-    # A frequency's standard deviation is <= 0.0036 at 20000 draws: 0.02 is over five of them.
-    assert np.abs(counts / draws - probs).max() < 0.02
+    assert_draws_follow(counts, probs)
+
+
+@pytest.mark.parametrize("damage", ["drop the rarest half", "halve the rarest tokens' odds"])
+def test_the_check_sees_a_sampler_that_gets_the_tail_wrong(damage):
+    vocab, draws = 1000, 20000
+    logits = lm_like_logits(vocab, seed=3, peaked=False)  # a broad distribution: the tail carries mass
+    probs = Sampler(GenerationOptions(seed=5, temperature=1.0), vocab, np.array([0])).probabilities(logits)
+    wrong = probs.copy()
+    rare = np.argsort(probs)[: vocab // 2]
+    wrong[rare] *= 0.0 if damage.startswith("drop") else 0.5
+    wrong /= wrong.sum()
+    counts = np.bincount(np.random.default_rng(0).choice(vocab, draws, p=wrong), minlength=vocab)
+    with pytest.raises(AssertionError):
+        assert_draws_follow(counts, probs)
 
 
 def test_repetition_penalty_applies_to_tokens_as_they_are_drawn():

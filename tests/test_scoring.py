@@ -1,0 +1,67 @@
+"""Scoring continuations: log-probs equal transformers' log-softmax, the prompt is processed once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from neoedge import Model, PromptError
+
+TOLERANCE = 1e-4
+
+
+def _reference_logprobs(reference, prompt: list[int], continuation: list[int]) -> np.ndarray:
+    ids = torch.tensor([prompt + continuation])
+    with torch.no_grad():
+        logp = torch.log_softmax(reference(ids).logits[0].double(), -1).numpy()
+    rows = np.arange(len(prompt) - 1, len(prompt) + len(continuation) - 1)
+    return logp[rows, continuation]
+
+
+@pytest.mark.parametrize("name,attention", [("window8", "gqa"), ("window8", "plain"), ("window4", "gqa")])
+def test_scores_equal_transformers_log_softmax(packages, reference_model, name, attention):
+    model = Model(packages[(name, attention)])
+    reference = reference_model(name)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, model.info.vocab_size, 23).tolist()
+    # Short ones, and one longer than a prefill chunk that crosses the local window many times.
+    continuations = [rng.integers(0, model.info.vocab_size, n).tolist() for n in (1, 2, 5, 40)]
+    scores = model.score(prompt, continuations)
+    for continuation, score in zip(continuations, scores):
+        expected = _reference_logprobs(reference, prompt, continuation)
+        assert score.tokens == tuple(continuation)
+        np.testing.assert_allclose(score.logprobs, expected, atol=TOLERANCE, rtol=0)
+        assert score.total == pytest.approx(expected.sum(), abs=TOLERANCE * len(continuation))
+
+
+def test_greedy_flag_and_text_continuations(package):
+    model = Model(package)
+    prompt = "Return the number of"
+    greedy = model.generate(prompt, max_new_tokens=4, stop_at_eos=False)
+    other = list(greedy.tokens)
+    other[-1] = (other[-1] + 1) % model.info.vocab_size
+    scores = model.score(prompt, [list(greedy.tokens), other, " items"])
+    assert scores[0].greedy and not scores[1].greedy
+    assert scores[0].logprobs[:3] == scores[1].logprobs[:3]  # same prefix, same cache, same numbers
+    assert scores[2].tokens == tuple(model.encode(" items"))
+
+
+def test_scoring_leaves_a_sequence_as_it_was(package):
+    model = Model(package)
+    seq = model.sequence("Open the file and read")
+    before = seq.fork()
+    seq.score([" it", " the lines of text in the file one by one until the end is reached"])
+    a = seq.generate(max_new_tokens=20, stop_at_eos=False, logprobs=True)
+    b = before.generate(max_new_tokens=20, stop_at_eos=False, logprobs=True)
+    assert a.tokens == b.tokens and a.logprobs == b.logprobs
+
+
+def test_bad_continuations_are_refused(package):
+    model = Model(package)
+    with pytest.raises(PromptError, match="continuation is empty"):
+        model.score("x", [[]])
+    with pytest.raises(PromptError, match="more than the .* that fit"):
+        model.score("x", [[1] * (model.info.context_length + 1)])
+    with pytest.raises(PromptError, match="must be in"):
+        model.score("x", [[model.info.vocab_size]])
