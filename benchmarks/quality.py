@@ -53,6 +53,7 @@ SCHEMES = {
     "int4 (block 32, asymmetric)": dict(quantize="int4", block_size=32, symmetric=False),
 }
 DEFAULT_INT4 = "int4 (default: block 128, symmetric)"
+DEFAULT_INT8 = "int8 (default: block 128)"
 BEFORE, AFTER = "rtn", "gptq"
 EVERY_ALGORITHM = ("rtn", "weighted-clip", "awq", "gptq")
 
@@ -102,7 +103,8 @@ def measure_fixture(fixture: str, args: argparse.Namespace) -> dict[str, Any]:
     base_calibration = calibration_scores(fp32.logits, fp32.logits, texts.calibration)
     rows: list[dict[str, Any]] = [_row("fp32", "-", base.perplexity, 1.0, 0.0, base_calibration, fp32_dir)]
 
-    for scheme, options in SCHEMES.items():
+    schemes = {k: v for k, v in SCHEMES.items() if not args.defaults_only or k in (DEFAULT_INT8, DEFAULT_INT4)}
+    for scheme, options in schemes.items():
         for algorithm in EVERY_ALGORITHM if scheme == DEFAULT_INT4 else (BEFORE, AFTER):
             print(f"{fixture}: {scheme}, {algorithm} ...", file=sys.stderr)
             package = cached_export(str(checkpoint), _package_dir(fixture, f"{scheme} {algorithm}"), progress=False,
@@ -194,12 +196,22 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--stride", type=int, default=128)
     parser.add_argument("--anchors", action="store_true", help="add Optimum's and onnxruntime's quantizers (tiny)")
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="only the default int8 and int4 schemes (every algorithm for int4)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
 
     fixtures = [measure_fixture(name, args) for name in args.fixture or ("tiny", "wide")]
-    report = {"date": datetime.date.today().isoformat(), "window": args.window, "stride": args.stride,
-              "fixtures": fixtures}
+    date = datetime.date.today().isoformat()
+    earlier = args.out / f"quality-{date}.json"
+    if earlier.exists():  # the day's file keeps the fixtures not measured again now
+        import json
+
+        previous = json.loads(earlier.read_text())
+        if (previous.get("window"), previous.get("stride")) == (args.window, args.stride):
+            measured = {f["fixture"] for f in fixtures}
+            fixtures = [f for f in previous["fixtures"] if f["fixture"] not in measured] + fixtures
+    report = {"date": date, "window": args.window, "stride": args.stride, "fixtures": fixtures}
     write_report(args.out, f"quality-{report['date']}", report, markdown(report))
 
 

@@ -109,7 +109,11 @@ def _settings(scheme: QuantizationScheme, blocks_used: set[int], tied: bool,
         zero_point="symmetric" if scheme.symmetric else "asymmetric", accuracy_level=scheme.accuracy_level,
         algorithm=scheme.algorithm, damping=scheme.damping if gptq else None,
         act_order=scheme.act_order if gptq else None,
-        table_damping=scheme.table_damping if data_aware else None,
+        table_damping=scheme.table_damping if data_aware and tied and scheme.lookup_weight == 0 else None,
+        lookup_weight=scheme.lookup_weight if data_aware and tied and scheme.lookup_weight > 0 else None,
+        fisher_sequences=scheme.fisher_sequences if data_aware and tied and scheme.lookup_weight > 0 else None,
+        refit=scheme.refit if scheme.algorithm in ("gptq", "awq") else None,
+        lookup_scales=scheme.lookup_scales if data_aware and tied else None,
         calibration=calibration,
         embedding="tied, shared with lm_head" if tied else "untied: lm_head stored separately")
 

@@ -292,8 +292,16 @@ class QuantizationSettings:
     algorithm: QuantizationAlgorithm = "rtn"
     damping: float | None = None  # gptq: fraction of H's mean diagonal added to it
     act_order: bool | None = None  # gptq
-    # data-aware algorithms: the token lookup's share of the tied table's error
+    # Data-aware algorithms, the tied table: its lm_head inputs' second moment plus the token
+    # lookup's, either lookup_weight x the empirical Fisher of the embeddings over fisher_sequences
+    # calibration sequences, or (lookup_weight 0) table_damping x the inputs' mean square per channel.
     table_damping: float | None = None
+    lookup_weight: float | None = None
+    fisher_sequences: int | None = None
+    # Data-aware algorithms: block scales refitted by least squares to the codes (refit), and the
+    # token lookup's own scales for the tied table's codes (lookup_scales).
+    refit: bool | None = None
+    lookup_scales: bool | None = None
     calibration: CalibrationInfo | None = None
     method: Literal["MatMulNBits"] = "MatMulNBits"
     embedding: Literal["tied, shared with lm_head", "untied: lm_head stored separately"] = \
@@ -323,7 +331,9 @@ class QuantizationSettings:
         text = (f"{self.bits}-bit {self.method}, block {blocks}, {self.zero_point}, lm_head {self.lm_head_bits}-bit, "
                 f"{self.algorithm}")
         details = [f"{name} {value}" for name, value in
-                   (("damping", self.damping), ("act_order", self.act_order), ("table_damping", self.table_damping))
+                   (("damping", self.damping), ("act_order", self.act_order), ("table_damping", self.table_damping),
+                    ("lookup_weight", self.lookup_weight), ("fisher_sequences", self.fisher_sequences),
+                    ("refit", self.refit), ("lookup_scales", self.lookup_scales))
                    if value is not None]
         if self.calibration is not None:
             c = self.calibration

@@ -378,3 +378,24 @@ def test_calibration_pass_kv_maxima_are_the_models(checkpoints):
     for index, (key_max, value_max) in enumerate(result.kv_maxima):
         np.testing.assert_allclose(key_max, peaks[(index, "k")], rtol=1e-5)
         np.testing.assert_allclose(value_max, peaks[(index, "v")], rtol=1e-5)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(unknown=1), "unknown key"), (dict(algorithm="magic"), "algorithm must be one of"),
+    (dict(damping=2.0), "damping must be in"), (dict(block_size=[64, 100]), "powers of two"),
+    (dict(calibration=None), "no calibration is recorded"), (dict(bits=8), "does not match the scheme"),
+])
+def test_quantization_settings_are_strictly_typed(quantized, change, message):
+    """The method and its settings are part of the sealed, typed manifest: what the runtime reads
+    back is what the export wrote, and anything else is refused naming the field."""
+    from neoedge.errors import ManifestError
+    from neoedge.manifest import Manifest, seal
+
+    raw = (quantized["int4"] / "neoedge.json").read_bytes()
+    manifest = Manifest.from_json(raw)
+    assert manifest.quantization.settings.algorithm == "gptq" and manifest.quantization.settings.calibration
+    assert Manifest.from_dict(manifest.to_dict()) == manifest
+    data = json.loads(raw)
+    data["quantization"]["settings"].update(change)
+    with pytest.raises(ManifestError, match=message):
+        Manifest.from_json(seal(data))
