@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .graph import _Graph
+    from .graph_builder import GraphBuilder
 
 
 # transformers' activation functions (ACT2FN names) that have no parameters, each as ONNX ops
@@ -24,7 +24,7 @@ ACTIVATIONS = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python_tanh",
                "leaky_relu", "silu", "swish", "mish", "sigmoid", "tanh", "linear")
 
 
-def mlp_activation(g: _Graph, where: str, name: str, x: str, bias: str) -> str:
+def mlp_activation(g: GraphBuilder, where: str, name: str, x: str, bias: str) -> str:
     """activation(x + bias), exactly as transformers defines `name`."""
     if name in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_accurate"):
         return g.op("FastGelu", [x, bias], f"{where}/FastGelu", domain="com.microsoft")

@@ -17,128 +17,44 @@ one, and the lm_head is tied to the token embedding (stored once).
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from neoedge.manifest import GraphInfo, ModelInfo
 
 from .activations import ACTIVATIONS, mlp_activation
-from .quantize import LinearQuantizer
+from .graph_builder import GraphBuilder
+from .quantize import MS_DOMAIN, WeightStorage
+from .weights import Weights, stack_outputs
+from .weights_file import ExternalWeights
+
+__all__ = ["build_decoder", "Weights"]
 
 OPSET = 18
-MS_DOMAIN = "com.microsoft"
 # transformers masks with finfo(float32).min; the same constant keeps softmax identical.
 FLOAT_MIN = float(np.finfo(np.float32).min)
 
 
-@dataclass(frozen=True)
-class Weights:
-    """GPT-Neo weights as numpy arrays in torch's layout (Linear weights are [out, in])."""
-
-    arrays: dict[str, np.ndarray]
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.arrays[name]
-
-    def layer(self, index: int, name: str) -> np.ndarray:
-        return self.arrays[f"transformer.h.{index}.{name}"]
-
-
-class ExternalWeights:
-    """Writes each initializer's bytes to a weights file as the graph is built; the graph keeps only
-    where they are (ONNX external data).
-
-    Built in memory, a graph holds a protobuf copy of every weight beside the checkpoint's own: a
-    2.7B fp32 model would need twice its 10.6 GB before anything is written.
-    """
-
-    # Tensors smaller than this stay inside the graph; offsets are page-aligned so that onnxruntime
-    # can map the file instead of reading it.
-    MIN_SIZE, ALIGNMENT = 1024, 4096
-
-    def __init__(self, path: Path) -> None:
-        if sys.byteorder != "little":  # ONNX stores raw tensor data little-endian
-            raise ValueError("external weights are written in this machine's byte order, which is not little-endian")
-        self.path = Path(path)
-        self._file = open(self.path, "wb")
-
-    def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
-        array = np.ascontiguousarray(array)
-        if array.nbytes < self.MIN_SIZE:
-            return numpy_helper.from_array(array, name)
-        offset = (self._file.tell() + self.ALIGNMENT - 1) // self.ALIGNMENT * self.ALIGNMENT
-        self._file.seek(offset)
-        self._file.write(array.data)
-        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
-                                  dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)
-        for key, value in (("location", self.path.name), ("offset", offset), ("length", array.nbytes)):
-            tensor.external_data.add(key=key, value=str(value))
-        return tensor
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> ExternalWeights:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class _Graph:
-    """Accumulates nodes and initializers; names carry their place in the model."""
-
-    def __init__(self, weights_file: ExternalWeights | None = None) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self._constants: dict[tuple, str] = {}
-        self._weights_file = weights_file
-
-    def node(self, op: str, inputs: list[str], name: str, *, outputs: int = 1,
-             domain: str = "", **attrs) -> list[str]:
-        outs = [f"{name}/output_{i}" for i in range(outputs)]
-        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain, **attrs))
-        return outs
-
-    def op(self, op: str, inputs: list[str], name: str, **attrs) -> str:
-        return self.node(op, inputs, name, **attrs)[0]
-
-    def initializer(self, name: str, array: np.ndarray) -> str:
-        if self._weights_file is not None:
-            self.initializers.append(self._weights_file.tensor(name, array))
-        else:
-            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def constant(self, value, dtype=np.int64) -> str:
-        array = np.asarray(value, dtype=dtype)
-        key = (array.dtype.str, array.shape, array.tobytes())
-        if key not in self._constants:
-            self._constants[key] = self.initializer(f"/const_{len(self._constants)}", array)
-        return self._constants[key]
-
-
 def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
-                  quantizer: LinearQuantizer, layer_norm_eps: float = 1e-5,
+                  storage: WeightStorage | None = None, layer_norm_eps: float = 1e-5,
                   kv_scales: list[tuple[np.ndarray, np.ndarray]] | None = None,
                   on_layer: Callable[[], None] | None = None,
                   weights_file: ExternalWeights | None = None,
                   activation: str = "gelu_new") -> onnx.ModelProto:
-    """The decoder graph. `kv_scales` (per layer: key and value scales [heads, 1, head_size]) are
-    required when graph_info.kv_cache is "int8". `on_layer` is called as each layer is finished
-    (quantizing a large model's layers takes minutes: a progress bar's hook). With `weights_file`
-    the weights go there as they are made, and the graph must be saved beside it. `activation` is
-    the config's activation_function (one of ACTIVATIONS). An untied lm_head is read from
+    """The decoder graph. `weights` are stored as they come (fp32 arrays, or QuantizedTensors from
+    the quantization step) by `storage` (default: WeightStorage()). `kv_scales` (per layer: key and
+    value scales [heads, 1, head_size]) are required when graph_info.kv_cache is "int8". `on_layer`
+    is called as each layer is finished (a progress bar's hook). With `weights_file` the weights go
+    there as they are made, and the graph must be saved beside it. `activation` is the config's
+    activation_function (one of ACTIVATIONS). An untied lm_head is read from
     weights["lm_head.weight"] when present; without it the lm_head is the token embedding table."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation_function {activation!r} has no exact ONNX form here")
-    g = _Graph(weights_file)
+    storage = storage or WeightStorage()
+    g = GraphBuilder(weights_file)
     gi = graph_info
     hidden, heads, head_size = model.hidden_size, model.num_heads, model.head_size
 
@@ -173,7 +89,8 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
                 present, cache_type, ["batch", heads, cache_len(kind, True), head_size]))
 
     # Token + learned absolute position embeddings. The token table is shared with the lm_head.
-    token_embedding = quantizer.embedding(g, "/wte", weights["transformer.wte.weight"], gi.input_ids)
+    table = storage.tied_table(g, weights["transformer.wte.weight"])
+    token_embedding = storage.embedding(g, "/wte", table, gi.input_ids)
     position_table = g.initializer("transformer.wpe.weight", weights["transformer.wpe.weight"])
     positions = g.op("Gather", [position_table, gi.position_ids], "/wpe/Gather")
     h = g.op("Add", [token_embedding, positions], "/embeddings/Add")
@@ -186,9 +103,8 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
     def skip_layer_norm(residual: str, x: str, bias: str, prefix: str, name: str) -> tuple[str, str]:
         """(LayerNorm(residual + x + bias), residual + x + bias) in one fused op."""
         outputs = [f"{name}/output_0", "", "", f"{name}/output_3"]
-        g.nodes.append(helper.make_node(
-            "SkipLayerNormalization", [residual, x, *norm_params(prefix), bias], outputs, name=name,
-            domain=MS_DOMAIN, epsilon=layer_norm_eps))
+        g.node_to("SkipLayerNormalization", [residual, x, *norm_params(prefix), bias], outputs, name,
+                  domain=MS_DOMAIN, epsilon=layer_norm_eps)
         return outputs[0], outputs[3]
 
     def bias(name: str) -> str:
@@ -203,9 +119,8 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
         p = f"transformer.h.{layer}"
         where = f"/layers.{layer}"
         # One packed projection instead of three: q, k and v have no bias in GPT-Neo.
-        wqkv = np.concatenate([weights.layer(layer, f"attn.attention.{n}_proj.weight")
-                               for n in ("q", "k", "v")], axis=0)
-        qkv = quantizer.linear(g, f"{where}/attn/qkv_proj", x, wqkv)
+        wqkv = stack_outputs([weights.layer(layer, f"attn.attention.{n}_proj.weight") for n in ("q", "k", "v")])
+        qkv = storage.linear(g, f"{where}/attn/qkv_proj", x, wqkv)
         (past_k, present_k), (past_v, present_v) = gi.cache_pairs(layer)
         if gi.attention == "gqa":
             # scale=1.0: GPT-Neo does not scale scores. local_window_size counts the current
@@ -225,26 +140,26 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
                                 g.initializer(f"{p}.attn.v_cache_scale", v_scale)]
                 quantized_cache = dict(kv_cache_bit_width=8, k_quant_type="PER_CHANNEL",
                                        v_quant_type="PER_CHANNEL")
-            g.nodes.append(helper.make_node(
+            g.node_to(
                 "GroupQueryAttention",
                 [qkv, "", "", past_k, past_v, *lengths, *scale_inputs],
                 [f"{where}/attn/GQA/output_0", present_k, present_v],
-                name=f"{where}/attn/GQA", domain=MS_DOMAIN,
+                f"{where}/attn/GQA", domain=MS_DOMAIN,
                 num_heads=heads, kv_num_heads=heads, scale=1.0,
-                local_window_size=model.window_size if kind == "local" else -1, **quantized_cache))
+                local_window_size=model.window_size if kind == "local" else -1, **quantized_cache)
             context = f"{where}/attn/GQA/output_0"
         else:
             q, k, v = g.node("Split", [qkv, g.constant([hidden] * 3)], f"{where}/attn/Split",
                              outputs=3, axis=-1)
             context = _plain_attention(g, where, q, k, v, past_k, past_v, present_k, present_v,
                                        masks[kind], heads, head_size, hidden)
-        attn = quantizer.linear(g, f"{where}/attn/out_proj", context,
+        attn = storage.linear(g, f"{where}/attn/out_proj", context,
                                 weights.layer(layer, "attn.attention.out_proj.weight"))
         m, h = skip_layer_norm(h, attn, bias(f"{p}.attn.attention.out_proj.bias"), f"{p}.ln_2",
                                f"{where}/ln_2/SkipLayerNorm")
-        fc = quantizer.linear(g, f"{where}/mlp/c_fc", m, weights.layer(layer, "mlp.c_fc.weight"))
+        fc = storage.linear(g, f"{where}/mlp/c_fc", m, weights.layer(layer, "mlp.c_fc.weight"))
         act = mlp_activation(g, f"{where}/mlp", activation, fc, bias(f"{p}.mlp.c_fc.bias"))
-        proj = quantizer.linear(g, f"{where}/mlp/c_proj", act, weights.layer(layer, "mlp.c_proj.weight"))
+        proj = storage.linear(g, f"{where}/mlp/c_proj", act, weights.layer(layer, "mlp.c_proj.weight"))
         last = layer == model.num_layers - 1
         next_norm = "transformer.ln_f" if last else f"transformer.h.{layer + 1}.ln_1"
         x, h = skip_layer_norm(h, proj, bias(f"{p}.mlp.c_proj.bias"), next_norm,
@@ -255,9 +170,12 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
     h = x
     # Only the requested positions go through the lm_head (one position per decode step).
     selected = g.op("Gather", [h, gi.logits_positions], "/lm_head/select/Gather", axis=1)
-    quantizer.lm_head(g, "/lm_head", selected, gi.logits, weights.arrays.get("lm_head.weight"))
+    if "lm_head.weight" in weights.arrays:  # untied: its own table, stored like any weight MatMul
+        storage.untied_lm_head(g, "/lm_head", weights["lm_head.weight"], selected, gi.logits)
+    else:
+        storage.lm_head(g, "/lm_head", table, selected, gi.logits)
 
-    graph = helper.make_graph(g.nodes, "gpt_neo_decoder", inputs, outputs, g.initializers)
+    graph = g.graph("gpt_neo_decoder", inputs, outputs)
     onnx_model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
         producer_name="neoedge")
@@ -265,7 +183,7 @@ def build_decoder(model: ModelInfo, weights: Weights, graph_info: GraphInfo,
     return onnx_model
 
 
-def _plain_masks(g: _Graph, gi: GraphInfo, model: ModelInfo) -> dict[str, str]:
+def _plain_masks(g: GraphBuilder, gi: GraphInfo, model: ModelInfo) -> dict[str, str]:
     """Boolean [sequence, total] masks, built once and shared by every layer of a kind.
 
     Key j is visible from query i (absolute cache positions) when j <= i, and on local layers also
@@ -286,7 +204,7 @@ def _plain_masks(g: _Graph, gi: GraphInfo, model: ModelInfo) -> dict[str, str]:
     return {"global": causal, "local": local}
 
 
-def _plain_attention(g: _Graph, where: str, q: str, k: str, v: str, past_k: str, past_v: str,
+def _plain_attention(g: GraphBuilder, where: str, q: str, k: str, v: str, past_k: str, past_v: str,
                      present_k: str, present_v: str, mask: str, heads: int, head_size: int,
                      hidden: int) -> str:
     split_heads = g.constant([0, 0, heads, head_size])
@@ -296,10 +214,8 @@ def _plain_attention(g: _Graph, where: str, q: str, k: str, v: str, past_k: str,
         return g.op("Transpose", [x], f"{where}/attn/{name}/Transpose", perm=[0, 2, 1, 3])
 
     q = to_heads(q, "q")  # [batch, heads, sequence, head_size]
-    g.nodes.append(helper.make_node("Concat", [past_k, to_heads(k, "k")], [present_k],
-                                    name=f"{where}/attn/k/Concat", axis=2))
-    g.nodes.append(helper.make_node("Concat", [past_v, to_heads(v, "v")], [present_v],
-                                    name=f"{where}/attn/v/Concat", axis=2))
+    g.node_to("Concat", [past_k, to_heads(k, "k")], [present_k], f"{where}/attn/k/Concat", axis=2)
+    g.node_to("Concat", [past_v, to_heads(v, "v")], [present_v], f"{where}/attn/v/Concat", axis=2)
     keys_t = g.op("Transpose", [present_k], f"{where}/attn/kT/Transpose", perm=[0, 1, 3, 2])
     scores = g.op("MatMul", [q, keys_t], f"{where}/attn/scores/MatMul")  # no scaling in GPT-Neo
     scores = g.op("Where", [mask, scores, g.constant(FLOAT_MIN, np.float32)], f"{where}/attn/mask/Where")

@@ -15,17 +15,20 @@ import onnx
 
 from neoedge import __version__
 from neoedge.errors import ExportError, NeoedgeError
-from neoedge.manifest import GraphInfo, Manifest, ModelInfo, Quantization, file_entries
+from neoedge.manifest import GraphInfo, Manifest, ModelInfo, Quantization, QuantizationSettings, file_entries
 
-from .calibrate import calibration_batches, kv_cache_scales
+from .calibrate import DEFAULT_LENGTH, CalibrationText, calibration_batches, read_calibration
 from .destination import Staging, check_output, output_path, parent_directories, publish, remove_stale_staging
-from .graph import ExternalWeights, build_decoder
+from .graph import build_decoder
 from .kernel_graph import write_kernel_graph
 from .load import Checkpoint, load_checkpoint
 from .lock import output_lock
-from .quantize import LinearQuantizer, make_quantizer
+from .quantize import WeightStorage
+from .scheme import ALGORITHMS, QuantizationScheme, make_scheme
 from .signals import cleanup_on_termination
 from .validate import validate_package
+from .weight_quantization import quantize_weights
+from .weights_file import ExternalWeights
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,10 @@ KV_CACHES = ("auto", "float32", "int8")
 class ExportOptions:
     """What to export, validated once when the export is asked for (before anything is read or
     written). "auto" attention is gqa where GroupQueryAttention can take the model's head size, else
-    plain; "auto" KV cache is int8 for quantized gqa packages, float32 otherwise."""
+    plain; "auto" KV cache is int8 for quantized gqa packages, float32 otherwise. `algorithm`
+    chooses how quantized weights are rounded (export/scheme.py; default by measurement),
+    `calibration` a UTF-8 text file for the data-aware algorithms and the int8 KV cache (default:
+    the corpus that ships with neoedge)."""
 
     quantize: Literal["none", "int8", "int4"] = "none"
     attention: Literal["auto", "gqa", "plain"] = "auto"
@@ -59,6 +65,8 @@ class ExportOptions:
     block_size: int | None = None
     lm_head_bits: int | None = None
     symmetric: bool | None = None
+    algorithm: str | None = None
+    calibration: str | os.PathLike[str] | None = None
     validate: bool = True
     optimize: bool = True
     tolerance: float = FP32_TOLERANCE
@@ -75,13 +83,25 @@ class ExportOptions:
                 raise ExportError(f"{name} must be an integer, got {value!r}")
         if self.quantize == "none":
             for name, value in (("block_size", self.block_size), ("lm_head_bits", self.lm_head_bits),
-                                ("symmetric", self.symmetric)):
+                                ("symmetric", self.symmetric), ("algorithm", self.algorithm)):
                 if value is not None:
                     raise ExportError(f"{name} applies to int8/int4 quantization only, and quantize is 'none'")
         if self.lm_head_bits is not None and self.lm_head_bits not in (4, 8):
             raise ExportError(f"lm_head_bits must be 4 or 8, got {self.lm_head_bits}")
         if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             raise ExportError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if self.algorithm is not None and self.algorithm not in ALGORITHMS:
+            raise ExportError(f"unknown quantization algorithm {self.algorithm!r}; choose one of: "
+                              f"{', '.join(ALGORITHMS)}")
+        if self.calibration is not None:
+            if not isinstance(self.calibration, (str, os.PathLike)) or not os.fspath(self.calibration):
+                raise ExportError(f"calibration must be a text file's path, got {self.calibration!r}")
+            if self.quantize == "none" and self.kv_cache != "int8":
+                raise ExportError("calibration has no effect here: an fp32 package with a float32 KV cache "
+                                  "uses no calibration text")
+            if self.algorithm == "rtn" and self.kv_cache == "float32":
+                raise ExportError("calibration has no effect here: round-to-nearest weights with a float32 KV "
+                                  "cache use no calibration text")
         if self.symmetric is not None and not isinstance(self.symmetric, bool):
             raise ExportError(f"symmetric must be True, False or None, got {self.symmetric!r}")
         for name in ("validate", "optimize"):
@@ -91,10 +111,23 @@ class ExportOptions:
                 or not math.isfinite(self.tolerance) or self.tolerance <= 0:
             raise ExportError(f"tolerance must be a positive number, got {self.tolerance!r}")
 
-    def quantizer(self) -> LinearQuantizer:
+    def scheme(self) -> QuantizationScheme | None:
+        """The quantization scheme (None for fp32)."""
         try:
-            return make_quantizer(self.quantize, block_size=self.block_size, lm_head_bits=self.lm_head_bits,
-                                  symmetric=self.symmetric)
+            return make_scheme(self.quantize, block_size=self.block_size, lm_head_bits=self.lm_head_bits,
+                               symmetric=self.symmetric, algorithm=self.algorithm)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from exc
+
+    def calibrated(self, plan: AttentionPlan) -> bool:
+        """Whether the export runs the calibration pass: data-aware weights or an int8 KV cache."""
+        scheme = self.scheme()
+        return plan.kv_cache == "int8" or (scheme is not None and scheme.data_aware)
+
+    def calibration_text(self) -> CalibrationText:
+        """The calibration text (the built-in corpus by default); ExportError if it cannot be used."""
+        try:
+            return read_calibration(self.calibration)
         except ValueError as exc:
             raise ExportError(str(exc)) from exc
 
@@ -149,6 +182,8 @@ def export_package(
     block_size: int | None = None,
     lm_head_bits: int | None = None,
     symmetric: bool | None = None,
+    algorithm: str | None = None,
+    calibration: str | os.PathLike[str] | None = None,
     tolerance: float = FP32_TOLERANCE,
     progress: bool = True,
 ) -> Manifest:
@@ -158,7 +193,8 @@ def export_package(
     step. Nothing else is ever removed or overwritten. Raises ExportError (OutputExistsError if
     `output` holds a package and `force` is not set)."""
     options = ExportOptions(quantize=quantize, attention=attention, kv_cache=kv_cache, block_size=block_size,
-                            lm_head_bits=lm_head_bits, symmetric=symmetric, validate=validate,
+                            lm_head_bits=lm_head_bits, symmetric=symmetric, algorithm=algorithm,
+                            calibration=calibration, validate=validate,
                             optimize=optimize, tolerance=tolerance)
     if not isinstance(force, bool):
         raise ExportError(f"force must be True or False, got {force!r}")
@@ -166,7 +202,9 @@ def export_package(
         raise ExportError(f"source must be a hub id or a checkpoint directory, got {source!r}")
     source = os.fspath(source)
     output = output_path(output)
-    options.quantizer()  # a block size the scheme cannot use is refused before anything is read
+    options.scheme()  # a block size the scheme cannot use is refused before anything is read
+    if options.calibration is not None:
+        options.calibration_text()  # and so is a calibration file that cannot be used
     check_output(output, force=force)
     with cleanup_on_termination(), parent_directories(output), output_lock(output):
         # Holding the lock: no other export to OUT runs, so leftovers of interrupted ones can go, and
@@ -180,28 +218,36 @@ def _export(source: str, output: Path, options: ExportOptions, replacing: bool, 
     from tqdm.auto import tqdm
 
     steps = ["load checkpoint", "build graph", "write package", "validate", "move into place"]
-    with tqdm(total=len(steps), desc="export", unit="step", disable=not progress) as bar:
+    # The steps take from a second to many minutes each: a rate or an ETA over them would mislead.
+    with tqdm(total=len(steps), desc="export", unit="step", disable=not progress,
+              bar_format="{desc}: {n_fmt}/{total_fmt} steps, {elapsed}{postfix}") as bar:
         bar.set_postfix_str(steps[0])
         checkpoint = load_checkpoint(source)
         plan = plan_attention(options, checkpoint.info)
-        quantizer = options.quantizer()
+        scheme = options.scheme()
+        calibration = None
+        if options.calibrated(plan):
+            calibration = options.calibration_text()
+        elif options.calibration is not None:
+            raise ExportError(f"calibration has no effect here: {options.quantize} with round-to-nearest weights "
+                              f"and a {plan.kv_cache} KV cache uses no calibration text")
         bar.update()
         staging = Staging.create(output)
         try:
             bar.set_postfix_str(steps[1])
             graph_info = GraphInfo(file=MODEL_FILE, attention=plan.attention, kv_cache=plan.kv_cache)
-            _build(checkpoint, graph_info, quantizer, staging.package, progress)
+            settings = _build(checkpoint, graph_info, scheme, calibration, staging.package, progress)
             bar.update()
 
             bar.set_postfix_str(steps[2])
             if options.optimize:
                 _onnxruntime_step("optimize the graph", _optimize_graph, staging.package / MODEL_FILE)
-            graph_info = _add_kernel_graph(staging.package, graph_info, quantizer.scheme)
+            graph_info = _add_kernel_graph(staging.package, graph_info, options.quantize)
             (staging.package / TOKENIZER_FILE).write_text(checkpoint.tokenizer_json, encoding="utf-8")
             manifest = Manifest(
                 model=checkpoint.info,
                 graph=graph_info,
-                quantization=Quantization(scheme=quantizer.scheme, settings=quantizer.settings()),
+                quantization=Quantization(scheme=options.quantize, settings=settings),
                 files=file_entries(staging.package),
                 generation=checkpoint.generation,
                 notes=plan.notes,
@@ -235,29 +281,36 @@ def _export(source: str, output: Path, options: ExportOptions, replacing: bool, 
     return manifest
 
 
-def _build(checkpoint: Checkpoint, graph_info: GraphInfo, quantizer: LinearQuantizer, directory: Path,
-           progress: bool) -> None:
-    """Write the decoder graph and its weights file into `directory`."""
+def _build(checkpoint: Checkpoint, graph_info: GraphInfo, scheme: QuantizationScheme | None,
+           calibration: CalibrationText | None, directory: Path, progress: bool) -> QuantizationSettings | None:
+    """Quantize (calibrating first, if `calibration` is given) and write the decoder graph and its
+    weights file into `directory`; returns the manifest's quantization settings."""
     from tqdm.auto import tqdm
 
-    kv_scales = None
-    if graph_info.kv_cache == "int8":
-        batches = calibration_batches(checkpoint.tokenizer_json, min(512, checkpoint.info.context_length))
-        with tqdm(total=len(batches), desc="calibrate KV cache", unit="batch", leave=False,
-                  disable=not progress) as calibrating:
-            kv_scales = kv_cache_scales(checkpoint.model, batches, checkpoint.info.num_heads,
-                                        on_batch=calibrating.update)
-    with tqdm(total=checkpoint.info.num_layers, desc="layers", unit="layer", leave=False,
-              disable=not progress) as layers:
+    batches = None
+    if calibration is not None:
         try:
+            batches = calibration_batches(checkpoint.tokenizer_json, calibration,
+                                          length=min(checkpoint.info.context_length, DEFAULT_LENGTH))
+        except ValueError as exc:
+            raise ExportError(str(exc)) from exc
+    with tqdm(total=checkpoint.info.num_layers, desc="calibrate and quantize" if batches is not None else "quantize",
+              unit="layer", leave=False, position=1,  # its own line under the export's, not over it
+              disable=not progress or (scheme is None and batches is None)) as layers:
+        try:
+            quantized = quantize_weights(checkpoint.weights(), scheme, checkpoint.info.num_layers,
+                                         model=checkpoint.model, calibration=batches, on_layer=layers.update)
+            if graph_info.kv_cache == "int8" and quantized.kv_scales is None:
+                raise ValueError("an int8 KV cache needs the calibration pass")
+            storage = WeightStorage(scheme.accuracy_level) if scheme is not None else WeightStorage()
             with ExternalWeights(directory / WEIGHTS_FILE) as weights_file:
-                model = build_decoder(checkpoint.info, checkpoint.weights(), graph_info, quantizer,
-                                      layer_norm_eps=checkpoint.layer_norm_eps, kv_scales=kv_scales,
-                                      on_layer=layers.update, weights_file=weights_file,
-                                      activation=checkpoint.activation)
+                model = build_decoder(checkpoint.info, quantized.weights, graph_info, storage,
+                                      layer_norm_eps=checkpoint.layer_norm_eps, kv_scales=quantized.kv_scales,
+                                      weights_file=weights_file, activation=checkpoint.activation)
         except ValueError as exc:
             raise ExportError(str(exc)) from exc
     onnx.save_model(model, str(directory / MODEL_FILE))
+    return quantized.settings
 
 
 def _add_kernel_graph(directory: Path, graph_info: GraphInfo, scheme: str) -> GraphInfo:

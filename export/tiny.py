@@ -117,6 +117,9 @@ def tiny_config(vocab_size: int, **overrides: Any) -> Any:
 # standard library's docstrings, can. Its checkpoint and held-out text ship with neoedge.export.
 TRAINED_DIR = Path(__file__).parent / "assets" / "gpt-neo-stdlib-tiny"
 HELDOUT_FILE = "heldout.txt"
+# The calibration text that ships with neoedge (export/assets/calibration/README.md): a fixed
+# snapshot of docstrings, so that an export does not depend on the running Python's standard library.
+CALIBRATION_CORPUS = Path(__file__).parent / "assets" / "calibration" / "stdlib-docstrings.txt"
 
 
 def trained_checkpoint() -> Path:
@@ -130,3 +133,14 @@ def trained_checkpoint() -> Path:
 def split_corpus(docs: list[str], every: int = 10) -> tuple[list[str], list[str]]:
     """(train, held-out): every `every`-th document is held out."""
     return ([d for i, d in enumerate(docs) if i % every], [d for i, d in enumerate(docs) if not i % every])
+
+
+def corpus_snapshot(docs: list[str], heldout: str, min_line: int = 30) -> str:
+    """The documents that share no line of `min_line` or more characters with `heldout`, joined by
+    blank lines: training text that cannot leak the held-out text into what it is judged on (the
+    held-out file was cut from another Python version's docstrings, so an index split alone would
+    not keep them apart)."""
+    held_lines = {line.strip() for line in heldout.splitlines() if len(line.strip()) >= min_line}
+    kept = [doc for doc in docs
+            if not any(line.strip() in held_lines for line in doc.splitlines() if len(line.strip()) >= min_line)]
+    return "\n\n".join(kept) + "\n"

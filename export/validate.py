@@ -79,7 +79,7 @@ def quality_bounds(manifest: Manifest) -> QualityBounds | None:
     quantization = manifest.quantization
     if quantization.scheme == "none":
         return None if manifest.graph.kv_cache == "float32" else QUALITY_BOUNDS["int8"]
-    four_bit = quantization.scheme == "int4" or quantization.settings.get("lm_head_bits") == 4
+    four_bit = quantization.scheme == "int4" or (quantization.settings is not None and quantization.settings.lm_head_bits == 4)
     return QUALITY_BOUNDS["int4" if four_bit else "int8"]
 
 

@@ -82,8 +82,13 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check_type(value, inner, where)
+        inner = [a for a in args if a is not type(None)]
+        for hint_ in inner[:-1]:  # e.g. int | tuple[int, ...]: the first type the value has
+            try:
+                return _check_type(value, hint_, where)
+            except ManifestError:
+                pass
+        return _check_type(value, inner[-1], where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ManifestError(f"{where} must be a list, got {_show(value)}")
@@ -258,14 +263,111 @@ def _formats(template: str) -> bool:
 
 
 @dataclass(frozen=True)
+class CalibrationInfo:
+    """The text a quantized package's weights (and int8 KV cache scales) were calibrated on
+    (`quantization.settings.calibration`)."""
+
+    text: str  # "built-in: <file>" for the corpus that ships with neoedge, else the file's name
+    sha256: str  # of the text's UTF-8 bytes
+    sequences: int
+    tokens_per_sequence: int
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "quantization.settings.calibration")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ManifestError(f"quantization.settings.calibration.sha256 must be 64 lowercase hex digits, "
+                                f"got {_show(self.sha256)}")
+        for name in ("sequences", "tokens_per_sequence"):
+            _check_range("quantization.settings.calibration", name, getattr(self, name), 1)
+
+
+# How a quantized package's codes and scales were chosen (export/scheme.py): rtn (round-to-nearest),
+# weighted-clip, awq or gptq.
+QuantizationAlgorithm = Literal["rtn", "weighted-clip", "awq", "gptq"]
+
+
+@dataclass(frozen=True)
+class QuantizationSettings:
+    """How a quantized package's weights are stored (`quantization.settings`): MatMulNBits blocks,
+    and how their codes were chosen."""
+
+    bits: Literal[4, 8]
+    block_size: int | tuple[int, ...]  # one size, or the sizes used where a default had to shrink
+    lm_head_bits: Literal[4, 8]
+    zero_point: Literal["symmetric", "asymmetric"]
+    accuracy_level: int = 4
+    algorithm: QuantizationAlgorithm = "rtn"
+    damping: float | None = None  # gptq: fraction of H's mean diagonal added to it
+    act_order: bool | None = None  # gptq
+    # Data-aware algorithms, the tied table: its lm_head inputs' second moment plus the token
+    # lookup's, either lookup_weight x the empirical Fisher of the embeddings over fisher_sequences
+    # calibration sequences, or (lookup_weight 0) table_damping x the inputs' mean square per channel.
+    table_damping: float | None = None
+    lookup_weight: float | None = None
+    fisher_sequences: int | None = None
+    # Data-aware algorithms: block scales refitted by least squares to the codes (refit), and the
+    # token lookup's own scales for the tied table's codes (lookup_scales).
+    refit: bool | None = None
+    lookup_scales: bool | None = None
+    calibration: CalibrationInfo | None = None
+    method: Literal["MatMulNBits"] = "MatMulNBits"
+    embedding: Literal["tied, shared with lm_head", "untied: lm_head stored separately"] = \
+        "tied, shared with lm_head"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.calibration, dict):
+            object.__setattr__(self, "calibration", _section(CalibrationInfo, self.calibration,
+                                                             "quantization.settings.calibration"))
+        _check_fields(self, "quantization.settings")
+        blocks = (self.block_size,) if isinstance(self.block_size, int) else self.block_size
+        if not blocks or any(b < 16 or b & (b - 1) for b in blocks):
+            raise ManifestError(f"quantization.settings.block_size must be powers of two >= 16, "
+                                f"got {_show(self.block_size)}")
+        _check_range("quantization.settings", "accuracy_level", self.accuracy_level, 0, 4)
+        if self.damping is not None and not 0 < self.damping <= 1:
+            raise ManifestError(f"quantization.settings.damping must be in (0, 1], got {self.damping}")
+        if self.table_damping is not None and self.table_damping < 0:
+            raise ManifestError(f"quantization.settings.table_damping must be >= 0, got {self.table_damping}")
+        if self.algorithm != "rtn" and self.calibration is None:
+            raise ManifestError(f"quantization.settings.algorithm {self.algorithm!r} is data-aware but "
+                                "no calibration is recorded")
+
+    def describe(self) -> str:
+        """One line, e.g. "4-bit MatMulNBits, block 128, symmetric, lm_head 4-bit, gptq (...)"."""
+        blocks = self.block_size if isinstance(self.block_size, int) else "/".join(map(str, self.block_size))
+        text = (f"{self.bits}-bit {self.method}, block {blocks}, {self.zero_point}, lm_head {self.lm_head_bits}-bit, "
+                f"{self.algorithm}")
+        details = [f"{name} {value}" for name, value in
+                   (("damping", self.damping), ("act_order", self.act_order), ("table_damping", self.table_damping),
+                    ("lookup_weight", self.lookup_weight), ("fisher_sequences", self.fisher_sequences),
+                    ("refit", self.refit), ("lookup_scales", self.lookup_scales))
+                   if value is not None]
+        if self.calibration is not None:
+            c = self.calibration
+            details.append(f"calibrated on {c.sequences}x{c.tokens_per_sequence} tokens of {c.text}")
+        return text + (f" ({', '.join(details)})" if details else "")
+
+
+@dataclass(frozen=True)
 class Quantization:
     """How the weights are stored (`quantization`)."""
 
     scheme: Literal["none", "int8", "int4"] = "none"
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: QuantizationSettings | None = None  # None for fp32
 
     def __post_init__(self) -> None:
+        settings = self.settings
+        if isinstance(settings, dict):
+            # fp32 packages of an earlier neoedge wrote {}
+            object.__setattr__(self, "settings", _section(QuantizationSettings, settings, "quantization.settings")
+                               if settings else None)
         _check_fields(self, "quantization")
+        if (self.scheme == "none") != (self.settings is None):
+            raise ManifestError(f"quantization.scheme {self.scheme!r} and its settings disagree: settings are "
+                                "given exactly for int8 and int4")
+        if self.settings is not None and self.settings.bits != int(self.scheme[3:]):
+            raise ManifestError(f"quantization.settings.bits {self.settings.bits} does not match the scheme "
+                                f"{self.scheme!r}")
 
 
 @dataclass(frozen=True)

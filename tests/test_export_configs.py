@@ -101,7 +101,7 @@ def test_untied_lm_head_is_stored_separately_and_exports_exactly(bpe_tokenizer, 
     assert _max_error(tmp_path / "fp32", model) <= TOLERANCE
     for scheme in ("int8", "int4"):
         manifest = _export(source, tmp_path / scheme, quantize=scheme)
-        assert manifest.quantization.settings["embedding"] == "untied: lm_head stored separately"
+        assert manifest.quantization.settings.embedding == "untied: lm_head stored separately"
         graph = onnx.load(str(tmp_path / scheme / "model.onnx"), load_external_data=False).graph
         assert "lm_head.qweight" in {t.name for t in graph.initializer}
 

@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import neoedge.kernels as kernels
-from neoedge.export.quantize import quantize_blockwise
+from neoedge.export.blockwise import quantize_blockwise
 
 ROOT = Path(__file__).resolve().parents[1]
 # Without a compiler the library is not built and these tests have nothing to test; where it must
@@ -124,7 +124,8 @@ def session(model, library=None, threads=2) -> ort.InferenceSession:
 
 def problem(rng, m, k, n, bits, block, symmetric, scale=1.0):
     weight = rng.standard_normal((n, k)).astype(np.float32)
-    packed, scales, zero_points = quantize_blockwise(weight, bits, block, symmetric=symmetric)
+    q = quantize_blockwise(weight, bits, block, symmetric=symmetric)
+    packed, scales, zero_points = q.packed, q.scales, q.zero_points
     # Rows of very different magnitudes: each row's blocks get their own activation scales.
     a = (rng.standard_normal((m, k)) * rng.uniform(0.05, 20, (m, 1)) * scale).astype(np.float32)
     return a, packed, scales, zero_points

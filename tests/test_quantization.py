@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -13,14 +14,22 @@ import torch
 
 from neoedge import Generator
 from neoedge.export import export_package
+from neoedge.export.blockwise import QuantizedTable, QuantizedTensor, minmax_grid, quantize_blockwise, quantize_codes
+from neoedge.export.calibrate import calibration_batches, read_calibration
+from neoedge.export.awq import quantize_scaled, search_scales
+from neoedge.export.gptq import gptq_quantize
 from neoedge.export.graph import build_decoder
+from neoedge.export.layerwise import GroupResult, run_layers
 from neoedge.export.load import load_checkpoint
-from neoedge.export.quantize import NBitsQuantizer, _grid, quantize_blockwise
+from neoedge.export.quantize import WeightStorage
+from neoedge.export.scheme import QuantizationScheme
+from neoedge.export.weight_quantization import quantize_weights
 from neoedge.manifest import GraphInfo
 
 
-def _dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int, block: int
-                ) -> np.ndarray:
+def _dequantize(q: QuantizedTensor) -> np.ndarray:
+    """MatMulNBits' dequantization written out from its packed inputs (not QuantizedTensor's own)."""
+    packed, scales, zeros, bits = q.packed, q.scales, q.zero_points, q.bits
     if bits == 4:
         packed = np.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:2], -1)
     if zeros is None:  # symmetric: MatMulNBits' implicit zero point is mid-range
@@ -36,12 +45,15 @@ def _dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None
 def test_blockwise_quantization_error(bits, block):
     weight = np.random.default_rng(bits).standard_normal((24, 96)).astype(np.float32)
     weight[3, 5] = 9.0  # an outlier stretches its block's range
-    packed, scales, zeros = quantize_blockwise(weight, bits, block)
-    restored = _dequantize(packed, scales, zeros, bits, block)
+    quantized = quantize_blockwise(weight, bits, block)
+    scales = quantized.scales
+    restored = _dequantize(quantized)
+    np.testing.assert_array_equal(restored, quantized.dequantize())
     error = np.square(restored - weight).reshape(24, -1, block).sum(-1)
     blocks = weight.reshape(24, -1, block)
     low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
-    s, z, q = _grid(blocks, low, high, (1 << bits) - 1)
+    s, z = minmax_grid(low, high, (1 << bits) - 1)
+    q = quantize_codes(blocks, s, z, (1 << bits) - 1)
     minmax_error = np.square((q - z[..., None].astype(np.float32)) * s[..., None] - blocks).sum(-1)
     assert np.all(error <= minmax_error + 1e-6)  # never worse than plain min/max, block by block
     if bits == 8:  # min/max grid: every weight within half a step
@@ -55,9 +67,10 @@ def test_symmetric_quantization_puts_the_extreme_on_the_grid(bits):
     weight = np.random.default_rng(bits).standard_normal((24, 96)).astype(np.float32)
     weight[3, 5] = 9.0  # positive extreme: the scale turns negative so it lands on -mid
     weight[7, 40] = -9.0
-    packed, scales, zeros = quantize_blockwise(weight, bits, 32, symmetric=True)
-    assert zeros is None
-    restored = _dequantize(packed, scales, zeros, bits, 32)
+    quantized = quantize_blockwise(weight, bits, 32, symmetric=True)
+    assert quantized.zero_points is None
+    scales = quantized.scales
+    restored = _dequantize(quantized)
     if bits == 8:  # no clipping search at 8 bits: the extremes exact, every weight within a step
         # (within half a step, except on the grid's short side, which ends one step early)
         assert np.all(np.abs(restored - weight) <= np.repeat(np.abs(scales), 32, axis=1) + 1e-6)
@@ -66,26 +79,56 @@ def test_symmetric_quantization_puts_the_extreme_on_the_grid(bits):
     assert relative < (1e-2 if bits == 4 else 1e-4)
 
 
-@pytest.mark.parametrize("bits,lm_head_bits,block,symmetric", [
-    (4, 4, 32, False), (8, 8, 32, False), (4, 8, 32, False), (4, 4, 64, False), (8, 8, 16, False),
-    (4, 4, 32, True), (4, 8, 64, True), (8, 8, 16, True)])
-def test_quantized_graph_equals_the_model_with_dequantized_weights(checkpoints, bits, lm_head_bits, block, symmetric):
+def _calibration(checkpoint, sequences=4, length=64):
+    return calibration_batches(checkpoint.tokenizer_json, read_calibration(), sequences=sequences, length=length)
+
+
+def _with_stored_weights(model, stored):
+    """`model` (transformers) computing with the package's weights: dequantized tensors, and the
+    LayerNorms as stored (where AWQ folded its scales)."""
+    table = stored["transformer.wte.weight"]
+    if isinstance(table, QuantizedTable) and table.lookup_scales is not None:
+        # The token lookup reads the table's codes with scales of its own: untie the model.
+        model.lm_head.weight = torch.nn.Parameter(torch.from_numpy(_dequantize(table)))
+        table = replace(table, scales=table.lookup_scales)
+    state = model.state_dict()
+    for name, tensor in {**stored.arrays, "transformer.wte.weight": table}.items():
+        if name == "lm_head.weight":  # tied: the table, set as transformer.wte.weight
+            continue
+        value = _dequantize(tensor) if isinstance(tensor, QuantizedTensor) else tensor
+        state[name].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+    return model
+
+
+@pytest.mark.parametrize("bits,lm_head_bits,block,symmetric,algorithm", [
+    (4, 4, 32, False, "rtn"), (8, 8, 32, False, "rtn"), (4, 8, 32, False, "rtn"), (4, 4, 64, False, "rtn"),
+    (8, 8, 16, False, "rtn"), (4, 4, 32, True, "rtn"), (4, 8, 64, True, "rtn"), (8, 8, 16, True, "rtn"),
+    (4, 4, 64, True, "gptq"), (4, 4, 32, False, "gptq"), (8, 8, 16, False, "gptq"), (4, 4, 64, True, "awq"),
+    (4, 8, 32, False, "awq"), (4, 4, 32, True, "weighted-clip")])
+def test_quantized_graph_equals_the_model_with_dequantized_weights(checkpoints, bits, lm_head_bits, block, symmetric,
+                                                                    algorithm):
     """accuracy_level 0 computes in fp32 on the dequantized weights: then the graph must reproduce
     transformers run with those same weights (checks packing, zero points — also an odd number of
     blocks per row (64 = 1 block), whose packed zero points are padded — the embedding lookup from
-    the shared table and the lm_head)."""
+    the shared table and the lm_head), whatever algorithm chose the codes (AWQ also rescales the
+    LayerNorms and the value rows)."""
     checkpoint = load_checkpoint(str(checkpoints["window8"]))
-    quantizer = NBitsQuantizer(bits, block, lm_head_bits=lm_head_bits, symmetric=symmetric, accuracy_level=0)
-    graph = build_decoder(checkpoint.info, checkpoint.weights(), GraphInfo(file="m", attention="plain"), quantizer)
+    scheme = QuantizationScheme(bits, block, lm_head_bits, symmetric, algorithm=algorithm)
+    calibration = _calibration(checkpoint) if scheme.data_aware else None
+    quantized = quantize_weights(checkpoint.weights(), scheme, checkpoint.info.num_layers, model=checkpoint.model,
+                                 calibration=calibration).weights
+    graph = build_decoder(checkpoint.info, quantized, GraphInfo(file="m", attention="plain"),
+                          WeightStorage(accuracy_level=0))
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
 
-    model = checkpoint.model
-    state = model.state_dict()
-    for name, tensor in state.items():
-        if name.endswith(("proj.weight", "c_fc.weight")) or name == "transformer.wte.weight":
-            b = lm_head_bits if name == "transformer.wte.weight" else bits
-            quantized = quantize_blockwise(tensor.numpy(), b, block, symmetric=symmetric)
-            tensor.copy_(torch.from_numpy(_dequantize(*quantized, b, block)))
+    names = [n for n in checkpoint.model.state_dict() if n.endswith(("proj.weight", "c_fc.weight"))]
+    assert len(names) == 6 * checkpoint.info.num_layers
+    for name in names + ["transformer.wte.weight"]:  # every weight MatMul and the table
+        assert isinstance(quantized[name], QuantizedTensor), name
+    if algorithm == "awq":  # the scales went into ln_1/ln_2 (and the value rows)
+        assert not np.array_equal(quantized["transformer.h.0.ln_1.weight"],
+                                  checkpoint.model.transformer.h[0].ln_1.weight.detach().numpy())
+    model = _with_stored_weights(checkpoint.model, quantized)
     ids = np.random.default_rng(0).integers(0, checkpoint.info.vocab_size, size=40)
     feeds = {"input_ids": ids[None], "position_ids": np.arange(40)[None], "logits_positions": np.arange(40)}
     for layer in range(checkpoint.info.num_layers):
@@ -170,8 +213,8 @@ def test_default_block_size_fits_the_model(checkpoints, package, tmp_path):
     the default halves where needed, and the manifest records the blocks actually used."""
     manifest = export_package(str(checkpoints["window8"]), tmp_path / "q", quantize="int4", progress=False,
                               validate=False)
-    assert manifest.quantization.settings["block_size"] == [64, 128]
-    assert manifest.quantization.settings["zero_point"] == "symmetric"
+    assert manifest.quantization.settings.block_size == (64, 128)
+    assert manifest.quantization.settings.zero_point == "symmetric"
     # What the mixed blocks compute is the model at int4 precision: relative error measured 0.23
     # (symmetric, blocks of 64 and 128, random weights); a block layout read wrongly gives ~1.
     ids = np.random.default_rng(2).integers(0, 512, size=16)
@@ -198,3 +241,181 @@ def test_unpacked_quantized_package_warns_and_still_computes_the_same(quantized,
     got = unpacked.logits(ids)
     assert (got.argmax(-1) == packed.argmax(-1)).mean() >= 0.95
     assert _relative_error(got, packed) <= 0.04
+
+
+# -- data-aware quantization -------------------------------------------------------------------------
+
+def _inputs_and_weight(seed=0, tokens=4096, width=256, out=96):
+    """Correlated inputs with a few high-energy channels (as a LayerNorm's outputs have) and a weight."""
+    rng = np.random.default_rng(seed)
+    mixing = np.eye(width) + 0.2 * rng.standard_normal((width, width)) / np.sqrt(width)
+    x = (rng.standard_normal((tokens, width)) * np.exp(rng.standard_normal(width))) @ mixing
+    return x.astype(np.float32), rng.standard_normal((out, width)).astype(np.float32)
+
+
+def _output_error(x, weight, quantized):
+    return float(np.square(x @ (weight - _dequantize(quantized)).T).mean())
+
+
+@pytest.mark.parametrize("bits,symmetric,act_order", [(4, True, False), (4, False, False), (4, True, True),
+                                                      (8, False, False)])
+def test_gptq_reduces_the_output_error_of_round_to_nearest(bits, symmetric, act_order):
+    x, weight = _inputs_and_weight()
+    hessian = x.astype(np.float64).T @ x / len(x)
+    rtn = quantize_blockwise(weight, bits, 32, symmetric=symmetric)
+    gptq = gptq_quantize(weight, hessian, bits, 32, symmetric=symmetric, act_order=act_order)
+    # The same layout as round-to-nearest: MatMulNBits reads it unchanged.
+    assert gptq.packed.shape == rtn.packed.shape and gptq.scales.shape == rtn.scales.shape
+    assert (gptq.zero_points is None) == symmetric
+    # Measured 0.26-0.40x on these inputs. GPTQ that spread no error (H's diagonal only, which
+    # leaves just the weighted clipping) measured 0.69-1.0x.
+    assert _output_error(x, weight, gptq) < 0.5 * _output_error(x, weight, rtn)
+
+
+def test_gptq_with_independent_inputs_is_round_to_nearest():
+    """With H = I no column's error has anywhere to go: GPTQ must then give round-to-nearest's
+    codes and scales exactly (its grid and packing are the same as blockwise.py's)."""
+    _, weight = _inputs_and_weight()
+    for symmetric in (True, False):
+        rtn = quantize_blockwise(weight, 4, 32, symmetric=symmetric)
+        gptq = gptq_quantize(weight, np.eye(weight.shape[1]), 4, 32, symmetric=symmetric, weighted_clip=False)
+        np.testing.assert_array_equal(gptq.packed, rtn.packed)
+        np.testing.assert_array_equal(gptq.scales, rtn.scales)
+        if not symmetric:
+            np.testing.assert_array_equal(gptq.zero_points, rtn.zero_points)
+
+
+def test_awq_scales_lower_the_output_error_where_activations_are_uneven():
+    x, weight = _inputs_and_weight(seed=1)
+    hessian = x.astype(np.float64).T @ x / len(x)
+    scales = search_scales(weight, hessian, np.abs(x).mean(0), 4, 32, symmetric=True)
+    scaled = quantize_scaled(weight, scales, np.square(x).mean(0), 4, 32, symmetric=True)
+    restored = _dequantize(scaled) / scales  # what the layer computes once the inputs are divided
+    error = float(np.square(x @ (weight - restored).T).mean())
+    assert error < 0.8 * _output_error(x, weight, quantize_blockwise(weight, 4, 32, symmetric=True))
+
+
+def _recording_quantizer(records, input_scales=None):
+    """A group quantizer that keeps each group's inputs and quantizes at 8 bits, optionally times
+    fixed input scales (AWQ's transformation with scales of the test's choosing)."""
+    def quantize(group, layer, weights, x, foldable):
+        records[(group, layer)] = x.clone()
+        scales = input_scales(weights[0].shape[1]) if input_scales is not None and foldable else None
+        return GroupResult([quantize_blockwise(w * (1 if scales is None else scales), 8, 16, symmetric=False)
+                            for w in weights], scales)
+    return quantize
+
+
+def _group_inputs(model, ids):
+    """Each weight group's inputs in transformers, by (group, layer)."""
+    found, hooks = {}, []
+    for index, block in enumerate(model.transformer.h):
+        for group, module in (("qkv", block.attn.attention.q_proj), ("out_proj", block.attn.attention.out_proj),
+                              ("c_fc", block.mlp.c_fc), ("c_proj", block.mlp.c_proj)):
+            hooks.append(module.register_forward_pre_hook(
+                lambda _m, inputs, key=(group, index): found.__setitem__(key, inputs[0].detach().clone())))
+    with torch.no_grad():
+        out = model(torch.from_numpy(ids), output_hidden_states=True)
+    for hook in hooks:
+        hook.remove()
+    found[("lm_head", -1)] = out.hidden_states[-1]  # after ln_f
+    return found
+
+
+def test_calibration_pass_feeds_each_group_what_the_quantized_model_computes(checkpoints):
+    """Sequential order: every group is quantized from the inputs that the already-quantized
+    groups produce. Running transformers with the pass's weights must show each group the same
+    inputs. (The token lookup is the one exception: the table is quantized last, from the lm_head's
+    inputs, so the pass looks tokens up in the fp32 table.)"""
+    checkpoint = load_checkpoint(str(checkpoints["window4"]))  # starts with a local layer, window 4
+    ids = _calibration(checkpoint, sequences=3, length=40).ids
+    records = {}
+    result = run_layers(checkpoint.model, ids, _recording_quantizer(records))
+    assert len(records) == 4 * checkpoint.info.num_layers + 1
+    layers = {name: tensor for name, tensor in result.updates.items() if name != "transformer.wte.weight"}
+    model = _with_stored_weights(checkpoint.model, checkpoint.weights().replaced(layers))
+    expected = _group_inputs(model, ids)
+    for key, x in records.items():
+        np.testing.assert_allclose(x.numpy(), expected[key].reshape(x.shape).numpy(), atol=2e-5, err_msg=str(key))
+
+
+def test_folded_input_scales_are_exact():
+    """AWQ's transformation in fp32: the weights of q/k/v, out_proj and c_fc times per-input
+    scales, ln_1/ln_2 and the value rows divided by them. The model with the stored (folded)
+    weights computes what the model with the effective weights (stored / scales) computes.
+    On the trained model: its LayerNorms have biases to fold."""
+    from neoedge.export.tiny import trained_checkpoint
+
+    source = str(trained_checkpoint())
+    checkpoint = load_checkpoint(source)
+    ids = _calibration(checkpoint, sequences=2, length=48).ids
+    rng = np.random.default_rng(3)
+    chosen = []
+
+    def input_scales(width):
+        chosen.append(np.exp(rng.uniform(-1.5, 1.5, width)).astype(np.float32))
+        return chosen[-1]
+
+    result = run_layers(checkpoint.model, ids, _recording_quantizer({}, input_scales))
+    stored = checkpoint.weights().replaced(result.updates)
+    for norm in ("ln_1", "ln_2"):
+        for part in ("weight", "bias"):
+            name = f"transformer.h.1.{norm}.{part}"
+            assert not np.allclose(stored[name], checkpoint.weights()[name], rtol=0.1), name
+    folded = _with_stored_weights(load_checkpoint(source).model, stored)
+    # The effective model: original LayerNorms, each weight dequantized and divided by its scales.
+    effective = load_checkpoint(source).model
+    state = effective.state_dict()
+    scales = iter(chosen)
+    for layer in range(checkpoint.info.num_layers):
+        p = f"transformer.h.{layer}"
+        s_qkv, s_out, s_fc = next(scales), next(scales), next(scales)
+        for name, s in ((f"{p}.attn.attention.q_proj.weight", s_qkv), (f"{p}.attn.attention.k_proj.weight", s_qkv),
+                        (f"{p}.attn.attention.v_proj.weight", s_qkv), (f"{p}.attn.attention.out_proj.weight", s_out),
+                        (f"{p}.mlp.c_fc.weight", s_fc), (f"{p}.mlp.c_proj.weight", None)):
+            w = _dequantize(stored[name])
+            if name.endswith("v_proj.weight"):  # its rows carry out_proj's scales
+                w = w * s_out[:, None]
+            state[name].copy_(torch.from_numpy(w / (1 if s is None else s)))
+    state["transformer.wte.weight"].copy_(torch.from_numpy(_dequantize(stored["transformer.wte.weight"])))
+    with torch.no_grad():
+        a = folded(torch.from_numpy(ids)).logits.numpy()
+        b = effective(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(a - b).max() < 1e-4 * max(1.0, np.abs(b).max())
+
+
+def test_calibration_pass_kv_maxima_are_the_models(checkpoints):
+    checkpoint = load_checkpoint(str(checkpoints["window8"]))
+    ids = _calibration(checkpoint, sequences=2, length=48).ids
+    peaks, hooks = {}, []
+    for index, block in enumerate(checkpoint.model.transformer.h):
+        for kind in ("k", "v"):
+            hooks.append(getattr(block.attn.attention, f"{kind}_proj").register_forward_hook(
+                lambda _m, _i, out, key=(index, kind): peaks.__setitem__(key, out.detach().abs().amax((0, 1)).numpy())))
+    with torch.no_grad():
+        checkpoint.model(torch.from_numpy(ids))
+    result = run_layers(checkpoint.model, ids)
+    for index, (key_max, value_max) in enumerate(result.kv_maxima):
+        np.testing.assert_allclose(key_max, peaks[(index, "k")], rtol=1e-5)
+        np.testing.assert_allclose(value_max, peaks[(index, "v")], rtol=1e-5)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(unknown=1), "unknown key"), (dict(algorithm="magic"), "algorithm must be one of"),
+    (dict(damping=2.0), "damping must be in"), (dict(block_size=[64, 100]), "powers of two"),
+    (dict(calibration=None), "no calibration is recorded"), (dict(bits=8), "does not match the scheme"),
+])
+def test_quantization_settings_are_strictly_typed(quantized, change, message):
+    """The method and its settings are part of the sealed, typed manifest: what the runtime reads
+    back is what the export wrote, and anything else is refused naming the field."""
+    from neoedge.errors import ManifestError
+    from neoedge.manifest import Manifest, seal
+
+    raw = (quantized["int4"] / "neoedge.json").read_bytes()
+    manifest = Manifest.from_json(raw)
+    assert manifest.quantization.settings.algorithm == "gptq" and manifest.quantization.settings.calibration
+    assert Manifest.from_dict(manifest.to_dict()) == manifest
+    data = json.loads(raw)
+    data["quantization"]["settings"].update(change)
+    with pytest.raises(ManifestError, match=message):
+        Manifest.from_json(seal(data))

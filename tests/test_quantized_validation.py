@@ -4,30 +4,33 @@ refused and nothing is written. Deliberately broken graphs prove the bounds catc
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from neoedge import Manifest
 from neoedge.errors import ExportError
-from neoedge.export import calibrate, export_package, pipeline, quantize
+from neoedge.export import calibrate, export_package, quantize, weight_quantization
 from neoedge.export.tiny import trained_checkpoint
 from neoedge.export.validate import QUALITY_BOUNDS
 from neoedge.manifest import ValidationReport
 
 
 def _scramble_scales_of(monkeypatch, shape_of):
-    """Permute the block scales of the first weight whose [out, in] shape is shape_of(weight)."""
-    original = quantize.quantize_blockwise
+    """Permute the block scales of the first weight stored whose [out, in] shape is shape_of(weight)
+    (as the graph stores it, whichever algorithm chose the codes)."""
+    original = quantize.WeightStorage._initializers
     done = []
 
-    def scrambled(weight, bits, block_size, **kwargs):
-        packed, scales, zero_points = original(weight, bits, block_size, **kwargs)
+    def scrambled(g, prefix, weight):
         if not done and shape_of(weight):
             done.append(weight.shape)
-            scales = np.random.default_rng(0).permutation(scales.ravel()).reshape(scales.shape)
-        return packed, scales, zero_points
-    monkeypatch.setattr(quantize, "quantize_blockwise", scrambled)
+            scales = np.random.default_rng(0).permutation(weight.scales.ravel()).reshape(weight.scales.shape)
+            weight = replace(weight, scales=scales)
+        return original(g, prefix, weight)
+    monkeypatch.setattr(quantize.WeightStorage, "_initializers", staticmethod(scrambled))
     return done
 
 
@@ -58,7 +61,7 @@ def test_a_broken_kv_cache_is_caught_by_the_decode_steps(tmp_path, monkeypatch):
     """Cache scales 16x too small clip the cached keys and values: only cached decoding reads them
     (the prefill attends to the fresh values), so only the step-wise figures show it."""
     original = calibrate.kv_cache_scales
-    monkeypatch.setattr(pipeline, "kv_cache_scales",
+    monkeypatch.setattr(weight_quantization, "kv_cache_scales",
                         lambda *a, **k: [(k_ / 16, v / 16) for k_, v in original(*a, **k)])
     with pytest.raises(ExportError, match="validation failed: mean KL"):
         export_package(str(trained_checkpoint()), tmp_path / "out", kv_cache="int8", progress=False)

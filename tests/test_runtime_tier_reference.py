@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from neoedge import Model
-from neoedge.export.quantize import DEFAULT_SYMMETRIC, make_quantizer, quantize_blockwise
+from neoedge.export.blockwise import quantize_blockwise
+from neoedge.export.scheme import DEFAULT_BLOCK_SIZE, DEFAULT_SYMMETRIC
 from neoedge.export.reference import exact_logits
 
 sys.path.insert(0, str(Path(__file__).parent / "runtime_tier"))
@@ -52,14 +53,15 @@ def _transformers_model(spec: Spec, arrays: dict[str, np.ndarray]):
 
 def _dequantized(weight: np.ndarray, block: int) -> np.ndarray:
     """What MatMulNBits computes with: (q - zero point) * scale, blocks along the input axis."""
-    packed, scales, zeros = quantize_blockwise(weight, 4, block, symmetric=True)
+    q = quantize_blockwise(weight, 4, block, symmetric=True)
+    packed, scales, zeros = q.packed, q.scales, q.zero_points
     assert zeros is None
     q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:2], -1).astype(np.float64)
     return ((q - 8) * scales[..., None]).reshape(weight.shape).astype(np.float32)
 
 
 def _int4_weights(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    assert DEFAULT_SYMMETRIC["int4"] and make_quantizer("int4").block_size == 128
+    assert DEFAULT_SYMMETRIC["int4"] and DEFAULT_BLOCK_SIZE["int4"] == 128
     out = dict(arrays)
     for name, weight in arrays.items():
         if name == "transformer.wte.weight" or (weight.ndim == 2 and ".h." in name):

@@ -21,6 +21,12 @@ from .common import export_module, friendly_errors
 @click.option("--symmetric/--asymmetric", default=None,
               help="Zero points per block (asymmetric) or none (symmetric, faster kernels); "
                    "default: int8 asymmetric, int4 symmetric.")
+@click.option("--algorithm", type=click.Choice(["rtn", "weighted-clip", "awq", "gptq"]),
+              help="How int8/int4 weights are rounded: rtn (round-to-nearest, no calibration) or data-aware "
+                   "from calibration text (weighted-clip, awq, gptq); default: gptq.")
+@click.option("--calibration", type=click.Path(path_type=Path, dir_okay=False),
+              help="UTF-8 text for data-aware quantization and the int8 KV cache's scales "
+                   "(default: the corpus that ships with neoedge).")
 @click.option("--attention", type=click.Choice(["auto", "gqa", "plain"]), default="auto", show_default=True,
               help="gqa: fused attention, in-place KV cache (fast); plain: standard ONNX ops; "
                    "auto: gqa where it can take the model's head size (a multiple of 8), else plain.")
@@ -31,7 +37,8 @@ from .common import export_module, friendly_errors
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against transformers.")
 @friendly_errors
 def export(source: str, output: Path, quantize: str, block_size: int | None, lm_head_bits: str | None,
-           symmetric: bool | None, attention: str, kv_cache: str, force: bool, no_validate: bool) -> None:
+           symmetric: bool | None, algorithm: str | None, calibration: Path | None, attention: str, kv_cache: str,
+           force: bool, no_validate: bool) -> None:
     """Export SOURCE (a hub id such as EleutherAI/gpt-neo-125m, or a checkpoint directory) to a
     model package at OUTPUT."""
     export = export_module()
@@ -39,7 +46,8 @@ def export(source: str, output: Path, quantize: str, block_size: int | None, lm_
         manifest = export.export_package(
             source, output, quantize=quantize, attention=attention, kv_cache=kv_cache, force=force,
             validate=not no_validate,
-            block_size=block_size, lm_head_bits=int(lm_head_bits) if lm_head_bits else None, symmetric=symmetric)
+            block_size=block_size, lm_head_bits=int(lm_head_bits) if lm_head_bits else None, symmetric=symmetric,
+            algorithm=algorithm, calibration=calibration)
     except export.OutputExistsError as exc:
         raise click.ClickException(f"{exc.output} already holds a neoedge package; add --force to replace it") from exc
     if manifest.validation is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -14,17 +13,9 @@ from .common import Emitter, friendly_errors, megabytes, output_options
 
 def describe_quantization(manifest: Manifest) -> str:
     q = manifest.quantization
-    if q.scheme == "none":
+    if q.scheme == "none" or q.settings is None:
         return "fp32 (not quantized)"
-    settings: dict[str, Any] = dict(q.settings)
-    parts = [q.scheme]
-    order = ("method", "block_size", "zero_point", "lm_head_bits", "accuracy_level", "embedding")
-    for key in order + tuple(k for k in settings if k not in order and k != "bits"):
-        if key in settings:
-            value = settings[key]
-            label = key.replace("_", " ")
-            parts.append(f"{label} {'/'.join(map(str, value)) if isinstance(value, list) else value}")
-    return ", ".join(parts)
+    return f"{q.scheme}, {q.settings.describe()}, accuracy level {q.settings.accuracy_level}, {q.settings.embedding}"
 
 
 def describe_generation(manifest: Manifest) -> str:

@@ -116,21 +116,29 @@ def build_package(name: str, spec: Spec, directory: Path, tokenizer: str) -> Non
     import onnx
 
     from neoedge import __version__
-    from neoedge.export.graph import ExternalWeights, Weights, build_decoder
-    from neoedge.export.quantize import make_quantizer
+    from neoedge.export.graph import build_decoder
+    from neoedge.export.quantize import WeightStorage
+    from neoedge.export.scheme import make_scheme
+    from neoedge.export.weight_quantization import quantize_weights
+    from neoedge.export.weights import Weights
+    from neoedge.export.weights_file import ExternalWeights
     from neoedge.manifest import GraphInfo, Manifest, Quantization, file_entries
 
     directory.mkdir(parents=True)
     info = model_info(spec, f"runtime-tier/{name} (seeded numpy weights, seed {spec.seed})")
     graph_info = GraphInfo(file="model.onnx", attention=spec.attention, kv_cache="float32")
-    quantizer = make_quantizer(spec.quantize)
+    # Round-to-nearest: the data-aware algorithms calibrate through transformers, which this tier
+    # never imports.
+    scheme = make_scheme(spec.quantize, algorithm=None if spec.quantize == "none" else "rtn")
+    quantized = quantize_weights(Weights(make_weights(spec)), scheme, info.num_layers)
+    storage = WeightStorage(scheme.accuracy_level) if scheme is not None else WeightStorage()
     with ExternalWeights(directory / "model.onnx.data") as weights_file:
-        graph = build_decoder(info, Weights(make_weights(spec)), graph_info, quantizer,
+        graph = build_decoder(info, quantized.weights, graph_info, storage,
                               layer_norm_eps=LAYER_NORM_EPS, weights_file=weights_file)
     onnx.save_model(graph, str(directory / "model.onnx"))
     (directory / "tokenizer.json").write_text(tokenizer, encoding="utf-8")
     Manifest(model=info, graph=graph_info,
-             quantization=Quantization(scheme=quantizer.scheme, settings=quantizer.settings()),
+             quantization=Quantization(scheme=spec.quantize, settings=quantized.settings),
              files=file_entries(directory), generation={"max_new_tokens": 32},
              created_by=f"neoedge {__version__} (tests/runtime_tier/build_packages.py)").write(directory)
 

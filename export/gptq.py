@@ -1,0 +1,165 @@
+"""GPTQ (Frantar et al., 2022) for MatMulNBits' block-wise layout.
+
+Round-to-nearest quantizes each weight on its own. GPTQ quantizes a weight matrix one input column
+at a time and spreads each column's rounding error over the columns not yet quantized, in the
+proportions that minimise the error of the layer's output on the calibration inputs,
+||X W^T - X Q^T||^2, through the inverse of H = X^T X (the "Hessian"). Each block's scale (and zero
+point) is chosen when the quantization reaches the block's first column, from the weights as the
+earlier columns' errors left them, so the result is exactly MatMulNBits' layout: the same blocks,
+the same per-block scales, codes anywhere in the grid.
+
+With `act_order`, columns go in order of decreasing H diagonal (the inputs with the most energy
+first, while the most columns are left to absorb their errors); the block scales are then fixed
+up front from the original weights ("static groups"), which keeps the layout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .blockwise import QuantizedTensor, check_block, fit_grid, pack
+
+
+def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int, *, symmetric: bool,
+                  damping: float = 0.01, act_order: bool = False, weighted_clip: bool = True) -> QuantizedTensor:
+    """Quantize `weight` [out, in] for inputs whose second moment is `hessian` ([in, in], the mean
+    of x x^T over the calibration tokens).
+
+    `damping` (a fraction of the mean diagonal, added to it) keeps H invertible and limits how far
+    the calibration inputs can pull the weights. `weighted_clip` chooses each block's clipping by
+    its error weighted by H's diagonal (the inputs' energy) instead of the plain squared error.
+    """
+    out_features, in_features = weight.shape
+    check_block(in_features, block)
+    h = np.array(hessian, dtype=np.float64)
+    diagonal = np.diagonal(h).copy()
+    # An input that never fired during calibration has no error to spread: treat it as independent.
+    dead = diagonal <= 0
+    mean_diagonal = float(diagonal[~dead].mean()) if (~dead).any() else 1.0
+    h[dead, dead] = mean_diagonal
+    h[np.diag_indices(in_features)] += damping * mean_diagonal
+    importance = np.diagonal(h).astype(np.float32)
+
+    order = np.argsort(-np.diagonal(h), kind="stable") if act_order else np.arange(in_features)
+    blocks_per_row = in_features // block
+    if act_order:
+        # Static groups: every block's grid from the original weights, before any error is spread.
+        scales, zeros = fit_grid(weight.astype(np.float32).reshape(out_features, blocks_per_row, block), bits,
+                                 symmetric=symmetric,
+                                 importance=importance.reshape(blocks_per_row, block) if weighted_clip else None)
+        h = h[order][:, order]
+    else:
+        scales = np.zeros((out_features, blocks_per_row), np.float32)
+        zeros = np.zeros((out_features, blocks_per_row), np.uint8)
+    u = _inverse_cholesky(h, mean_diagonal)
+    del h
+
+    codes = np.empty((out_features, in_features), np.uint8)
+    # Rows are independent given H: a few thousand at a time keep the working set in cache (the
+    # tied table has 50,257 of them).
+    for first in range(0, out_features, ROWS):
+        rows = slice(first, min(first + ROWS, out_features))
+        codes[rows] = _quantize_rows(weight[rows], u, order, scales[rows], zeros[rows], importance, bits, block,
+                                     symmetric=symmetric, act_order=act_order, weighted_clip=weighted_clip)
+    return pack(codes, scales, None if symmetric else zeros, bits, block)
+
+
+ROWS = 2048
+
+
+def _quantize_rows(weight: np.ndarray, u: np.ndarray, order: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
+                   importance: np.ndarray, bits: int, block: int, *, symmetric: bool, act_order: bool,
+                   weighted_clip: bool) -> np.ndarray:
+    """GPTQ's column loop over some rows; fills their `scales`/`zeros` (unless act_order, where they
+    are given) and returns their codes [rows, in]."""
+    qmax = (1 << bits) - 1
+    in_features = weight.shape[1]
+    # Transposed, so that a column of the weight is a contiguous row here.
+    w = np.ascontiguousarray(weight.T[order], dtype=np.float32)  # [in, rows]
+    codes = np.empty(w.shape, np.uint8)
+    # Lazy batches of columns (Frantar et al.'s trick): errors within a batch are spread column by
+    # column, onto the rest of the matrix once per batch, as one matrix product.
+    batch = block * max(1, 128 // block)
+    for start in range(0, in_features, batch):
+        stop = min(start + batch, in_features)
+        w1 = w[start:stop]
+        errors = np.empty_like(w1)
+        u1 = u[start:stop, start:stop]
+        for i in range(stop - start):
+            column = start + i
+            if act_order:
+                g = order[column] // block
+                s, z = scales[:, g], zeros[:, g].astype(np.float32)
+            elif column % block == 0:
+                # This block's grid, from its weights as the earlier blocks' errors left them.
+                g = column // block
+                s_, z_ = fit_grid(w1[i:i + block].T[:, None, :], bits, symmetric=symmetric,
+                                  importance=importance[column:column + block] if weighted_clip else None)
+                scales[:, g], zeros[:, g] = s_[:, 0], z_[:, 0]
+                s, z = s_[:, 0], z_[:, 0].astype(np.float32)
+            x = w1[i]
+            q = np.clip(np.round(x / s) + z, 0, qmax)
+            codes[column] = q
+            error = (x - (q - z) * s) / u1[i, i]
+            w1[i + 1:] -= np.multiply.outer(u1[i, i + 1:], error)
+            errors[i] = error
+        w[stop:] -= u[start:stop, stop:].T @ errors
+    unpermuted = np.empty_like(codes)
+    unpermuted[order] = codes
+    return unpermuted.T
+
+
+def _inverse_cholesky(h: np.ndarray, mean_diagonal: float) -> np.ndarray:
+    """float32 upper Cholesky factor U of h^-1 (h^-1 = U^T U): row i holds how column i's error is
+    spread over the later columns. More damping if rounding left h not quite positive definite.
+
+    One factorization and one triangular solve: with J the order reversal and J h J = L L^T,
+    h = (J L J)(J L J)^T with J L J upper triangular, so U = (J L J)^-1 = J L^-1 J."""
+    import torch
+
+    reverse = np.arange(h.shape[0])[::-1]
+    for attempt in range(6):
+        try:
+            lower = torch.linalg.cholesky(torch.from_numpy(np.ascontiguousarray(h[reverse][:, reverse], np.float32)))
+            inverse = torch.linalg.solve_triangular(lower, torch.eye(h.shape[0]), upper=False).numpy()
+            return np.ascontiguousarray(inverse[reverse][:, reverse])
+        except torch.linalg.LinAlgError:
+            h = h + np.eye(h.shape[0]) * (mean_diagonal * 10.0 ** (attempt - 3))
+    raise ValueError("GPTQ: the calibration inputs' second moment is not positive definite even with damping")
+
+
+def refine_codes(quantized: QuantizedTensor, weight: np.ndarray, hessian: np.ndarray, sweeps: int = 2) -> QuantizedTensor:
+    """Greedy coordinate descent on GPTQ's result: for each input column in turn, move a row's code
+    one step up or down where that lowers the row's output error (w - w')^T H (w - w'). GPTQ
+    decides each column once, with only the columns after it left to compensate; a sweep lets the
+    later columns' decisions correct the earlier ones. Never increases the error."""
+    out_features, in_features = quantized.shape
+    block, qmax = quantized.block, (1 << quantized.bits) - 1
+    h = np.asarray(hessian, np.float32)
+    codes = quantized.codes().astype(np.int16)
+    zeros = np.repeat(quantized.zero_point_values().astype(np.float32), block, axis=1)
+    scales = np.repeat(quantized.scales, block, axis=1)
+    for first in range(0, out_features, ROWS):
+        rows = slice(first, min(first + ROWS, out_features))
+        c, s = codes[rows], scales[rows]
+        error = np.asarray(weight[rows], np.float32) - (c - zeros[rows]) * s  # [rows, in]
+        gradient = error @ h  # H e, row by row
+        for _ in range(sweeps):
+            for j in range(in_features):
+                step = s[:, j]
+                # Lowering the error by moving w'_j by d*step: 2 d step (He)_j - step^2 H_jj.
+                up = 2 * step * gradient[:, j] - step * step * h[j, j]
+                down = -2 * step * gradient[:, j] - step * step * h[j, j]
+                up[c[:, j] >= qmax] = 0
+                down[c[:, j] <= 0] = 0
+                move = np.where((up > 0) & (up >= down), 1, np.where(down > 0, -1, 0)).astype(np.int16)
+                changed = np.nonzero(move)[0]
+                if changed.size == 0:
+                    continue
+                delta = move[changed] * step[changed]
+                c[changed, j] += move[changed]
+                error[changed, j] -= delta
+                gradient[changed] -= np.multiply.outer(delta, h[j])
+        codes[rows] = c
+    zero_points = None if quantized.symmetric else quantized.zero_point_values()
+    return pack(codes.astype(np.uint8), quantized.scales, zero_points, quantized.bits, block)
