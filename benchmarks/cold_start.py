@@ -32,12 +32,24 @@ ROOT = Path(__file__).resolve().parent.parent
 FIRST_TOKEN = """
 import sys, time
 start = time.perf_counter()
-from neoedge import Generator, GenerationOptions
-from neoedge.bench import random_prompt
+import json
+import numpy as np
+try:  # this checkout: the Model API
+    from neoedge import Model
+except ImportError:  # an earlier commit: the Generator API
+    Model = None
+    from neoedge import Generator, GenerationOptions
 imported = time.perf_counter()
-g = Generator(sys.argv[1], intra_threads=0)
-loaded = time.perf_counter()
-next(g.generate_tokens(random_prompt(g, 128, 0), GenerationOptions(max_new_tokens=1, stop_at_eos=False)))
+vocab = json.load(open(sys.argv[1] + "/neoedge.json"))["model"]["vocab_size"]
+ids = np.random.default_rng(0).integers(0, vocab, 128).tolist()
+if Model is not None:
+    m = Model(sys.argv[1])
+    loaded = time.perf_counter()
+    next(iter(m.sequence(tokens=ids).stream(max_new_tokens=1, stop_at_eos=False)))
+else:
+    g = Generator(sys.argv[1], intra_threads=0)
+    loaded = time.perf_counter()
+    next(g.generate_tokens(ids, GenerationOptions(max_new_tokens=1, stop_at_eos=False)))
 print("ready", imported - start, loaded - imported, time.perf_counter() - loaded, flush=True)
 """
 
