@@ -61,6 +61,17 @@ def _why_not(node: onnx.NodeProto, element_types: dict[str, int]) -> str | None:
     return None
 
 
+def sort_opsets(model: onnx.ModelProto) -> None:
+    """Only the opsets the graph's nodes use, in domain order. onnxruntime writes an optimized model
+    with an import for every domain registered in the process (a custom-op library loaded by an
+    earlier validation adds its own, at a version of its choosing) in the order of a hash map: the
+    package must be the same bytes whatever ran before."""
+    used = {node.domain for node in model.graph.node} | {""}
+    opsets = sorted((o for o in model.opset_import if o.domain in used), key=lambda o: o.domain)
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
+
+
 def write_kernel_graph(stock_graph_path: str | Path, out_path: str | Path) -> KernelGraphReport:
     """Writes the kernel graph of `stock_graph_path` to `out_path` (same directory: the external
     weights are referenced relative to the graph, and onnxruntime reads them only from beside it)."""
@@ -85,7 +96,11 @@ def write_kernel_graph(stock_graph_path: str | Path, out_path: str | Path) -> Ke
         node.domain = KERNEL_DOMAIN
         del node.input[4:]  # absent g_idx/bias: the kernel op declares four inputs
         converted += 1
-    if converted and not any(o.domain == KERNEL_DOMAIN for o in model.opset_import):
+    others = [o for o in model.opset_import if o.domain != KERNEL_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(others)
+    if converted:
         model.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, KERNEL_OPSET))
+    sort_opsets(model)
     onnx.save(model, str(out))
     return KernelGraphReport(out, converted, dict(kept))

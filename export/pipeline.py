@@ -20,7 +20,7 @@ from neoedge.manifest import GraphInfo, Manifest, ModelInfo, Quantization, Quant
 from .calibrate import DEFAULT_LENGTH, CalibrationText, calibration_batches, read_calibration
 from .destination import Staging, check_output, output_path, parent_directories, publish, remove_stale_staging
 from .graph import build_decoder
-from .kernel_graph import write_kernel_graph
+from .kernel_graph import sort_opsets, write_kernel_graph
 from .load import Checkpoint, load_checkpoint
 from .lock import output_lock
 from .quantize import WeightStorage
@@ -370,4 +370,5 @@ def _optimize_graph(path: Path) -> None:
         for entry in tensor.external_data:
             if entry.key == "location":
                 entry.value = WEIGHTS_FILE
+    sort_opsets(model)
     onnx.save_model(model, str(path))
