@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .kv_cache import lazy_zeros, local_chunk
-from .runner import GqaRunner, Runner, State, _run
+from .runner import GqaRunner, Runner, State, _run, bind_cache_rows, bind_gqa_inputs
 
 
 class RowPool(Protocol):
@@ -133,17 +133,11 @@ class GqaPool:
     def _bind(self, rows: slice, ids: np.ndarray, positions: np.ndarray, logits_positions: np.ndarray,
               seqlens: np.ndarray, total: np.ndarray, local_seqlens: np.ndarray, local_total: np.ndarray,
               logits: np.ndarray) -> ort.IOBinding:
-        g = self._graph
         binding = self._session.io_binding()
-        for name, array in ((g.input_ids, ids), (g.position_ids, positions), (g.logits_positions, logits_positions),
-                            (g.seqlens_k, seqlens), (g.total_sequence_length, total),
-                            (g.local_seqlens_k, local_seqlens), (g.local_total_sequence_length, local_total)):
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
-        binding.bind_ortvalue_output(g.logits, ort.OrtValue.ortvalue_from_numpy(logits))
-        for (past, present), array in zip(self._names, self._arrays):
-            value = ort.OrtValue.ortvalue_from_numpy(array[rows])
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
+        bind_gqa_inputs(binding, self._graph, ids, positions, logits_positions, seqlens, total, local_seqlens,
+                        local_total)
+        binding.bind_ortvalue_output(self._graph.logits, ort.OrtValue.ortvalue_from_numpy(logits))
+        bind_cache_rows(binding, self._names, self._arrays, rows)
         return binding
 
     # -- forward passes ---------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ import numpy as np
 import onnxruntime as ort
 
 from .events import ContinuationScore
-from .runner import GqaRunner, _run
+from .kv_cache import lazy_zeros
+from .runner import GqaRunner, _run, bind_cache_rows, bind_gqa_inputs
 from .scoring import log_softmax_at
 
 
@@ -38,25 +39,18 @@ class ContextBatch:
         self._session, self._graph = runner.session, graph
         self.rows, self.width, self.vocab = rows, width, model.vocab_size
         dtype = np.int8 if graph.kv_cache == "int8" else np.float32
-        # (rows, heads, positions, head_size) per layer, key then value; zeros map pages lazily.
-        self._arrays = [np.zeros((rows, model.num_heads, width, model.head_size), dtype)
+        # (rows, heads, positions, head_size) per layer, key then value; pages are taken only where written.
+        self._arrays = [lazy_zeros((rows, model.num_heads, width, model.head_size), dtype)
                         for _ in range(2 * model.num_layers)]
         self._names = [pair for layer in range(model.num_layers) for pair in graph.cache_pairs(layer)]
 
     def _bind(self, rows: slice, ids: np.ndarray, positions: np.ndarray, logits_positions: np.ndarray,
               seqlens: np.ndarray, total: np.ndarray, logits: np.ndarray) -> ort.IOBinding:
-        g = self._graph
         binding = self._session.io_binding()
         # Local layers see the same full-length rows as global ones: the same lengths for both.
-        for name, array in ((g.input_ids, ids), (g.position_ids, positions), (g.logits_positions, logits_positions),
-                            (g.seqlens_k, seqlens), (g.total_sequence_length, total),
-                            (g.local_seqlens_k, seqlens), (g.local_total_sequence_length, total)):
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
-        binding.bind_ortvalue_output(g.logits, ort.OrtValue.ortvalue_from_numpy(logits))
-        for (past, present), array in zip(self._names, self._arrays):
-            value = ort.OrtValue.ortvalue_from_numpy(array[rows])
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
+        bind_gqa_inputs(binding, self._graph, ids, positions, logits_positions, seqlens, total, seqlens, total)
+        binding.bind_ortvalue_output(self._graph.logits, ort.OrtValue.ortvalue_from_numpy(logits))
+        bind_cache_rows(binding, self._names, self._arrays, rows)
         return binding
 
     def score(self, contexts: Seq[Seq[int]], continuations: Seq[Seq[Seq[int]]],

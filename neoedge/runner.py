@@ -17,7 +17,7 @@ import onnxruntime as ort
 from .errors import PackageError
 from .session import ORT_ERRORS, run_error
 from .kv_cache import ConcatKVCache, InPlaceKVCache, local_chunk
-from .manifest import Manifest
+from .manifest import GraphInfo, Manifest
 
 
 class Terminated(Exception):
@@ -121,6 +121,28 @@ def _run(session: ort.InferenceSession, binding: ort.IOBinding, run_options: ort
         raise run_error(exc, what, where) from exc
 
 
+def bind_gqa_inputs(binding: ort.IOBinding, graph: GraphInfo, ids: np.ndarray, positions: np.ndarray,
+                    logits_positions: np.ndarray, seqlens: np.ndarray, total: np.ndarray,
+                    local_seqlens: np.ndarray, local_total: np.ndarray) -> None:
+    """The inputs of a GroupQueryAttention pass other than the cache, bound to the given arrays
+    (which must outlive the binding: onnxruntime reads them in place)."""
+    for name, array in ((graph.input_ids, ids), (graph.position_ids, positions),
+                        (graph.logits_positions, logits_positions), (graph.seqlens_k, seqlens),
+                        (graph.total_sequence_length, total), (graph.local_seqlens_k, local_seqlens),
+                        (graph.local_total_sequence_length, local_total)):
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+
+
+def bind_cache_rows(binding: ort.IOBinding, names: list[tuple[str, str]], arrays: list[np.ndarray],
+                    rows: slice) -> None:
+    """Rows `rows` of each (past, present) cache array as both input and output: the op updates
+    them in place."""
+    for (past, present), array in zip(names, arrays):
+        value = ort.OrtValue.ortvalue_from_numpy(array[rows])
+        binding.bind_ortvalue_input(past, value)
+        binding.bind_ortvalue_output(present, value)
+
+
 class GqaRunner:
     def __init__(self, session: ort.InferenceSession, manifest: Manifest, graph_path: str = "") -> None:
         self.session = session
@@ -144,11 +166,8 @@ class GqaRunner:
              logits: np.ndarray | None) -> ort.IOBinding:
         g = self.graph
         binding = self.session.io_binding()
-        for name, array in ((g.input_ids, ids), (g.position_ids, positions),
-                            (g.logits_positions, logits_positions), (g.seqlens_k, state.seqlens_k),
-                            (g.total_sequence_length, state.total), (g.local_seqlens_k, state.local_seqlens_k),
-                            (g.local_total_sequence_length, state.local_total)):
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        bind_gqa_inputs(binding, g, ids, positions, logits_positions, state.seqlens_k, state.total,
+                        state.local_seqlens_k, state.local_total)
         if logits is None:
             binding.bind_output(g.logits, "cpu")
         else:
