@@ -77,14 +77,14 @@ def create_session(model_path: str | os.PathLike[str], settings: SessionSettings
     if settings.kernels == "off":
         kernel_info = kernels.KernelInfo(False, kernels.STOCK, "SessionSettings(kernels='off')")
     elif kernel_graph is not None:
-        kernel_info = kernels.register(options)
-        if kernel_info.available and kernel_info.preferred:
-            return LoadedGraph(_session(kernel_graph, options, settings), Path(kernel_graph), kernel_info)
-        if kernel_info.available:
-            # Registered but not preferred: the stock graph runs; a fresh options object keeps the
-            # library out of this session.
-            options = _options(settings)
-            kernel_info = kernels.KernelInfo(False, kernels.STOCK, kernel_info.reason, kernel_info.library)
+        found = kernels.info()
+        if found.available and not found.preferred:
+            # Built, but not faster than stock on this CPU: the stock graph runs, the library stays unloaded.
+            kernel_info = kernels.KernelInfo(False, kernels.STOCK, found.reason, found.library)
+        else:
+            kernel_info = kernels.register(options)  # says once why, if the kernels cannot run here
+            if kernel_info.available:
+                return LoadedGraph(_session(kernel_graph, options, settings), Path(kernel_graph), kernel_info)
     return LoadedGraph(_session(model_path, options, settings), Path(model_path), kernel_info)
 
 
