@@ -54,6 +54,14 @@ print("ready", imported - start, loaded - imported, time.perf_counter() - loaded
 """
 
 
+def unpack_commit(commit: str, out: Path) -> Path:
+    """The source tree of `commit` of this repository, unpacked into `out` (git archive)."""
+    out.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    return out
+
+
 def baseline_package(package: Path, out: Path) -> Path:
     """`package` with its manifest in format 1 (what commits before format 2 read)."""
     out.mkdir()
@@ -93,10 +101,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="neoedge-cold-") as work:
         work = Path(work)
-        code = work / "baseline-code"
-        code.mkdir()
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline], capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", str(code)], input=archive.stdout, check=True)
+        code = unpack_commit(args.baseline, work / "baseline-code")
         # Both trees byte-compiled, as an installed package is (an editable checkout with
         # PYTHONDONTWRITEBYTECODE set would compile every module on every start instead).
         for tree in (code / "neoedge", ROOT / "neoedge"):

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from cold_start import baseline_package  # noqa: E402
+from cold_start import baseline_package, unpack_commit  # noqa: E402
 
 OLD = """
 import sys, time, numpy as np
@@ -81,10 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="neoedge-paired-") as work:
         work = Path(work)
-        code = work / "baseline-code"
-        code.mkdir()
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline], capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", str(code)], input=archive.stdout, check=True)
+        code = unpack_commit(args.baseline, work / "baseline-code")
         old_package = baseline_package(args.package.resolve(), work / "baseline-package")
         package = str(args.package.resolve())
         variants = {
