@@ -116,14 +116,15 @@ def time_calls(sessions: dict[str, ort.InferenceSession], a: np.ndarray, budget_
 
 def bench_ops(shapes: list[tuple[int, int]], rows: list[int], bits_list: list[int], paths: list[str], threads: int,
               budget_s: float, statistic: str) -> list[dict]:
-    from neoedge.export.quantize import quantize_blockwise
+    from neoedge.export.blockwise import quantize_blockwise
 
     rng = np.random.default_rng(0)
     results = []
     for bits in bits_list:
         for k, n in shapes:
-            weights = quantize_blockwise(rng.standard_normal((n, k)).astype(np.float32) * 0.02, bits, 128,
-                                         symmetric=bits == 4)
+            q = quantize_blockwise(rng.standard_normal((n, k)).astype(np.float32) * 0.02, bits, 128,
+                                   symmetric=bits == 4)
+            weights = (q.packed, q.scales, q.zero_points)
             weight_bytes = weights[0].nbytes + weights[1].nbytes + (0 if weights[2] is None else weights[2].nbytes)
             sessions = {"stock": op_session(one_node(k, n, bits, "com.microsoft", weights), threads, None)}
             model = one_node(k, n, bits, kernels.DOMAIN, weights)

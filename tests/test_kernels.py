@@ -248,6 +248,28 @@ def test_single_thread_and_pool_agree(library):
     np.testing.assert_array_equal(one, two)  # each output is computed by one task, in one order
 
 
+@pytest.mark.parametrize("path", [p for p in PATHS if p in ("avx512vnni", "amx")] or ["none"])
+@pytest.mark.parametrize("m, bits, block, symmetric", [(4, 4, 128, True), (8, 4, 256, False), (16, 8, 128, False),
+                                                       (11, 8, 64, True)])
+def test_batched_decode_rows_switch_paths_and_both_match_the_reference(path, m, bits, block, symmetric, library,
+                                                                       monkeypatch):
+    """4-16 rows (a batch of decoding sequences) run the batched GEMV, or with NEOEDGE_KERNELS_BATCHED=0
+    the one-row GEMV in passes: both equal the reference, and they are different code (not equal bits)."""
+    if path == "none":
+        pytest.skip("no AVX-512 VNNI path on this CPU")
+    monkeypatch.setenv(kernels.ISA_VARIABLE, path)
+    rng = np.random.default_rng(m)
+    a, packed, scales, zero_points = problem(rng, m, 4 * block, 50, bits, block, symmetric)
+    expected, bound = reference(a, packed, scales, zero_points, bits, block, 50)
+    model = one_node(4 * block, 50, bits, block, packed, scales, zero_points, kernels.DOMAIN)
+    outputs = {}
+    for batched in ("1", "0"):
+        monkeypatch.setenv("NEOEDGE_KERNELS_BATCHED", batched)  # read when the session creates the kernel
+        outputs[batched] = session(model, library).run(None, {"A": a})[0]
+        assert within(outputs[batched], expected, bound) <= TOLERANCE, batched
+    assert not np.array_equal(outputs["1"], outputs["0"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors: refused at session creation or at run, with what and where
 

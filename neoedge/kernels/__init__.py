@@ -12,6 +12,8 @@ Environment:
 - NEOEDGE_KERNELS=0: never use the kernels (stock onnxruntime only).
 - NEOEDGE_KERNELS_ISA=<path>: force a narrower path (for tests and comparisons); a path this CPU
   cannot run is refused.
+- NEOEDGE_KERNELS_BATCHED=0: 4-16 rows (batched decode) run the one-row GEMV in passes instead of
+  the batched GEMV (for comparisons; read when a session creates its kernels).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@
 // which are quantized once per call in k order. vpdpbusd takes a vector of staged weights as the
 // unsigned operand and broadcasts 4 bytes of an activation row; block scales are applied per k-block
 // in fp32 into a contiguous tile of accumulators, copied to Y once.
-#include "x86.h"
+#include "avx512_blocks.h"
 
 #if NEO_X86
 
@@ -26,42 +26,6 @@ namespace neoedge {
 namespace x86 {
 
 namespace {
-
-template <typename T>
-T* grow(std::vector<T>& buffer, size_t count) {
-  // Scratch buffers only grow, so a steady stream of calls allocates nothing; 64 bytes of slack
-  // make every 64-byte vector load of the end in bounds.
-  if (buffer.size() < count + 64 / sizeof(T)) buffer.resize(count + 64 / sizeof(T));
-  return buffer.data();
-}
-
-int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
-
-// ---------------------------------------------------------------------------------------------
-// Activation quantization (MLAS CompInt8 semantics, see qgemm.h)
-
-struct QuantizedBlock {
-  float scale;
-  int32_t sum;
-};
-
-// Quantizes `len` (a multiple of 16) floats into out[0, len).
-NEO_AVX512 NEO_INLINE QuantizedBlock quantize_block_avx512(const float* a, int len, int8_t* out) {
-  const __m512 sign = _mm512_set1_ps(-0.0f);
-  __m512 amax = _mm512_setzero_ps();
-  for (int i = 0; i < len; i += 16) amax = _mm512_max_ps(amax, _mm512_andnot_ps(sign, _mm512_loadu_ps(a + i)));
-  const float max = _mm512_reduce_max_ps(amax);
-  const float scale = max / 127.f;
-  const __m512 inverse = _mm512_set1_ps(max != 0.f ? 127.f / max : 0.f);
-  __m512i sum = _mm512_setzero_si512();
-  for (int i = 0; i < len; i += 16) {
-    // cvtps2dq rounds half to even (the default MXCSR mode), as MLAS does.
-    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(a + i), inverse));
-    sum = _mm512_add_epi32(sum, q);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtsepi32_epi8(q));
-  }
-  return {scale, _mm512_reduce_add_epi32(sum)};
-}
 
 // ---------------------------------------------------------------------------------------------
 // GEMV: M small
@@ -371,31 +335,6 @@ void prepare_task(void* user, size_t task) {
   prepare_rows(job, static_cast<int64_t>(task) * 16);
 }
 
-// Transposes 16 rows of 16 dwords in place: r[j] afterwards holds dword j of every input row.
-NEO_AVX512 NEO_INLINE void transpose16(__m512i (&r)[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  __m512i u[16];  // u[4g + j]: 128-bit lane l holds dword 4l + j of rows 4g..4g+3
-  for (int g = 0; g < 4; ++g) {
-    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {
-    const __m512i v0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44);
-    const __m512i v1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
-    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44);
-    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
-    r[j] = _mm512_shuffle_i32x4(v0, v2, 0x88);
-    r[4 + j] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
-    r[8 + j] = _mm512_shuffle_i32x4(v1, v3, 0x88);
-    r[12 + j] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
-  }
-}
 
 // 64 k of one weight row as bytes in k order (4-bit unpacked), zero past the row's end;
 // minus its zero points when `centre` (4-bit only: w - zp fits int8).
@@ -598,12 +537,17 @@ bool prepare_gemm_activations(const Problem& p, const Parallel& parallel, GemmAc
 
 }  // namespace x86
 
-// Below this many rows the GEMV (weights streamed once per 4 activation rows) beats staging the
-// weights for the GEMM (benchmarks/kernels.py, 1 thread: at M = 8 the GEMV was 0.9-1.2x stock and
-// the AMX GEMM 0.7-0.8x; at M = 16 AMX was ahead).
+// Rows at which the batched GEMV (avx512_batch.cpp: 16 weight rows per vector, weights transposed
+// per block) takes over from the GEMV (one pass of the weights for up to 3 rows), and below which
+// the GEMV's 4-row passes beat staging the weights for the GEMM. Measured with
+// benchmarks/batch_decode.py (a whole batched decode step, 125M int4, 2 threads): at 2 rows the
+// GEMV was faster, at 4-16 the batched GEMV (batch 8: 9.6-12.0 ms a step against 14.3-17.0).
+constexpr int64_t kBatchMinRows = 4;
 constexpr int64_t kGemmMinRows = 12;
 
 bool run_avx512(const Problem& p, const Parallel& parallel, bool amx) {
+  if (p.batched && p.m >= kBatchMinRows && p.m <= x86::kMaxBatchRows && x86::batch_gemv_applies(p))
+    return x86::batch_gemv(p, parallel);
   if (p.m < kGemmMinRows) return x86::run_gemv(p, parallel);
   if (!amx) return x86::run_gemm(p, parallel);
   x86::GemmActivations act;

@@ -25,6 +25,7 @@ using neoedge::Isa;
 constexpr const char* kDomain = "neoedge.kernels";
 constexpr const char* kOpName = "MatMulNBits";
 constexpr const char* kIsaVariable = "NEOEDGE_KERNELS_ISA";
+constexpr const char* kBatchedVariable = "NEOEDGE_KERNELS_BATCHED";
 
 Functions g_ort;  // filled by RegisterCustomOps before any kernel exists
 
@@ -55,6 +56,7 @@ bool selected_isa(Isa* isa, std::string* why) {
 struct Kernel {
   int64_t k, n, bits, block;
   Isa isa;
+  bool batched;  // read once, when the session creates the kernel
   // B, scales and zero points are initializers: once their sizes are checked, the same data
   // pointers need no second look (a decode step runs ~50 of these ops; each C API call counts).
   std::atomic<const void*> checked[3] = {nullptr, nullptr, nullptr};
@@ -92,7 +94,8 @@ Status* NEO_ORT_CALL create_kernel(const CustomOp*, const Api*, const KernelInfo
   Isa isa;
   std::string why;
   if (!selected_isa(&isa, &why)) return error(kInvalidArgument, why);
-  *out = new Kernel{k, n, bits, block, isa};
+  const char* batched = std::getenv(kBatchedVariable);
+  *out = new Kernel{k, n, bits, block, isa, !(batched && std::strcmp(batched, "0") == 0)};
   return nullptr;
 }
 
@@ -165,7 +168,7 @@ Status* compute(Kernel& kernel, KernelContext* context) {
   neoedge::Problem p{static_cast<const float*>(data[0]), m, kernel.k, kernel.n,
                      static_cast<const uint8_t*>(data[1]), static_cast<const float*>(data[2]),
                      static_cast<const uint8_t*>(data[3]), static_cast<int>(kernel.bits),
-                     static_cast<int>(kernel.block), static_cast<float*>(data[4])};
+                     static_cast<int>(kernel.block), static_cast<float*>(data[4]), kernel.batched};
   neoedge::Parallel parallel{pool_run, context};
   if (!neoedge::run(p, parallel, kernel.isa)) return error(kRuntimeException, "the thread pool failed");
   return nullptr;

@@ -36,6 +36,7 @@ struct Problem {
   int bits;              // 4 or 8
   int block;             // power of two, 16..256, divides K
   float* y;              // [M, N]
+  bool batched = true;   // the batched GEMV where it applies (NEOEDGE_KERNELS_BATCHED=0: off, to compare)
 
   int64_t blocks() const { return k / block; }
   int64_t row_bytes() const { return k * bits / 8; }

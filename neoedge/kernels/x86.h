@@ -41,6 +41,13 @@ struct GemmActivations {
   int64_t stride;
 };
 
+// Batched decode (avx512_batch.cpp): up to kMaxBatchRows rows, weights transposed per block in
+// registers so that the lanes hold 16 weight rows. Applies to blocks of whole 128-k (4-bit) or 64-k
+// (8-bit) units up to 256.
+constexpr int64_t kMaxBatchRows = 16;
+bool batch_gemv_applies(const Problem& p);
+bool batch_gemv(const Problem& p, const Parallel& parallel);
+
 // Quantizes A in parallel over groups of 16 rows, into buffers of the calling thread.
 bool prepare_gemm_activations(const Problem& p, const Parallel& parallel, GemmActivations* out);
 

@@ -1,0 +1,202 @@
+// AVX-512 VNNI batched decode: M = 4..16 activation rows (a batch of sequences, one token each).
+//
+// The one-row GEMV (avx512.cpp) keeps k in the vector lanes, so every (activation row, weight row)
+// pair needs its own block epilogue and a final horizontal sum: at M = 8 that epilogue, not the
+// weight stream, set the pace (a step cost 4-5x a one-row step). Here the lanes hold 16 weight
+// rows instead. Per k-unit (128 k of 4-bit weights, 64 of 8-bit: 64 packed bytes a row), the 16
+// rows' bytes are transposed in registers into VNNI order (for each 4 k, the 4 bytes of every row
+// side by side), 4-bit values split into their low and high nibbles, and kept in L1 while every
+// activation row multiplies them: one vpdpbusd per 4 k per row, the activation's 4 bytes
+// broadcast. A block's scales and zero points then apply to 16 outputs per instruction.
+//
+// Nibble order: a packed byte holds k = 2i (low nibble) and 2i + 1 (high). A dword of 4 bytes thus
+// holds k 8j..8j+7; its low nibbles are the even k and its high nibbles the odd k. The activations
+// are stored to match: per 8 k, the 4 even k, then the 4 odd k.
+//
+// Weights stay where onnxruntime loaded them; each weight byte is read from memory once per call.
+#include "avx512_blocks.h"
+
+#if NEO_X86
+
+#include <algorithm>
+#include <cstring>
+
+namespace neoedge {
+namespace x86 {
+
+namespace {
+
+constexpr int kLanes = 16;     // weight rows per tile: the dword lanes of a zmm
+constexpr int kMaxRows = 8;    // activation rows per pass over a staged block (sums in registers)
+constexpr int kMaxStaged = 64;  // staged vectors of a block of 256 (2 units at 4 bits, 4 at 8)
+
+template <int BITS>
+constexpr int unit_k() { return BITS == 4 ? 128 : 64; }
+// Staged vectors per unit: 16 dwords of a row, split into low and high nibbles at 4 bits.
+template <int BITS>
+constexpr int unit_vectors() { return BITS == 4 ? 32 : 16; }
+
+struct BatchActivations {
+  const int8_t* q;          // [m, k] in the staged order (see the file comment)
+  const float* scale;       // [m, blocks]
+  const float* scaled_sum;  // [m, blocks]: a_scale * sum of q over the block
+};
+
+struct BatchJob {
+  const Problem* p;
+  BatchActivations act;
+  int64_t tiles_per_task;
+};
+
+// Unit u of 16 weight rows starting at `rows`, in VNNI order into staged[0, unit_vectors).
+template <int BITS>
+NEO_AVX512 NEO_INLINE void stage_unit(const uint8_t* rows, int64_t row_bytes, int valid, int64_t u, __m512i* staged) {
+  __m512i r[16];
+  const uint8_t* src = rows + u * 64;
+  for (int i = 0; i < kLanes; ++i) {
+    if (i < valid) {
+      // The next tile's rows follow these 16: fetch the same unit there, ahead of the stream.
+      _mm_prefetch(reinterpret_cast<const char*>(src + (i + kLanes) * row_bytes), _MM_HINT_T0);
+      r[i] = _mm512_loadu_si512(src + i * row_bytes);
+    } else {
+      r[i] = _mm512_setzero_si512();
+    }
+  }
+  transpose16(r);
+  if (BITS == 4) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int j = 0; j < 16; ++j) {
+      _mm512_store_si512(staged + 2 * j, _mm512_and_si512(r[j], low));
+      _mm512_store_si512(staged + 2 * j + 1, _mm512_and_si512(_mm512_srli_epi16(r[j], 4), low));
+    }
+  } else {
+    for (int j = 0; j < 16; ++j) _mm512_store_si512(staged + j, r[j]);
+  }
+}
+
+// MR activation rows against one staged block: acc[m] += w_scale * a_scale * sum - zpw * scaled_sum.
+// One named accumulator per row: with an array of them GCC 12 put two register copies around every
+// vpdpbusd (objdump: 17 vmovdqa per 8 products), or with the asm form kept the array on the stack.
+template <int MR>
+NEO_AVX512 void block_rows(const __m512i* staged, int vectors, const int8_t* q, int64_t k, const float* a_scale,
+                           const float* scaled_sum, int64_t blocks, __m512 w_scale, __m512 zpw, float* acc) {
+  static_assert(MR >= 1 && MR <= kMaxRows, "rows per pass");
+  __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0;
+  for (int v = 0; v < vectors; ++v) {
+    const __m512i w = _mm512_load_si512(staged + v);
+    const int8_t* x = q + v * 4;
+#define NEO_ROW(i) \
+    if constexpr (MR > i) dpbusd(s##i, w, broadcast4(x + i * k));
+    NEO_ROW(0) NEO_ROW(1) NEO_ROW(2) NEO_ROW(3) NEO_ROW(4) NEO_ROW(5) NEO_ROW(6) NEO_ROW(7)
+#undef NEO_ROW
+  }
+  const __m512i sums[kMaxRows] = {s0, s1, s2, s3, s4, s5, s6, s7};
+  for (int m = 0; m < MR; ++m) {
+    float* out = acc + m * kLanes;
+    const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[m]), _mm512_set1_ps(a_scale[m * blocks]));
+    const __m512 y = _mm512_fmadd_ps(t, w_scale, _mm512_load_ps(out));
+    _mm512_store_ps(out, _mm512_fnmadd_ps(zpw, _mm512_set1_ps(scaled_sum[m * blocks]), y));
+  }
+}
+
+NEO_AVX512 void block_all_rows(const Problem& p, const BatchActivations& act, const __m512i* staged, int vectors,
+                               int64_t b, __m512 w_scale, __m512 zpw, float* acc) {
+  const int64_t blocks = p.blocks();
+  for (int64_t m0 = 0; m0 < p.m; m0 += kMaxRows) {
+    const int8_t* q = act.q + m0 * p.k + b * p.block;
+    const float* as = act.scale + m0 * blocks + b;
+    const float* ss = act.scaled_sum + m0 * blocks + b;
+    float* out = acc + m0 * kLanes;
+    switch (std::min<int64_t>(kMaxRows, p.m - m0)) {
+      case 1: block_rows<1>(staged, vectors, q, p.k, as, ss, blocks, w_scale, zpw, out); break;
+      case 2: block_rows<2>(staged, vectors, q, p.k, as, ss, blocks, w_scale, zpw, out); break;
+      case 3: block_rows<3>(staged, vectors, q, p.k, as, ss, blocks, w_scale, zpw, out); break;
+      case 4: block_rows<4>(staged, vectors, q, p.k, as, ss, blocks, w_scale, zpw, out); break;
+      case 5: block_rows<5>(staged, vectors, q, p.k, as, ss, blocks, w_scale, zpw, out); break;
+      case 6: block_rows<6>(staged, vectors, q, p.k, as, ss, blocks, w_scale, zpw, out); break;
+      case 7: block_rows<7>(staged, vectors, q, p.k, as, ss, blocks, w_scale, zpw, out); break;
+      default: block_rows<8>(staged, vectors, q, p.k, as, ss, blocks, w_scale, zpw, out); break;
+    }
+  }
+}
+
+template <int BITS>
+NEO_AVX512 void batch_tile(const Problem& p, const BatchActivations& act, int64_t n0) {
+  constexpr int per_unit = unit_vectors<BITS>();
+  const int64_t blocks = p.blocks(), row_bytes = p.row_bytes(), units = p.block / unit_k<BITS>();
+  const int valid = static_cast<int>(std::min<int64_t>(kLanes, p.n - n0));
+  const __mmask16 lanes = static_cast<__mmask16>(valid >= 16 ? 0xFFFF : (1u << valid) - 1);
+  alignas(64) __m512i staged[kMaxStaged];
+  alignas(64) float acc[kMaxBatchRows * kLanes];
+  for (int64_t m = 0; m < p.m; ++m) _mm512_store_ps(acc + m * kLanes, _mm512_setzero_ps());
+  const uint8_t* rows = p.b + n0 * row_bytes;
+  const __m512i scale_index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                 _mm512_set1_epi32(static_cast<int>(blocks)));
+  const float implicit_zp = static_cast<float>(1 << (BITS - 1));
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t u = 0; u < units; ++u) stage_unit<BITS>(rows, row_bytes, valid, b * units + u, staged + u * per_unit);
+    const __m512 w_scale = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, scale_index, p.scales + n0 * blocks + b, 4);
+    __m512 zpw;
+    if (!p.zp) {
+      zpw = _mm512_mul_ps(w_scale, _mm512_set1_ps(implicit_zp));
+    } else {
+      alignas(64) float zp[kLanes] = {};
+      for (int i = 0; i < valid; ++i) zp[i] = static_cast<float>(p.zero_point(n0 + i, b));
+      zpw = _mm512_mul_ps(w_scale, _mm512_load_ps(zp));
+    }
+    block_all_rows(p, act, staged, static_cast<int>(units * per_unit), b, w_scale, zpw, acc);
+  }
+  for (int64_t m = 0; m < p.m; ++m) _mm512_mask_storeu_ps(p.y + m * p.n + n0, lanes, _mm512_load_ps(acc + m * kLanes));
+}
+
+void batch_task(void* user, size_t task) {
+  const BatchJob& job = *static_cast<const BatchJob*>(user);
+  const Problem& p = *job.p;
+  const int64_t tiles = (p.n + kLanes - 1) / kLanes;
+  const int64_t t1 = std::min<int64_t>(tiles, (static_cast<int64_t>(task) + 1) * job.tiles_per_task);
+  for (int64_t t = static_cast<int64_t>(task) * job.tiles_per_task; t < t1; ++t) {
+    if (p.bits == 4) batch_tile<4>(p, job.act, t * kLanes);
+    else batch_tile<8>(p, job.act, t * kLanes);
+  }
+}
+
+}  // namespace
+
+bool batch_gemv_applies(const Problem& p) {
+  // A block must hold whole units (the scales apply per block), and the accumulators of every
+  // activation row live on the task's stack.
+  return p.m <= kMaxBatchRows && p.block % (p.bits == 4 ? 128 : 64) == 0 && p.block <= 256;
+}
+
+NEO_AVX512 bool batch_gemv(const Problem& p, const Parallel& parallel) {
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> scales;
+  const int64_t blocks = p.blocks();
+  int8_t* qd = grow(q, static_cast<size_t>(p.m * p.k));
+  float* sd = grow(scales, static_cast<size_t>(2 * p.m * blocks));
+  // Per 16 bytes of k: the even k of each 8, then the odd ones (the order of the staged nibbles).
+  const __m512i order = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15));
+  for (int64_t m = 0; m < p.m; ++m) {
+    int8_t* row = qd + m * p.k;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const QuantizedBlock r = quantize_block_avx512(p.a + m * p.k + b * p.block, p.block, row + b * p.block);
+      sd[m * blocks + b] = r.scale;
+      sd[(p.m + m) * blocks + b] = r.scale * static_cast<float>(r.sum);
+    }
+    if (p.bits == 4) {
+      for (int64_t k0 = 0; k0 < p.k; k0 += 64)
+        _mm512_storeu_si512(row + k0, _mm512_shuffle_epi8(_mm512_loadu_si512(row + k0), order));
+    }
+  }
+  BatchActivations act{qd, sd, sd + p.m * blocks};
+  // Tasks of ~32 KB of weights, as the one-row GEMV's.
+  const int64_t tiles = (p.n + kLanes - 1) / kLanes;
+  const int64_t per_task = std::max<int64_t>(1, 32768 / (kLanes * p.row_bytes()));
+  BatchJob job{&p, act, per_task};
+  return parallel(batch_task, static_cast<size_t>((tiles + per_task - 1) / per_task), &job);
+}
+
+}  // namespace x86
+}  // namespace neoedge
+
+#endif
