@@ -1,8 +1,11 @@
-"""The kernel graph: the package's stock graph with its MatMulNBits nodes run by neoedge's kernels.
+"""The kernel graph: the package's stock graph with its MatMulNBits and attention nodes run by
+neoedge's kernels.
 
 A package keeps its stock `model.onnx`, which any onnxruntime can run, and gets a second small graph
 file beside it that is identical except that each MatMulNBits node the kernels implement is
-`neoedge.kernels::MatMulNBits` (same inputs, attributes and semantics). Both graphs read the same
+`neoedge.kernels::MatMulNBits` (same inputs, attributes and semantics), and each GroupQueryAttention
+over an int8 per-channel cache is `neoedge.kernels::Attention` (the same semantics, with only the
+inputs neoedge's graphs give it: qkv, the caches, the lengths and the cache scales). Both graphs read the same
 external weights file, so the package grows by one graph (tens of KB), not by a second copy of the
 weights. The runtime loads the kernel graph when the kernels are available (neoedge.kernels) and the
 stock one otherwise.
@@ -29,13 +32,14 @@ class KernelGraphReport:
     """What write_kernel_graph did: how many nodes the kernels took, and why others stayed stock."""
 
     path: Path
-    converted: int
+    converted: int  # MatMulNBits nodes
     kept: dict[str, int] = field(default_factory=dict)  # reason -> node count
+    attention: int = 0  # GroupQueryAttention nodes
 
     def describe(self) -> str:
         kept = ", ".join(f"{count} {reason}" for reason, count in self.kept.items())
-        return f"{self.path.name}: {self.converted} MatMulNBits node(s) on neoedge kernels" + \
-            (f"; kept stock: {kept}" if kept else "")
+        return f"{self.path.name}: {self.converted} MatMulNBits and {self.attention} attention node(s) on " \
+               "neoedge kernels" + (f"; kept stock: {kept}" if kept else "")
 
 
 def _attributes(node: onnx.NodeProto) -> dict[str, object]:
@@ -58,6 +62,40 @@ def _why_not(node: onnx.NodeProto, element_types: dict[str, int]) -> str | None:
         return "non-fp32 activations"
     if len(node.input) > 3 and node.input[3] and element_types.get(node.input[3]) != TensorProto.UINT8:
         return "non-uint8 zero points"
+    return None
+
+
+# GroupQueryAttention's inputs the kernel op takes, in its order: qkv, past key and value, seqlens_k,
+# total_sequence_length, k_scale, v_scale (1-2 are the separate key/value, 7-11 rotary caches,
+# position ids, attention bias and head sink: absent in neoedge's graphs).
+ATTENTION_INPUTS = (0, 3, 4, 5, 6, 12, 13)
+
+
+# Attributes that leave the computation as the kernel op's when absent or at these values (an
+# onnxruntime-optimized graph spells out defaults: smooth_softmax -1, causal 1, ...); any other
+# attribute, or value, keeps the node stock.
+_ATTENTION_NEUTRAL = {"causal": (1,), "smooth_softmax": (0, -1), "qk_output": (0,), "sliding_window_cache": (0,),
+                      "softcap": (0.0,), "do_rotary": (0,)}
+_ATTENTION_FREE = {"num_heads", "kv_num_heads", "scale", "local_window_size", "kv_cache_bit_width", "k_quant_type",
+                   "v_quant_type", "rotary_interleaved", "qk_norm_epsilon"}  # the last two unused without inputs
+
+
+def _attention_why_not(node: onnx.NodeProto, element_types: dict[str, int]) -> str | None:
+    """None if neoedge.kernels::Attention computes this GroupQueryAttention exactly, else why not."""
+    attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in _attributes(node).items()}
+    if attrs.get("kv_cache_bit_width") != 8 or attrs.get("k_quant_type") != "PER_CHANNEL" \
+            or attrs.get("v_quant_type") != "PER_CHANNEL":
+        return "attention without an int8 per-channel cache"
+    if attrs.get("num_heads") != attrs.get("kv_num_heads") or attrs.get("scale", 0.0) != 1.0:
+        return "attention with grouped heads or scaled scores"
+    for name, value in attrs.items():
+        if name not in _ATTENTION_FREE and value not in _ATTENTION_NEUTRAL.get(name, ()):
+            return f"attention with {name}={value}"
+    inputs = list(node.input) + [""] * (14 - len(node.input))
+    if any(inputs[i] for i in (1, 2, 7, 8, 9, 10, 11)) or not all(inputs[i] for i in ATTENTION_INPUTS) \
+            or len(node.input) > 14 or element_types.get(inputs[3]) != TensorProto.INT8 \
+            or len([o for o in node.output if o]) != 3:
+        return "attention with other inputs"
     return None
 
 
@@ -85,9 +123,26 @@ def write_kernel_graph(stock_graph_path: str | Path, out_path: str | Path) -> Ke
     graph = model.graph
     element_types = {t.name: t.data_type for t in graph.initializer}
     element_types.update({v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info)})
-    converted, kept = 0, Counter()
+    converted, attention, kept = 0, 0, Counter()
     for node in graph.node:
-        if node.op_type != "MatMulNBits" or node.domain != STOCK_DOMAIN:
+        if node.domain != STOCK_DOMAIN:
+            continue
+        if node.op_type == "GroupQueryAttention":
+            reason = _attention_why_not(node, element_types)
+            if reason:
+                kept[reason] += 1
+                continue
+            inputs = [node.input[i] for i in ATTENTION_INPUTS]
+            attrs = _attributes(node)
+            del node.input[:]
+            node.input.extend(inputs)
+            del node.attribute[:]
+            node.attribute.extend([helper.make_attribute("num_heads", attrs["num_heads"]),
+                                   helper.make_attribute("local_window_size", attrs.get("local_window_size", -1))])
+            node.op_type, node.domain = "Attention", KERNEL_DOMAIN
+            attention += 1
+            continue
+        if node.op_type != "MatMulNBits":
             continue
         reason = _why_not(node, element_types)
         if reason:
@@ -99,8 +154,8 @@ def write_kernel_graph(stock_graph_path: str | Path, out_path: str | Path) -> Ke
     others = [o for o in model.opset_import if o.domain != KERNEL_DOMAIN]
     del model.opset_import[:]
     model.opset_import.extend(others)
-    if converted:
+    if converted or attention:
         model.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, KERNEL_OPSET))
     sort_opsets(model)
     onnx.save(model, str(out))
-    return KernelGraphReport(out, converted, dict(kept))
+    return KernelGraphReport(out, converted, dict(kept), attention)

@@ -82,11 +82,14 @@ def _check_graph_file(graph: GraphFile, manifest: Manifest) -> None:
                                          f"says hidden_size {m.hidden_size}")
     if g.attention != "gqa":
         return
-    # GroupQueryAttention carries the heads and, per layer, the local window (-1: global).
+    # GroupQueryAttention carries the heads and, per layer, the local window (-1: global); so does
+    # neoedge.kernels::Attention, which takes its place in the kernel graph (the past at input 1).
     by_past = {}
     for node in graph.nodes:
         if node.op_type == "GroupQueryAttention" and len(node.inputs) > 3:
             by_past[node.inputs[3]] = node
+        elif node.op_type == "Attention" and node.domain == "neoedge.kernels" and len(node.inputs) > 1:
+            by_past[node.inputs[1]] = node
     for layer, kind in enumerate(m.attention_layers):
         (past, _), _ = g.cache_pairs(layer)
         node = by_past.get(past)

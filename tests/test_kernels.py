@@ -507,8 +507,17 @@ def int4_package(checkpoints, tmp_path_factory):
 def test_a_quantized_export_lists_its_kernel_graph_and_validates_it(int4_package):
     from neoedge.manifest import Manifest
 
+    import onnx
+
     manifest = Manifest.read(int4_package)
     assert manifest.graph.kernel_file == "model.kernels.onnx"
+    # Every MatMulNBits and every attention over the int8 cache runs on the kernels (an optimized
+    # graph's spelled-out default attributes must not keep them stock).
+    stock = onnx.load(str(int4_package / "model.onnx"), load_external_data=False).graph.node
+    fast = onnx.load(str(int4_package / "model.kernels.onnx"), load_external_data=False).graph.node
+    attention = [n for n in fast if n.op_type == "Attention" and n.domain == kernels.DOMAIN]
+    assert len(attention) == len([n for n in stock if n.op_type == "GroupQueryAttention"]) > 0
+    assert not [n for n in fast if n.op_type in ("GroupQueryAttention", "MatMulNBits") and n.domain != kernels.DOMAIN]
     assert manifest.files["model.kernels.onnx"].bytes == (int4_package / "model.kernels.onnx").stat().st_size
     if kernels.info().available and kernels.info().preferred:
         check = manifest.validation.kernel_graph

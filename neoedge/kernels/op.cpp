@@ -1,6 +1,9 @@
-// neoedge.kernels::MatMulNBits: a drop-in for com.microsoft.MatMulNBits (accuracy_level 4) registered
-// with onnxruntime as a custom op. Same inputs (A, B, scales, optional zero_points), attributes and
-// results; the work runs on the session's intra-op thread pool.
+// The custom ops registered with onnxruntime, in the neoedge.kernels domain; the work of both runs on
+// the session's intra-op thread pool.
+// - MatMulNBits: a drop-in for com.microsoft.MatMulNBits (accuracy_level 4): same inputs (A, B,
+//   scales, optional zero_points), attributes and results.
+// - Attention: com.microsoft.GroupQueryAttention over an int8 per-channel cache, as neoedge's graphs
+//   use it, with only the inputs that use needs (attention.h).
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -9,6 +12,7 @@
 #include <string>
 
 #include "ort_abi.h"
+#include "attention.h"
 #include "qgemm.h"
 
 #if defined(_WIN32)
@@ -219,6 +223,129 @@ const CustomOp kOp = {
     start_version, end_version, no_pairs, release_pairs, no_pairs, release_pairs,
 };
 
+// ---------------------------------------------------------------------------------------------
+// Attention: inputs qkv [B, S, 3 H D] float, past_key and past_value [B, H, C, D] int8, seqlens_k
+// [B] int32, total_sequence_length int32 scalar, k_scale and v_scale [H, 1, D] float; outputs the
+// attention [B, S, H D] and the present caches (bound to the past's memory: updated in place).
+
+constexpr const char* kAttentionName = "Attention";
+
+struct AttentionKernel {
+  int64_t heads, window;
+  Isa isa;
+};
+
+Status* attention_error(ErrorCode code, const std::string& message) {
+  return g_ort.CreateStatus(code, ("neoedge.kernels Attention: " + message).c_str());
+}
+
+Status* NEO_ORT_CALL create_attention(const CustomOp*, const Api*, const KernelInfo* info, void** out) {
+  *out = nullptr;
+  int64_t heads = 0, window = -1;
+  if (Status* s = read_attribute(info, "num_heads", &heads, true)) return s;
+  read_attribute(info, "local_window_size", &window, false);
+  if (heads <= 0) return attention_error(kInvalidArgument, "num_heads must be positive");
+  Isa isa;
+  std::string why;
+  if (!selected_isa(&isa, &why)) return attention_error(kInvalidArgument, why);
+  *out = new AttentionKernel{heads, window, isa};
+  return nullptr;
+}
+
+Status* attention_compute(AttentionKernel& kernel, KernelContext* context) {
+  const Value* values[7] = {};
+  for (size_t i = 0; i < 7; ++i) {
+    if (Status* s = g_ort.KernelContext_GetInput(context, i, &values[i])) return s;
+    if (!values[i]) return attention_error(kInvalidArgument, "input " + std::to_string(i) + " is missing");
+  }
+  int64_t q_dims[8], c_dims[8], dims[8], count = 0, cache_count = 0;
+  size_t q_rank = 0, c_rank = 0, rank = 0;
+  if (Status* s = shape_of(values[0], q_dims, &q_rank, &count)) return s;
+  if (Status* s = shape_of(values[1], c_dims, &c_rank, &cache_count)) return s;
+  if (q_rank != 3 || c_rank != 4)
+    return attention_error(kInvalidArgument, "qkv must be [B, S, 3 H D] and the caches [B, H, C, D]");
+  const int64_t batch = q_dims[0], seq = q_dims[1], heads = kernel.heads, head_size = c_dims[3], capacity = c_dims[2];
+  if (c_dims[0] != batch || c_dims[1] != heads || q_dims[2] != 3 * heads * head_size)
+    return attention_error(kInvalidArgument, "qkv [" + std::to_string(batch) + ", " + std::to_string(seq) + ", " +
+                                                 std::to_string(q_dims[2]) + "] does not match the cache's [B, H, C, D] = [" +
+                                                 std::to_string(c_dims[0]) + ", " + std::to_string(c_dims[1]) + ", " +
+                                                 std::to_string(capacity) + ", " + std::to_string(head_size) + "]");
+  if (Status* s = shape_of(values[2], dims, &rank, &count)) return s;
+  if (count != cache_count) return attention_error(kInvalidArgument, "past_value's shape differs from past_key's");
+  if (Status* s = shape_of(values[3], dims, &rank, &count)) return s;
+  if (count != batch) return attention_error(kInvalidArgument, "seqlens_k must hold one length per row");
+  for (int i = 5; i < 7; ++i) {
+    if (Status* s = shape_of(values[i], dims, &rank, &count)) return s;
+    if (count != heads * head_size) return attention_error(kInvalidArgument, "k_scale and v_scale must hold H * D values");
+  }
+  void* data[7];
+  for (int i = 0; i < 7; ++i) {
+    if (Status* s = g_ort.GetTensorMutableData(const_cast<Value*>(values[i]), &data[i])) return s;
+  }
+  const int32_t* seqlens = static_cast<const int32_t*>(data[3]);
+  const int32_t total = *static_cast<const int32_t*>(data[4]);
+  const bool first_prompt = total == seq;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t length = static_cast<int64_t>(seqlens[b]) + 1;
+    if (length > capacity || length < (first_prompt ? 1 : seq))
+      return attention_error(kInvalidArgument, "row " + std::to_string(b) + " would hold " + std::to_string(length) +
+                                                   " positions with " + std::to_string(seq) + " new in a cache of " +
+                                                   std::to_string(capacity));
+  }
+  int64_t out_dims[3] = {batch, seq, heads * head_size};
+  Value* outputs[3] = {};
+  if (Status* s = g_ort.KernelContext_GetOutput(context, 0, out_dims, 3, &outputs[0])) return s;
+  for (int i = 1; i < 3; ++i) {
+    if (Status* s = g_ort.KernelContext_GetOutput(context, i, c_dims, 4, &outputs[i])) return s;
+  }
+  void* out_data[3];
+  for (int i = 0; i < 3; ++i) {
+    if (Status* s = g_ort.GetTensorMutableData(outputs[i], &out_data[i])) return s;
+  }
+  // Bound to the past's memory, the present is updated in place; otherwise it starts as a copy.
+  for (int i = 1; i < 3; ++i) {
+    if (out_data[i] != data[i]) std::memcpy(out_data[i], data[i], static_cast<size_t>(cache_count));
+  }
+  if (batch == 0 || seq == 0) return nullptr;
+  neoedge::AttentionProblem p{static_cast<const float*>(data[0]), static_cast<int8_t*>(out_data[1]),
+                              static_cast<int8_t*>(out_data[2]), seqlens, static_cast<const float*>(data[5]),
+                              static_cast<const float*>(data[6]), static_cast<float*>(out_data[0]),
+                              batch, seq, heads, head_size, capacity, kernel.window, first_prompt};
+  neoedge::Parallel parallel{pool_run, context};
+  if (!neoedge::run_attention(p, parallel, kernel.isa)) return attention_error(kRuntimeException, "the thread pool failed");
+  return nullptr;
+}
+
+Status* NEO_ORT_CALL attention_compute_v2(void* kernel, KernelContext* context) {
+  try {
+    return attention_compute(*static_cast<AttentionKernel*>(kernel), context);
+  } catch (const std::exception& e) {
+    return attention_error(kRuntimeException, e.what());
+  }
+}
+
+void NEO_ORT_CALL destroy_attention(void* kernel) { delete static_cast<AttentionKernel*>(kernel); }
+const char* NEO_ORT_CALL attention_name(const CustomOp*) { return kAttentionName; }
+ElementType NEO_ORT_CALL attention_input_type(const CustomOp*, size_t index) {
+  return index == 1 || index == 2 ? kInt8 : index == 3 || index == 4 ? kInt32 : kFloat;
+}
+size_t NEO_ORT_CALL attention_input_count(const CustomOp*) { return 7; }
+ElementType NEO_ORT_CALL attention_output_type(const CustomOp*, size_t index) { return index == 0 ? kFloat : kInt8; }
+size_t NEO_ORT_CALL attention_output_count(const CustomOp*) { return 3; }
+InputOutputCharacteristic NEO_ORT_CALL required(const CustomOp*, size_t) { return kRequired; }
+
+const CustomOp kAttentionOp = {
+    kApiVersion,
+    nullptr,
+    attention_name, op_provider, attention_input_type, attention_input_count, attention_output_type,
+    attention_output_count,
+    nullptr,
+    destroy_attention, required, output_characteristic, input_memory, variadic_min_arity,
+    variadic_homogeneity, variadic_min_arity, variadic_homogeneity, create_attention, attention_compute_v2,
+    nullptr,
+    start_version, end_version, no_pairs, release_pairs, no_pairs, release_pairs,
+};
+
 std::mutex g_mutex;
 CustomOpDomain* g_domain = nullptr;  // one domain for every session; lives as long as the process
 
@@ -233,6 +360,7 @@ NEO_EXPORT Status* NEO_ORT_CALL RegisterCustomOps(SessionOptions* options, const
     CustomOpDomain* domain = nullptr;
     if (Status* s = g_ort.CreateCustomOpDomain(kDomain, &domain)) return s;
     if (Status* s = g_ort.CustomOpDomain_Add(domain, &kOp)) return s;
+    if (Status* s = g_ort.CustomOpDomain_Add(domain, &kAttentionOp)) return s;
     g_domain = domain;
   }
   return g_ort.AddCustomOpDomain(options, g_domain);

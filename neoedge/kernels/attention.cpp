@@ -1,0 +1,109 @@
+// The attention's cache writes, its portable path and the dispatch (see attention.h).
+#include "attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace neoedge {
+
+void write_new_positions(const AttentionProblem& p, int64_t b, int64_t h) {
+  const int64_t d_count = p.head_size;
+  const float* ks = p.k_scale + h * d_count;
+  const float* vs = p.v_scale + h * d_count;
+  for (int64_t i = 0; i < p.seq; ++i) {
+    const int64_t j = p.past(b) + i;
+    if (j < 0 || j >= p.capacity) continue;
+    const float* k = p.new_key(b, i, h);
+    const float* v = p.new_value(b, i, h);
+    int8_t* kr = p.key_row(b, h, j);
+    int8_t* vr = p.value_row(b, h, j);
+    for (int64_t d = 0; d < d_count; ++d) {
+      // nearbyint: round half to even (the default rounding mode), as onnxruntime's quantizer.
+      kr[d] = static_cast<int8_t>(std::clamp(std::nearbyint(k[d] / ks[d]), -128.f, 127.f));
+      vr[d] = static_cast<int8_t>(std::clamp(std::nearbyint(v[d] / vs[d]), -128.f, 127.f));
+    }
+  }
+}
+
+void attend_portable(const AttentionProblem& p, int64_t b, int64_t h, int64_t i0, int64_t i1) {
+  const int64_t d_count = p.head_size;
+  const float* ks = p.k_scale + h * d_count;
+  const float* vs = p.v_scale + h * d_count;
+  std::vector<float> qs(static_cast<size_t>(d_count)), o(static_cast<size_t>(d_count)), scores;
+  for (int64_t i = i0; i < i1; ++i) {
+    float* out = p.out + (b * p.seq + i) * p.heads * d_count + h * d_count;
+    int64_t first, last;
+    p.key_range(b, i, &first, &last);
+    if (last < first) {
+      std::fill(out, out + d_count, 0.f);
+      continue;
+    }
+    const float* q = p.query(b, i, h);
+    for (int64_t d = 0; d < d_count; ++d) qs[d] = q[d] * ks[d];
+    scores.resize(static_cast<size_t>(last - first + 1));
+    float max = -std::numeric_limits<float>::infinity();
+    for (int64_t j = first; j <= last; ++j) {
+      const int8_t* k = p.key_row(b, h, j);
+      float s = 0.f;
+      for (int64_t d = 0; d < d_count; ++d) s += qs[d] * static_cast<float>(k[d]);
+      scores[j - first] = s;
+      max = std::max(max, s);
+    }
+    std::fill(o.begin(), o.end(), 0.f);
+    float sum = 0.f;
+    for (int64_t j = first; j <= last; ++j) {
+      const float e = std::exp(scores[j - first] - max);
+      sum += e;
+      const int8_t* v = p.value_row(b, h, j);
+      for (int64_t d = 0; d < d_count; ++d) o[d] += e * static_cast<float>(v[d]);
+    }
+    for (int64_t d = 0; d < d_count; ++d) out[d] = o[d] / sum * vs[d];
+  }
+}
+
+namespace {
+
+// Queries per attention task: enough that a task's conversion of its keys to fp32 is shared, few
+// enough that a 128-token chunk of 12 heads still gives every thread many tasks.
+constexpr int64_t kQueriesPerTask = 32;
+
+struct Job {
+  const AttentionProblem* p;
+  Isa isa;
+  int64_t query_tasks;
+};
+
+void write_task(void* user, size_t index) {
+  const Job& job = *static_cast<const Job*>(user);
+  const int64_t heads = job.p->heads;
+  write_new_positions(*job.p, static_cast<int64_t>(index) / heads, static_cast<int64_t>(index) % heads);
+}
+
+void attend_task(void* user, size_t index) {
+  const Job& job = *static_cast<const Job*>(user);
+  const AttentionProblem& p = *job.p;
+  const int64_t t = static_cast<int64_t>(index) % job.query_tasks;
+  const int64_t bh = static_cast<int64_t>(index) / job.query_tasks;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int64_t i0 = t * kQueriesPerTask, i1 = std::min(p.seq, i0 + kQueriesPerTask);
+#if defined(__x86_64__) || defined(_M_X64)
+  if (job.isa >= Isa::avx512vnni && attend_avx512_applies(p)) {
+    attend_avx512(p, b, h, i0, i1);
+    return;
+  }
+#endif
+  attend_portable(p, b, h, i0, i1);
+}
+
+}  // namespace
+
+bool run_attention(const AttentionProblem& p, const Parallel& parallel, Isa isa) {
+  Job job{&p, isa, (p.seq + kQueriesPerTask - 1) / kQueriesPerTask};
+  const size_t rows = static_cast<size_t>(p.batch * p.heads);
+  if (!parallel(write_task, rows, &job)) return false;
+  return parallel(attend_task, rows * static_cast<size_t>(job.query_tasks), &job);
+}
+
+}  // namespace neoedge

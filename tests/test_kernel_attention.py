@@ -1,0 +1,151 @@
+"""neoedge.kernels::Attention against onnxruntime's own GroupQueryAttention on the same inputs: the
+kernel graph swaps one for the other, so the stock op is the reference. Ragged first prompts,
+batched decode at different lengths, prompts over a past, local windows crossed, every kernel path
+this CPU runs, and the cache updated in place through IOBinding as the runtime binds it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import neoedge.kernels as kernels
+
+PATHS = list(kernels.runnable_paths())
+pytestmark = pytest.mark.skipif(not PATHS, reason="the native kernel library is not built")
+
+
+def graphs(heads: int, head_size: int, capacity: int, window: int, seed: int):
+    """(stock GroupQueryAttention model, neoedge Attention model) sharing their cache scales."""
+    rng = np.random.default_rng(seed)
+    k_scale = rng.uniform(0.01, 0.05, (heads, 1, head_size)).astype(np.float32)
+    v_scale = rng.uniform(0.01, 0.05, (heads, 1, head_size)).astype(np.float32)
+    hd = heads * head_size
+    inputs = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, ["B", "S", 3 * hd]),
+              helper.make_tensor_value_info("past_k", TensorProto.INT8, ["B", heads, capacity, head_size]),
+              helper.make_tensor_value_info("past_v", TensorProto.INT8, ["B", heads, capacity, head_size]),
+              helper.make_tensor_value_info("seqlens", TensorProto.INT32, ["B"]),
+              helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", "S", hd]),
+               helper.make_tensor_value_info("present_k", TensorProto.INT8, ["B", heads, capacity, head_size]),
+               helper.make_tensor_value_info("present_v", TensorProto.INT8, ["B", heads, capacity, head_size])]
+    scales = [numpy_helper.from_array(k_scale, "k_scale"), numpy_helper.from_array(v_scale, "v_scale")]
+    stock = helper.make_node(
+        "GroupQueryAttention", ["qkv", "", "", "past_k", "past_v", "seqlens", "total", "", "", "", "", "",
+                                "k_scale", "v_scale"], ["out", "present_k", "present_v"], domain="com.microsoft",
+        num_heads=heads, kv_num_heads=heads, scale=1.0, local_window_size=window, kv_cache_bit_width=8,
+        k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL")
+    ours = helper.make_node("Attention", ["qkv", "past_k", "past_v", "seqlens", "total", "k_scale", "v_scale"],
+                            ["out", "present_k", "present_v"], domain=kernels.DOMAIN, num_heads=heads,
+                            local_window_size=window)
+    models = []
+    for node, domain in ((stock, "com.microsoft"), (ours, kernels.DOMAIN)):
+        graph = helper.make_graph([node], "g", inputs, outputs, scales)
+        models.append(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                              helper.make_opsetid(domain, 1)], ir_version=8))
+    return models
+
+
+def sessions(heads, head_size, capacity, window, seed):
+    stock_model, our_model = graphs(heads, head_size, capacity, window, seed)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    stock = ort.InferenceSession(stock_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.register_custom_ops_library(str(kernels.library_path()))
+    ours = ort.InferenceSession(our_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return stock, ours
+
+
+def run_in_place(session, qkv, cache_k, cache_v, seqlens, total):
+    """As the runtime runs it: the present caches bound to the past's arrays, updated in place."""
+    binding = session.io_binding()
+    binding.bind_cpu_input("qkv", qkv)
+    for name, array in (("past_k", cache_k), ("past_v", cache_v)):
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+    binding.bind_cpu_input("seqlens", seqlens)
+    binding.bind_cpu_input("total", np.array(total, np.int32))
+    out = np.zeros((qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3), np.float32)
+    binding.bind_ortvalue_output("out", ort.OrtValue.ortvalue_from_numpy(out))
+    binding.bind_ortvalue_output("present_k", ort.OrtValue.ortvalue_from_numpy(cache_k))
+    binding.bind_ortvalue_output("present_v", ort.OrtValue.ortvalue_from_numpy(cache_v))
+    session.run_with_iobinding(binding)
+    return out
+
+
+def conversation(heads, head_size, capacity, window, steps, seed, path, monkeypatch, tolerance=2e-5):
+    """Runs both ops through the same sequence of calls on their own caches; compares every output
+    (valid positions) and the caches' written positions after each call."""
+    monkeypatch.setenv(kernels.ISA_VARIABLE, path)
+    stock, ours = sessions(heads, head_size, capacity, window, seed)
+    rng = np.random.default_rng(seed + 1)
+    hd = heads * head_size
+    caches = {}
+    worst = 0.0
+    for batch, new, lengths, first in steps:
+        if first:
+            caches = {name: [np.zeros((batch, heads, capacity, head_size), np.int8) for _ in range(2)]
+                      for name in ("stock", "ours")}
+        qkv = (rng.standard_normal((batch, new, 3 * hd)) * 2).astype(np.float32)
+        seqlens = np.array([n - 1 for n in lengths], np.int32)
+        total = new if first else max(lengths)
+        results = {name: run_in_place(session, qkv, *caches[name], seqlens, total)
+                   for name, session in (("stock", stock), ("ours", ours))}
+        for b, length in enumerate(lengths):
+            valid = min(new, length) if first else new
+            expected, got = results["stock"][b, :valid], results["ours"][b, :valid]
+            error = float(np.abs(got - expected).max() / (np.abs(expected).max() + 1e-6))
+            assert error <= tolerance, (path, batch, new, lengths, b, error)
+            worst = max(worst, error)
+            for which in range(2):
+                np.testing.assert_array_equal(caches["ours"][which][b, :, :length],
+                                              caches["stock"][which][b, :, :length])
+    return worst
+
+
+def test_ragged_prompts_then_batched_decode_across_the_window(monkeypatch):
+    # Rows of 7, 3 and 12 positions decode together until each has crossed the 8-position window.
+    steps = [(3, 12, [7, 3, 12], True)]
+    lengths = [7, 3, 12]
+    for _ in range(10):
+        lengths = [n + 1 for n in lengths]
+        steps.append((3, 1, list(lengths), False))
+    for path in PATHS:
+        for window in (-1, 8):
+            assert conversation(4, 64, 40, window, steps, 3, path, monkeypatch) < 2e-5
+
+
+@pytest.mark.parametrize("head_size", [16, 32, 64, 128, 24])
+def test_prompt_chunks_over_a_past_for_every_head_size(head_size, monkeypatch):
+    # A 20-token prompt, then chunks of 9, 16 and 1 over it: queries past the 16-key blocks and the
+    # 32-query tasks; head size 24 takes the portable path everywhere.
+    steps = [(1, 20, [20], True), (1, 9, [29], False), (1, 16, [45], False), (1, 1, [46], False),
+             (1, 40, [86], False)]
+    for path in PATHS:
+        for window in (-1, 16):
+            conversation(3, head_size, 100, window, steps, head_size, path, monkeypatch)
+
+
+def test_without_binding_the_present_starts_as_a_copy_of_the_past(monkeypatch):
+    monkeypatch.setenv(kernels.ISA_VARIABLE, PATHS[0])
+    stock, ours = sessions(2, 16, 12, -1, 5)
+    rng = np.random.default_rng(0)
+    past = [rng.integers(-100, 100, (1, 2, 12, 16), dtype=np.int8) for _ in range(2)]
+    feeds = {"qkv": rng.standard_normal((1, 1, 96)).astype(np.float32), "past_k": past[0], "past_v": past[1],
+             "seqlens": np.array([5], np.int32), "total": np.array(6, np.int32)}
+    expected, got = stock.run(None, feeds), ours.run(None, feeds)
+    np.testing.assert_allclose(got[0], expected[0], rtol=2e-5, atol=1e-6)
+    for e, g in zip(expected[1:], got[1:]):
+        np.testing.assert_array_equal(g[:, :, :6], e[:, :, :6])
+    np.testing.assert_array_equal(past[0][0, :, 5], feeds["past_k"][0, :, 5])  # the input is untouched
+
+
+def test_a_row_that_would_overflow_the_cache_is_refused(monkeypatch):
+    _, ours = sessions(2, 16, 8, -1, 5)
+    feeds = {"qkv": np.zeros((1, 1, 96), np.float32), "past_k": np.zeros((1, 2, 8, 16), np.int8),
+             "past_v": np.zeros((1, 2, 8, 16), np.int8), "seqlens": np.array([8], np.int32),
+             "total": np.array(9, np.int32)}
+    with pytest.raises(Exception, match="would hold 9 positions with 1 new in a cache of 8"):
+        ours.run(None, feeds)
