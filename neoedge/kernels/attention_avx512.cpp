@@ -1,10 +1,11 @@
 // AVX-512 attention over the int8 cache (semantics in attention.h).
 //
 // Per task (one row, one head, up to 32 queries): the keys and values the task's queries see are
-// converted to fp32 once, into per-thread buffers, and shared by the queries. Then each query runs
-// an online softmax over blocks of 16 keys, its scaled query and its output accumulator held in
-// registers: 16 row dot products reduced to one vector of 16 scores, the block's maximum and exp in
-// vector form, the running output rescaled only when the maximum moves. The value scales are
+// converted to fp32 a tile at a time and shared by the queries (a task of fewer than 4 queries, a
+// decode step, converts each row as it reads it instead). Each query runs an online softmax over
+// blocks of 64 keys, its scaled query and its output accumulators held in registers: per 16 keys,
+// 16 row dot products reduced to one vector of scores; the block's maximum and exp in vector form;
+// the running output rescaled only when the maximum moves. The value scales are
 // applied once at the end (they are per channel, constant over keys); the key scales are folded
 // into the query.
 #include "attention.h"
@@ -67,78 +68,187 @@ NEO_AVX512 NEO_INLINE void to_float(const int8_t* rows, int64_t count, float* ou
                            reinterpret_cast<const __m128i*>(rows + (j * ND + c) * 16)))));
 }
 
-template <int ND>
-NEO_AVX512 void attend(const AttentionProblem& p, int64_t b, int64_t h, int64_t i0, int64_t i1) {
+// Channels [16c, 16c + 16) of cached row j as fp32: from the task's converted copy, or (a lone query,
+// which would read each row once) straight from the int8 cache.
+template <bool CONVERTED>
+NEO_AVX512 NEO_INLINE __m512 row_chunk(const float* converted, const int8_t* cached, int64_t j, int d, int c) {
+  if (CONVERTED) return _mm512_loadu_ps(converted + j * d + c * 16);
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cached + j * d + c * 16))));
+}
+
+// One block of up to 64 keys for one query's online softmax: scores of the scaled query qs against
+// rows [0, count) of the block (16 row dot products reduced to one vector per 16 keys), then the
+// running maximum, sum and output (A accumulator sets of ND vectors: keys in turn feed the sets, as
+// one set would chain every key's FMA on the previous one). 64 keys per step, not 16: the step's
+// horizontal maximum, sum and exp are a serial chain that at 16 keys cost as much as the products.
+constexpr int kBlockKeys = 64;
+
+template <int ND, int A, bool CONVERTED>
+NEO_AVX512 NEO_INLINE void key_block(const __m512 (&qs)[ND], __m512 (&o)[A * ND], float& max, float& sum,
+                                     const float* kb, const int8_t* kq, const float* vb, const int8_t* vq, int count) {
   constexpr int D = ND * 16;
-  const float* ks = p.k_scale + h * D;
-  const float* vs = p.v_scale + h * D;
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512 minus_infinity = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 s[kBlockKeys / 16];
+  __mmask16 valid[kBlockKeys / 16];
+  const int groups = (count + 15) / 16;
+  __m512 block_max = minus_infinity;
+  for (int g = 0; g < groups; ++g) {
+    __m512 dots[16];
+    for (int j = 0; j < 16; ++j) {
+      const int row = g * 16 + j;
+      if (!CONVERTED && row >= count) {  // the cache may end here: no reads past the block
+        dots[j] = _mm512_setzero_ps();
+        continue;
+      }
+      __m512 acc = _mm512_mul_ps(qs[0], row_chunk<CONVERTED>(kb, kq, row, D, 0));
+      for (int c = 1; c < ND; ++c) acc = _mm512_fmadd_ps(qs[c], row_chunk<CONVERTED>(kb, kq, row, D, c), acc);
+      dots[j] = acc;
+    }
+    valid[g] = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(count - g * 16));
+    s[g] = _mm512_mask_mov_ps(minus_infinity, valid[g], reduce16(dots));
+    block_max = _mm512_max_ps(block_max, s[g]);
+  }
+  const float top = _mm512_reduce_max_ps(block_max);
+  if (top > max) {
+    // The running output and sum were relative to the old maximum.
+    const float rescale = std::exp(max - top);
+    for (int c = 0; c < A * ND; ++c) o[c] = _mm512_mul_ps(o[c], _mm512_set1_ps(rescale));
+    sum *= rescale;
+    max = top;
+  }
+  alignas(64) float weights[kBlockKeys];
+  __m512 total = _mm512_setzero_ps();
+  for (int g = 0; g < groups; ++g) {
+    const __m512 e = _mm512_maskz_mov_ps(valid[g], exp_negative(_mm512_sub_ps(s[g], _mm512_set1_ps(max))));
+    total = _mm512_add_ps(total, e);
+    _mm512_store_ps(weights + g * 16, e);
+  }
+  sum += _mm512_reduce_add_ps(total);
+  int j = 0;
+  for (; j + A <= count; j += A) {
+    for (int a = 0; a < A; ++a) {
+      const __m512 w = _mm512_set1_ps(weights[j + a]);
+      for (int c = 0; c < ND; ++c)
+        o[a * ND + c] = _mm512_fmadd_ps(w, row_chunk<CONVERTED>(vb, vq, j + a, D, c), o[a * ND + c]);
+    }
+  }
+  for (; j < count; ++j) {
+    const __m512 w = _mm512_set1_ps(weights[j]);
+    for (int c = 0; c < ND; ++c) o[c] = _mm512_fmadd_ps(w, row_chunk<CONVERTED>(vb, vq, j, D, c), o[c]);
+  }
+}
+
+template <int ND>
+NEO_AVX512 NEO_INLINE void scaled_query(const AttentionProblem& p, int64_t b, int64_t i, int64_t h, __m512 (&qs)[ND]) {
+  const float* q = p.query(b, i, h);
+  const float* ks = p.k_scale + h * ND * 16;
+  for (int c = 0; c < ND; ++c) qs[c] = _mm512_mul_ps(_mm512_loadu_ps(q + c * 16), _mm512_loadu_ps(ks + c * 16));
+}
+
+// out = o / sum * v_scale, the A sets added up first; zeros for a query without keys.
+template <int ND, int A>
+NEO_AVX512 NEO_INLINE void finish(__m512 (&o)[A * ND], float sum, const float* vs, float* out) {
+  for (int a = 1; a < A; ++a)
+    for (int c = 0; c < ND; ++c) o[c] = _mm512_add_ps(o[c], o[a * ND + c]);
+  const __m512 inverse = _mm512_set1_ps(sum > 0.f ? 1.f / sum : 0.f);
+  for (int c = 0; c < ND; ++c)
+    _mm512_storeu_ps(out + c * 16, _mm512_mul_ps(_mm512_mul_ps(o[c], inverse), _mm512_loadu_ps(vs + c * 16)));
+}
+
+template <int ND>
+constexpr int accumulator_sets() { return ND >= 8 ? 1 : 8 / ND; }  // 8 independent chains
+
+// A decode step's queries (fewer than 4 in the task): each reads its rows once, straight from the cache.
+template <int ND>
+NEO_AVX512 void attend_direct(const AttentionProblem& p, int64_t b, int64_t h, int64_t i0, int64_t i1) {
+  constexpr int D = ND * 16, A = accumulator_sets<ND>();
+  for (int64_t i = i0; i < i1; ++i) {
+    int64_t first, last;
+    p.key_range(b, i, &first, &last);
+    __m512 qs[ND], o[A * ND];
+    scaled_query<ND>(p, b, i, h, qs);
+    for (int c = 0; c < A * ND; ++c) o[c] = _mm512_setzero_ps();
+    float max = -std::numeric_limits<float>::infinity(), sum = 0.f;
+    for (int64_t j0 = first; j0 <= last; j0 += kBlockKeys) {
+      key_block<ND, A, false>(qs, o, max, sum, nullptr, p.key_row(b, h, j0), nullptr, p.value_row(b, h, j0),
+                              static_cast<int>(std::min<int64_t>(kBlockKeys, last - j0 + 1)));
+    }
+    finish<ND, A>(o, sum, p.v_scale + h * D, p.out + (b * p.seq + i) * p.heads * D + h * D);
+  }
+}
+
+// Prompt queries: keys and values converted to fp32 a tile at a time (~32 KB, staying in L1 while
+// every query of the task reads it: one pass per query over fp32 rows held in L2 made the loads the
+// bottleneck), each query's softmax state kept between tiles.
+template <int ND>
+NEO_AVX512 void attend_tiled(const AttentionProblem& p, int64_t b, int64_t h, int64_t i0, int64_t i1) {
+  constexpr int D = ND * 16, A = accumulator_sets<ND>();
+  constexpr int64_t kTile = std::max(kBlockKeys, 4096 / D);  // keys per tile: K and V tiles of 16 KB each
   int64_t lo = std::numeric_limits<int64_t>::max(), hi = -1;
   for (int64_t i = i0; i < i1; ++i) {
     int64_t first, last;
     p.key_range(b, i, &first, &last);
     if (last >= first) lo = std::min(lo, first), hi = std::max(hi, last);
   }
-  thread_local std::vector<float> key_buffer, value_buffer;
-  const int64_t keys = hi >= lo ? hi - lo + 1 : 0;
-  // Rounded up to a block of 16 rows (zeros past the end, masked off) plus slack.
-  const size_t floats = static_cast<size_t>((keys + 16) * D);
-  if (key_buffer.size() < floats) key_buffer.resize(floats), value_buffer.resize(floats);
-  float* kf = key_buffer.data();
-  float* vf = value_buffer.data();
-  if (keys) {
-    to_float<ND>(p.key_row(b, h, lo), keys, kf);
-    to_float<ND>(p.value_row(b, h, lo), keys, vf);
+  const int64_t queries = i1 - i0;
+  thread_local std::vector<float> buffer;
+  // K and V tiles (a block's worth of slack: its reads past the tile's end are masked off), then per
+  // query its ND output vectors, maximum and sum.
+  const size_t tile_floats = static_cast<size_t>((kTile + kBlockKeys) * D);
+  const size_t floats = 2 * tile_floats + static_cast<size_t>(queries * (D + 16)) + 16;
+  if (buffer.size() < floats) buffer.resize(floats);
+  float* kf = buffer.data();
+  float* vf = kf + tile_floats;
+  float* state = vf + tile_floats;
+  for (int64_t q = 0; q < queries; ++q) {
+    float* st = state + q * (D + 16);
+    std::fill(st, st + D, 0.f);
+    st[D] = -std::numeric_limits<float>::infinity();
+    st[D + 1] = 0.f;
   }
-  const __m512 minus_infinity = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t t0 = lo; t0 <= hi; t0 += kTile) {
+    const int64_t t1 = std::min(hi + 1, t0 + kTile);
+    to_float<ND>(p.key_row(b, h, t0), t1 - t0, kf);
+    to_float<ND>(p.value_row(b, h, t0), t1 - t0, vf);
+    for (int64_t i = i0; i < i1; ++i) {
+      int64_t first, last;
+      p.key_range(b, i, &first, &last);
+      first = std::max(first, t0);
+      last = std::min(last, t1 - 1);
+      if (last < first) continue;
+      float* st = state + (i - i0) * (D + 16);
+      __m512 qs[ND], o[A * ND];
+      scaled_query<ND>(p, b, i, h, qs);
+      for (int c = 0; c < ND; ++c) o[c] = _mm512_loadu_ps(st + c * 16);
+      for (int c = ND; c < A * ND; ++c) o[c] = _mm512_setzero_ps();
+      float max = st[D], sum = st[D + 1];
+      for (int64_t j0 = first; j0 <= last; j0 += kBlockKeys) {
+        key_block<ND, A, true>(qs, o, max, sum, kf + (j0 - t0) * D, nullptr, vf + (j0 - t0) * D, nullptr,
+                               static_cast<int>(std::min<int64_t>(kBlockKeys, last - j0 + 1)));
+      }
+      for (int a = 1; a < A; ++a)
+        for (int c = 0; c < ND; ++c) o[c] = _mm512_add_ps(o[c], o[a * ND + c]);
+      for (int c = 0; c < ND; ++c) _mm512_storeu_ps(st + c * 16, o[c]);
+      st[D] = max;
+      st[D + 1] = sum;
+    }
+  }
   for (int64_t i = i0; i < i1; ++i) {
-    float* out = p.out + (b * p.seq + i) * p.heads * D + h * D;
-    int64_t first, last;
-    p.key_range(b, i, &first, &last);
-    if (last < first) {
-      for (int c = 0; c < ND; ++c) _mm512_storeu_ps(out + c * 16, _mm512_setzero_ps());
-      continue;
-    }
-    const float* q = p.query(b, i, h);
-    __m512 qs[ND], o[ND];
-    for (int c = 0; c < ND; ++c) {
-      qs[c] = _mm512_mul_ps(_mm512_loadu_ps(q + c * 16), _mm512_loadu_ps(ks + c * 16));
-      o[c] = _mm512_setzero_ps();
-    }
-    float max = -std::numeric_limits<float>::infinity(), sum = 0.f;
-    for (int64_t j0 = first; j0 <= last; j0 += 16) {
-      const int count = static_cast<int>(std::min<int64_t>(16, last - j0 + 1));
-      const float* kb = kf + (j0 - lo) * D;
-      __m512 dots[16];
-      for (int j = 0; j < 16; ++j) {
-        __m512 acc = _mm512_mul_ps(qs[0], _mm512_loadu_ps(kb + j * D));
-        for (int c = 1; c < ND; ++c) acc = _mm512_fmadd_ps(qs[c], _mm512_loadu_ps(kb + j * D + c * 16), acc);
-        dots[j] = acc;
-      }
-      const __mmask16 valid = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(count));
-      const __m512 s = _mm512_mask_mov_ps(minus_infinity, valid, reduce16(dots));
-      const float block_max = _mm512_reduce_max_ps(s);
-      if (block_max > max) {
-        // The running output and sum were relative to the old maximum.
-        const float rescale = std::exp(max - block_max);
-        for (int c = 0; c < ND; ++c) o[c] = _mm512_mul_ps(o[c], _mm512_set1_ps(rescale));
-        sum *= rescale;
-        max = block_max;
-      }
-      const __m512 e = _mm512_maskz_mov_ps(valid, exp_negative(_mm512_sub_ps(s, _mm512_set1_ps(max))));
-      sum += _mm512_reduce_add_ps(e);
-      alignas(64) float weights[16];
-      _mm512_store_ps(weights, e);
-      const float* vb = vf + (j0 - lo) * D;
-      for (int j = 0; j < count; ++j) {
-        const __m512 w = _mm512_set1_ps(weights[j]);
-        for (int c = 0; c < ND; ++c) o[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vb + j * D + c * 16), o[c]);
-      }
-    }
-    const __m512 inverse = _mm512_set1_ps(1.f / sum);
-    for (int c = 0; c < ND; ++c)
-      _mm512_storeu_ps(out + c * 16, _mm512_mul_ps(_mm512_mul_ps(o[c], inverse), _mm512_loadu_ps(vs + c * 16)));
+    const float* st = state + (i - i0) * (D + 16);
+    __m512 o[A * ND];
+    for (int c = 0; c < ND; ++c) o[c] = _mm512_loadu_ps(st + c * 16);
+    for (int c = ND; c < A * ND; ++c) o[c] = _mm512_setzero_ps();
+    finish<ND, A>(o, st[D + 1], p.v_scale + h * D, p.out + (b * p.seq + i) * p.heads * D + h * D);
   }
+}
+
+template <int ND>
+NEO_AVX512 void attend(const AttentionProblem& p, int64_t b, int64_t h, int64_t i0, int64_t i1) {
+  // Converting the keys once pays from a few queries on; a decode step's lone query reads each
+  // cached row once, and a copy would only add its writes.
+  if (i1 - i0 >= 4) attend_tiled<ND>(p, b, h, i0, i1);
+  else attend_direct<ND>(p, b, h, i0, i1);
 }
 
 }  // namespace
