@@ -81,13 +81,8 @@ void write_task(void* user, size_t index) {
   write_new_positions(*job.p, static_cast<int64_t>(index) / heads, static_cast<int64_t>(index) % heads);
 }
 
-void attend_task(void* user, size_t index) {
-  const Job& job = *static_cast<const Job*>(user);
+void attend(const Job& job, int64_t b, int64_t h, int64_t i0, int64_t i1) {
   const AttentionProblem& p = *job.p;
-  const int64_t t = static_cast<int64_t>(index) % job.query_tasks;
-  const int64_t bh = static_cast<int64_t>(index) / job.query_tasks;
-  const int64_t b = bh / p.heads, h = bh % p.heads;
-  const int64_t i0 = t * kQueriesPerTask, i1 = std::min(p.seq, i0 + kQueriesPerTask);
 #if defined(__x86_64__) || defined(_M_X64)
   if (job.isa >= Isa::avx512vnni && attend_avx512_applies(p)) {
     attend_avx512(p, b, h, i0, i1);
@@ -97,11 +92,47 @@ void attend_task(void* user, size_t index) {
   attend_portable(p, b, h, i0, i1);
 }
 
+void attend_task(void* user, size_t index) {
+  const Job& job = *static_cast<const Job*>(user);
+  const AttentionProblem& p = *job.p;
+  const int64_t t = static_cast<int64_t>(index) % job.query_tasks;
+  const int64_t bh = static_cast<int64_t>(index) / job.query_tasks;
+  const int64_t i0 = t * kQueriesPerTask;
+  attend(job, bh / p.heads, bh % p.heads, i0, std::min(p.seq, i0 + kQueriesPerTask));
+}
+
+// Few queries per row (a decode step, a short message): each (row, head) writes its own new
+// positions and attends in one task, and the tasks come in a few groups of consecutive (row, head)
+// pairs: a decode step's pairs are a few microseconds of work each, about what the pool takes to
+// hand out a task (at batch 8, 2 x 96 tasks a layer were most of the attention's time).
+constexpr size_t kFusedGroups = 16;
+
+struct FusedJob {
+  const Job* job;
+  size_t rows, groups;
+};
+
+void fused_task(void* user, size_t index) {
+  const FusedJob& fused = *static_cast<const FusedJob*>(user);
+  const AttentionProblem& p = *fused.job->p;
+  const size_t begin = index * fused.rows / fused.groups, end = (index + 1) * fused.rows / fused.groups;
+  for (size_t bh = begin; bh < end; ++bh) {
+    const int64_t b = static_cast<int64_t>(bh) / p.heads, h = static_cast<int64_t>(bh) % p.heads;
+    write_new_positions(p, b, h);
+    attend(*fused.job, b, h, 0, p.seq);
+  }
+}
+
 }  // namespace
 
 bool run_attention(const AttentionProblem& p, const Parallel& parallel, Isa isa) {
   Job job{&p, isa, (p.seq + kQueriesPerTask - 1) / kQueriesPerTask};
   const size_t rows = static_cast<size_t>(p.batch * p.heads);
+  if (job.query_tasks == 1) {
+    FusedJob fused{&job, rows, std::min(rows, kFusedGroups)};
+    return parallel(fused_task, fused.groups, &fused);
+  }
+  // Queries split over several tasks need every new key of their row first: two passes.
   if (!parallel(write_task, rows, &job)) return false;
   return parallel(attend_task, rows * static_cast<size_t>(job.query_tasks), &job);
 }
