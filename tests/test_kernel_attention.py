@@ -50,10 +50,10 @@ def graphs(heads: int, head_size: int, capacity: int, window: int, seed: int):
 def sessions(heads, head_size, capacity, window, seed):
     stock_model, our_model = graphs(heads, head_size, capacity, window, seed)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(__import__("os").environ.get("T", "2"))
+    options.intra_op_num_threads = 2
     stock = ort.InferenceSession(stock_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(__import__("os").environ.get("T", "2"))
+    options.intra_op_num_threads = 2
     options.register_custom_ops_library(str(kernels.library_path()))
     ours = ort.InferenceSession(our_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return stock, ours
