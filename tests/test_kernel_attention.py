@@ -149,3 +149,19 @@ def test_a_row_that_would_overflow_the_cache_is_refused(monkeypatch):
              "total": np.array(9, np.int32)}
     with pytest.raises(Exception, match="would hold 9 positions with 1 new in a cache of 8"):
         ours.run(None, feeds)
+
+
+@pytest.mark.parametrize("head_size", [16, 24])
+def test_rows_filling_the_cache_with_windows_of_one_and_wider_than_the_context(head_size, monkeypatch):
+    # A ragged prompt with a one-token row, decoded until the longest row's last position is the
+    # cache's last (capacity - 1); then one row's prompt filling the whole cache at once, and a
+    # long prompt whose chunks span several converted key tiles (256 keys at head size 16) and end
+    # exactly at the capacity. Head size 24 runs the portable path.
+    ragged = [(3, 6, [6, 1, 3], True)] + [(3, 1, [6 + k, 1 + k, 3 + k], False) for k in range(1, 15)]
+    full = [(2, 20, [20, 1], True)]
+    tiles = [(1, 300, [300], True), (1, 3, [303], False), (1, 33, [336], False), (1, 364, [700], False)]
+    for path in PATHS:
+        for window in (-1, 1, 5, 1000):
+            conversation(2, head_size, 20, window, ragged, 13, path, monkeypatch)
+            conversation(2, head_size, 20, window, full, 14, path, monkeypatch)
+            conversation(1, head_size, 700, window, tiles, 15, path, monkeypatch)

@@ -571,3 +571,50 @@ def test_a_corrupt_kernel_graph_is_refused_before_it_is_parsed(int4_package, tmp
     (copy / "model.kernels.onnx").write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="model.kernels.onnx"):
         Model(copy)
+
+
+def test_the_attention_kernel_alone_gives_the_stock_graphs_greedy_tokens(int4_package, library, relist,
+                                                                         monkeypatch, tmp_path):
+    # The kernel graph with only its attention nodes on the kernels (MatMulNBits kept stock, so that
+    # their activation rounding cannot differ): the same greedy tokens as the stock graph over the
+    # whole context and past it (shifted), crossing the 8-position window dozens of times; batched
+    # with ragged prompts (one of one token) whose rows prefill, decode and finish at different
+    # lengths; and through fork and rewind (within the local cache and past it).
+    import shutil
+
+    import onnx
+
+    from neoedge import Model, SessionSettings
+    from neoedge.engine import generate_batch
+    from neoedge.options import ContextPolicy
+
+    copy = Path(shutil.copytree(int4_package, tmp_path / "pkg"))
+    graph = onnx.load(str(copy / "model.kernels.onnx"), load_external_data=False)
+    for node in graph.graph.node:
+        if node.op_type == "MatMulNBits":
+            node.domain = "com.microsoft"
+    onnx.save(graph, str(copy / "model.kernels.onnx"))
+    relist(copy, "model.kernels.onnx")
+    stock = Model(copy, settings=SessionSettings(kernels="off"))
+    policy = ContextPolicy(on_full="shift", keep=3)
+    prompts = [[5], list(range(3, 40)), [7, 8, 9], list(range(9, 90)), [11, 12]]
+
+    def tokens(model):
+        out = [model.sequence(policy=policy).generate("the", max_new_tokens=320, stop_at_eos=False).tokens]
+        out += [c.tokens for c in generate_batch(model, prompts, max_new_tokens=100, stop_at_eos=False)]
+        seq = model.sequence(tokens=list(range(20, 120)))
+        out.append(seq.generate(max_new_tokens=40, stop_at_eos=False).tokens)
+        fork = seq.fork()
+        seq.rewind(130)
+        out.append(seq.generate(max_new_tokens=30, stop_at_eos=False).tokens)
+        out.append(fork.generate(max_new_tokens=30, stop_at_eos=False).tokens)
+        seq.rewind(20)
+        out.append(seq.generate(max_new_tokens=30, stop_at_eos=False).tokens)
+        return out
+
+    expected = tokens(stock)
+    for path in dict.fromkeys(["portable", PATHS[0]]):
+        monkeypatch.setenv(kernels.ISA_VARIABLE, path)
+        fast = Model(copy)
+        assert fast.kernels.available and fast.kernels.isa == path
+        assert tokens(fast) == expected, path
