@@ -159,6 +159,17 @@ NEO_AVX512 NEO_INLINE void finish(__m512 (&o)[A * ND], float sum, const float* v
 template <int ND>
 constexpr int accumulator_sets() { return ND >= 8 ? 1 : 8 / ND; }  // 8 independent chains
 
+constexpr int64_t kPrefetchBlocks = 4;
+
+NEO_AVX512 NEO_INLINE void prefetch_rows(const AttentionProblem& p, int64_t b, int64_t h, int64_t j0, int64_t j1) {
+  const char* keys = reinterpret_cast<const char*>(p.key_row(b, h, j0));
+  const char* values = reinterpret_cast<const char*>(p.value_row(b, h, j0));
+  for (int64_t offset = 0; offset < (j1 - j0) * p.head_size; offset += 64) {
+    _mm_prefetch(keys + offset, _MM_HINT_T0);
+    _mm_prefetch(values + offset, _MM_HINT_T0);
+  }
+}
+
 // A decode step's queries (fewer than 4 in the task): each reads its rows once, straight from the cache.
 template <int ND>
 NEO_AVX512 void attend_direct(const AttentionProblem& p, int64_t b, int64_t h, int64_t i0, int64_t i1) {
@@ -170,7 +181,14 @@ NEO_AVX512 void attend_direct(const AttentionProblem& p, int64_t b, int64_t h, i
     scaled_query<ND>(p, b, i, h, qs);
     for (int c = 0; c < A * ND; ++c) o[c] = _mm512_setzero_ps();
     float max = -std::numeric_limits<float>::infinity(), sum = 0.f;
+    // Every line of the keys and values kPrefetchBlocks blocks ahead (the first ones up front): the
+    // hardware prefetcher alone kept too few misses in flight for these two interleaved streams
+    // (9.5 GB/s at 2,000 positions of the 1.3B's heads; 14.6 with 4 blocks ahead).
+    for (int64_t j0 = first; j0 <= last && j0 < first + kPrefetchBlocks * kBlockKeys; j0 += kBlockKeys)
+      prefetch_rows(p, b, h, j0, std::min(last + 1, j0 + kBlockKeys));
     for (int64_t j0 = first; j0 <= last; j0 += kBlockKeys) {
+      const int64_t ahead = j0 + kPrefetchBlocks * kBlockKeys;
+      if (ahead <= last) prefetch_rows(p, b, h, ahead, std::min(last + 1, ahead + kBlockKeys));
       key_block<ND, A, false>(qs, o, max, sum, nullptr, p.key_row(b, h, j0), nullptr, p.value_row(b, h, j0),
                               static_cast<int>(std::min<int64_t>(kBlockKeys, last - j0 + 1)));
     }
