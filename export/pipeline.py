@@ -314,14 +314,14 @@ def _build(checkpoint: Checkpoint, graph_info: GraphInfo, scheme: QuantizationSc
 
 
 def _add_kernel_graph(directory: Path, graph_info: GraphInfo, scheme: str) -> GraphInfo:
-    """Quantized packages also get the kernel graph (the stock graph with its MatMulNBits nodes on
-    neoedge's native kernels, reading the same weights file), which the runtime loads where those
-    kernels run faster; every other runtime reads the stock graph."""
+    """Quantized packages also get the kernel graph (the stock graph with its MatMulNBits and
+    int8-cache attention nodes on neoedge's native kernels, reading the same weights file), which the
+    runtime loads where those kernels run faster; every other runtime reads the stock graph."""
     if scheme == "none":
         return graph_info
     report = write_kernel_graph(directory / MODEL_FILE, directory / KERNEL_GRAPH_FILE)
     log.info("%s", report.describe())
-    if not report.converted:
+    if not (report.converted or report.attention):
         (directory / KERNEL_GRAPH_FILE).unlink()  # written by this export a moment ago
         return graph_info
     return replace(graph_info, kernel_file=KERNEL_GRAPH_FILE)

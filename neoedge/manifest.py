@@ -191,8 +191,9 @@ class GraphInfo:
     attention: AttentionImpl
     # Element type of the KV cache: "float32", or "int8" with calibrated per-channel scales (gqa only).
     kv_cache: Literal["float32", "int8"] = "float32"
-    # The same graph with its MatMulNBits nodes run by neoedge's native kernels (neoedge.kernels),
-    # reading the same weights file; None when the package has none (fp32, or written without it).
+    # The same graph with its MatMulNBits and int8-cache attention nodes run by neoedge's native
+    # kernels (neoedge.kernels), reading the same weights file; None when the package has none (fp32,
+    # or written without it).
     kernel_file: str | None = None
     input_ids: str = "input_ids"
     position_ids: str = "position_ids"
