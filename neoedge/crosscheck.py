@@ -8,6 +8,7 @@ from typing import Any
 
 from .errors import GraphMismatchError, TokenizerMismatchError
 from .graph_file import GraphFile
+from .kernels import DOMAIN as KERNEL_DOMAIN
 from .manifest import Manifest
 from .tokenizer import Tokenizer
 
@@ -88,7 +89,7 @@ def _check_graph_file(graph: GraphFile, manifest: Manifest) -> None:
     for node in graph.nodes:
         if node.op_type == "GroupQueryAttention" and len(node.inputs) > 3:
             by_past[node.inputs[3]] = node
-        elif node.op_type == "Attention" and node.domain == "neoedge.kernels" and len(node.inputs) > 1:
+        elif node.op_type == "Attention" and node.domain == KERNEL_DOMAIN and len(node.inputs) > 1:
             by_past[node.inputs[1]] = node
     for layer, kind in enumerate(m.attention_layers):
         (past, _), _ = g.cache_pairs(layer)

@@ -165,3 +165,71 @@ def test_rows_filling_the_cache_with_windows_of_one_and_wider_than_the_context(h
             conversation(2, head_size, 20, window, ragged, 13, path, monkeypatch)
             conversation(2, head_size, 20, window, full, 14, path, monkeypatch)
             conversation(1, head_size, 700, window, tiles, 15, path, monkeypatch)
+
+
+def _model_with(stock_or_ours: int, heads: int, head_size: int, capacity: int, **changes):
+    """One of graphs()'s two models with some inputs' initializers or attributes replaced."""
+    model = graphs(heads, head_size, capacity, -1, 5)[stock_or_ours]
+    for initializer in model.graph.initializer:
+        if initializer.name in changes:
+            initializer.CopyFrom(numpy_helper.from_array(changes.pop(initializer.name), initializer.name))
+    node = model.graph.node[0]
+    for attribute in node.attribute:
+        if attribute.name in changes:
+            attribute.CopyFrom(helper.make_attribute(attribute.name, changes.pop(attribute.name)))
+    assert not changes
+    return model
+
+
+def _session(model):
+    # Symbolic widths and no shape for the total: what a malformed graph could feed, past
+    # onnxruntime's own checks of declared shapes.
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "W"
+    model.graph.input[4].type.tensor_type.ClearField("shape")
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(kernels.library_path()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _feeds(qkv_width: int, heads: int = 2, head_size: int = 16, capacity: int = 8, total=6):
+    return {"qkv": np.zeros((1, 1, qkv_width), np.float32),
+            "past_k": np.zeros((1, heads, capacity, head_size), np.int8),
+            "past_v": np.zeros((1, heads, capacity, head_size), np.int8),
+            "seqlens": np.array([5], np.int32), "total": np.asarray(total, np.int32)}
+
+
+@pytest.mark.parametrize("feeds, changes, message", [
+    (_feeds(90), {}, r"qkv \[1, 1, 90\] does not match the cache's \[B, H, C, D\] = \[1, 2, 8, 16\]"),
+    (_feeds(96), {"v_scale": np.ones((2, 1, 15), np.float32)}, "k_scale and v_scale must hold H \\* D values"),
+    (_feeds(96, total=[6, 6]), {}, "total_sequence_length must be one value"),
+])
+def test_inputs_that_do_not_fit_are_refused_naming_the_op(feeds, changes, message):
+    session = _session(_model_with(1, 2, 16, 8, **changes))
+    with pytest.raises(Exception, match="neoedge.kernels Attention: " + message):
+        session.run(None, feeds)
+
+
+def test_the_kernel_graph_converts_an_int8_cache_attention_and_keeps_others_stock_with_the_reason(tmp_path):
+    import onnx
+
+    from neoedge.export.kernel_graph import write_kernel_graph
+
+    cases = {"int8": ({}, None), "scaled": ({"scale": 0.125}, "attention with grouped heads or scaled scores"),
+             "softcap": ({"softcap": 30.0}, "attention with softcap=30.0"),
+             "fp32 cache": ({"kv_cache_bit_width": 4}, "attention without an int8 per-channel cache")}
+    for name, (changes, reason) in cases.items():
+        model = _model_with(0, 2, 16, 8, **({k: v for k, v in changes.items() if k != "softcap"}))
+        if "softcap" in changes:
+            model.graph.node[0].attribute.append(helper.make_attribute("softcap", changes["softcap"]))
+        directory = tmp_path / name.replace(" ", "-")
+        directory.mkdir()
+        onnx.save(model, str(directory / "model.onnx"))
+        report = write_kernel_graph(directory / "model.onnx", directory / "model.kernels.onnx")
+        node = onnx.load(str(directory / "model.kernels.onnx")).graph.node[0]
+        if reason is None:
+            assert report.attention == 1 and not report.kept
+            assert (node.op_type, node.domain) == ("Attention", kernels.DOMAIN)
+            assert list(node.input) == ["qkv", "past_k", "past_v", "seqlens", "total", "k_scale", "v_scale"]
+        else:
+            assert report.attention == 0 and report.kept == {reason: 1}, name
+            assert (node.op_type, node.domain) == ("GroupQueryAttention", "com.microsoft")

@@ -178,11 +178,14 @@ Status* compute(Kernel& kernel, KernelContext* context) {
   return nullptr;
 }
 
-Status* NEO_ORT_CALL compute_v2(void* kernel, KernelContext* context) {
+// KernelComputeV2 of an op: its compute, with a C++ exception (std::bad_alloc from a scratch
+// buffer) returned as the op's error status instead of crossing the C ABI.
+template <typename K, Status* (*Compute)(K&, KernelContext*), Status* (*Fail)(ErrorCode, const std::string&)>
+Status* NEO_ORT_CALL guarded(void* kernel, KernelContext* context) {
   try {
-    return compute(*static_cast<Kernel*>(kernel), context);
-  } catch (const std::exception& e) {  // std::bad_alloc from a scratch buffer
-    return error(kRuntimeException, e.what());
+    return Compute(*static_cast<K*>(kernel), context);
+  } catch (const std::exception& e) {
+    return Fail(kRuntimeException, e.what());
   }
 }
 
@@ -218,7 +221,8 @@ const CustomOp kOp = {
     op_name, op_provider, input_type, input_count, output_type, output_count,
     nullptr,  // KernelCompute
     destroy_kernel, input_characteristic, output_characteristic, input_memory, variadic_min_arity,
-    variadic_homogeneity, variadic_min_arity, variadic_homogeneity, create_kernel, compute_v2,
+    variadic_homogeneity, variadic_min_arity, variadic_homogeneity, create_kernel,
+    guarded<Kernel, compute, error>,
     nullptr,  // InferOutputShapeFn
     start_version, end_version, no_pairs, release_pairs, no_pairs, release_pairs,
 };
@@ -233,6 +237,9 @@ constexpr const char* kAttentionName = "Attention";
 struct AttentionKernel {
   int64_t heads, window;
   Isa isa;
+  // The scales are initializers: once their size is checked, the same pointers need no second look
+  // (each C API call counts on a decode step, as for MatMulNBits).
+  std::atomic<const void*> checked[2] = {nullptr, nullptr};
 };
 
 Status* attention_error(ErrorCode code, const std::string& message) {
@@ -248,7 +255,7 @@ Status* NEO_ORT_CALL create_attention(const CustomOp*, const Api*, const KernelI
   Isa isa;
   std::string why;
   if (!selected_isa(&isa, &why)) return attention_error(kInvalidArgument, why);
-  *out = new AttentionKernel{heads, window, isa};
+  *out = new AttentionKernel{heads, window, isa, {}};
   return nullptr;
 }
 
@@ -274,13 +281,17 @@ Status* attention_compute(AttentionKernel& kernel, KernelContext* context) {
   if (count != cache_count) return attention_error(kInvalidArgument, "past_value's shape differs from past_key's");
   if (Status* s = shape_of(values[3], dims, &rank, &count)) return s;
   if (count != batch) return attention_error(kInvalidArgument, "seqlens_k must hold one length per row");
-  for (int i = 5; i < 7; ++i) {
-    if (Status* s = shape_of(values[i], dims, &rank, &count)) return s;
-    if (count != heads * head_size) return attention_error(kInvalidArgument, "k_scale and v_scale must hold H * D values");
-  }
+  if (Status* s = shape_of(values[4], dims, &rank, &count)) return s;
+  if (count != 1) return attention_error(kInvalidArgument, "total_sequence_length must be one value");
   void* data[7];
   for (int i = 0; i < 7; ++i) {
     if (Status* s = g_ort.GetTensorMutableData(const_cast<Value*>(values[i]), &data[i])) return s;
+  }
+  for (int i = 5; i < 7; ++i) {
+    if (kernel.checked[i - 5].load(std::memory_order_relaxed) == data[i]) continue;
+    if (Status* s = shape_of(values[i], dims, &rank, &count)) return s;
+    if (count != heads * head_size) return attention_error(kInvalidArgument, "k_scale and v_scale must hold H * D values");
+    kernel.checked[i - 5].store(data[i], std::memory_order_relaxed);
   }
   const int32_t* seqlens = static_cast<const int32_t*>(data[3]);
   const int32_t total = *static_cast<const int32_t*>(data[4]);
@@ -316,14 +327,6 @@ Status* attention_compute(AttentionKernel& kernel, KernelContext* context) {
   return nullptr;
 }
 
-Status* NEO_ORT_CALL attention_compute_v2(void* kernel, KernelContext* context) {
-  try {
-    return attention_compute(*static_cast<AttentionKernel*>(kernel), context);
-  } catch (const std::exception& e) {
-    return attention_error(kRuntimeException, e.what());
-  }
-}
-
 void NEO_ORT_CALL destroy_attention(void* kernel) { delete static_cast<AttentionKernel*>(kernel); }
 const char* NEO_ORT_CALL attention_name(const CustomOp*) { return kAttentionName; }
 ElementType NEO_ORT_CALL attention_input_type(const CustomOp*, size_t index) {
@@ -341,7 +344,8 @@ const CustomOp kAttentionOp = {
     attention_output_count,
     nullptr,
     destroy_attention, required, output_characteristic, input_memory, variadic_min_arity,
-    variadic_homogeneity, variadic_min_arity, variadic_homogeneity, create_attention, attention_compute_v2,
+    variadic_homogeneity, variadic_min_arity, variadic_homogeneity, create_attention,
+    guarded<AttentionKernel, attention_compute, attention_error>,
     nullptr,
     start_version, end_version, no_pairs, release_pairs, no_pairs, release_pairs,
 };
