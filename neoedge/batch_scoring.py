@@ -1,13 +1,14 @@
 """Scoring several contexts in one forward pass: evaluation harnesses send thousands of short ones.
 
-GroupQueryAttention (onnxruntime 1.32, CPU) runs a multi-token pass over several rows only when
-none of them has a past (see batch.py), so the one thing different contexts can share is their
-first pass. `ContextBatch` makes it count: each row is a context followed by its first
-continuation (all but that continuation's last token), right-padded, every row's length in
-`seqlens_k`, logits computed only at the positions some row needs (`logits_positions` is shared by
-the rows, so rows of similar lengths are batched together). The other continuations of a context
-then run on their own row with the context as past: one pass each, writing over the previous
-continuation's positions, which nothing reads any more.
+The first pass is shared: each row is a context followed by its first continuation (all but that
+continuation's last token), right-padded, every row's length in `seqlens_k`, logits computed only
+at the positions some row needs (`logits_positions` is shared by the rows, so rows of similar
+lengths are batched together). The other continuations of a context then run on its row with the
+context as past, writing over the previous continuation's positions, which nothing reads any more:
+- on neoedge's Attention kernel, one pass per round for every row (the k-th continuation of each
+  context together, right-padded);
+- on onnxruntime's GroupQueryAttention (1.32, CPU), which runs a multi-token pass over several
+  rows only when none of them has a past (see batch.py), one pass per continuation.
 
 Rows hold every position in every layer (no bounded local window, no sliding): the local layers'
 window is the op's `local_window_size` either way, and a batch's rows are short.
@@ -30,6 +31,9 @@ from .kv_cache import lazy_zeros
 from .runner import GqaRunner, _run, bind_cache_rows, bind_gqa_inputs
 from .scoring import log_softmax_at
 
+LOGITS_BUDGET = 256 * 2**20
+"""Most bytes of logits one shared pass may return (rows x positions x vocabulary x 4)."""
+
 
 class ContextBatch:
     """Reusable buffers for batches of up to `rows` rows of at most `width` positions."""
@@ -37,6 +41,7 @@ class ContextBatch:
     def __init__(self, runner: GqaRunner, rows: int, width: int) -> None:
         model, graph = runner.model, runner.graph
         self._session, self._graph = runner.session, graph
+        self._batched_past = runner.batched_past
         self.rows, self.width, self.vocab = rows, width, model.vocab_size
         dtype = np.int8 if graph.kv_cache == "int8" else np.float32
         # (rows, heads, positions, head_size) per layer, key then value; pages are taken only where written.
@@ -77,18 +82,48 @@ class ContextBatch:
         _run(self._session, self._bind(slice(0, count), ids, positions, np.asarray(needed, np.int64), seqlens,
                                        np.array(width, np.int32), logits), run_options)
         out: list[list[ContinuationScore]] = []
+        first_logits = []
         for i, (n, conts) in enumerate(zip(lengths, continuations)):
             row_logits = logits[i, [column[p] for p in range(n - 1, len(rows[i]))]]
-            first_logits = row_logits[:1]
-            scores = [_score(row_logits, conts[0])]
-            for cont in conts[1:]:
-                if len(cont) == 1:
-                    scores.append(_score(first_logits, cont))
-                    continue
-                rest = self._extend(i, n, np.asarray(cont[:-1], np.int64), run_options)
-                scores.append(_score(np.concatenate([first_logits, rest]), cont))
-            out.append(scores)
+            first_logits.append(row_logits[:1])
+            out.append([_score(row_logits, conts[0])])
+        # Round k scores every context's k-th continuation: the single-token ones from the context's
+        # own logits, the longer ones in one pass over all rows where the attention allows it.
+        for k in range(1, max(len(conts) for conts in continuations)):
+            longer = {i: np.asarray(conts[k][:-1], np.int64) for i, conts in enumerate(continuations)
+                      if len(conts) > k and len(conts[k]) > 1}
+            kept = {i for i, conts in enumerate(continuations) if any(len(c) > 1 for c in conts[k:])}
+            rests = self._extend_rows(lengths, longer, kept, run_options) if self._batched_past else None
+            if rests is None:
+                rests = {i: self._extend(i, lengths[i], ids, run_options) for i, ids in longer.items()}
+            for i, conts in enumerate(continuations):
+                if len(conts) > k:
+                    scored = first_logits[i] if i not in rests else np.concatenate([first_logits[i], rests[i]])
+                    out[i].append(_score(scored, conts[k]))
         return out
+
+    def _extend_rows(self, lengths: list[int], ids: dict[int, np.ndarray], kept: set[int],
+                     run_options: ort.RunOptions | None) -> dict[int, np.ndarray] | None:
+        """One pass over rows [0, len(lengths)): `ids[i]` after row i's first `lengths[i]` positions,
+        right-padded to the longest (the padding comes after a row's own tokens, which cannot see
+        it). Rows without ids take the padding alone: after their context if they are `kept` (their
+        later continuations need it), else over it. Logits of each row's own tokens; None if the pass
+        would not fit the buffers or the logits budget (the rows then run one by one)."""
+        if not ids:
+            return {}
+        count, new = len(lengths), max(len(t) for t in ids.values())
+        starts = [n if i in ids or i in kept else 0 for i, n in enumerate(lengths)]
+        if max(starts) + new > self.width or count * new * self.vocab * 4 > LOGITS_BUDGET:
+            return None
+        batch = np.zeros((count, new), np.int64)
+        for i, tokens in ids.items():
+            batch[i, : len(tokens)] = tokens
+        positions = np.asarray(starts, np.int64)[:, None] + np.arange(new, dtype=np.int64)
+        logits = np.zeros((count, new, self.vocab), np.float32)
+        seqlens = np.asarray(starts, np.int32) + (new - 1)
+        _run(self._session, self._bind(slice(0, count), batch, positions, np.arange(new, dtype=np.int64), seqlens,
+                                       np.array(int(seqlens.max()) + 1, np.int32), logits), run_options)
+        return {i: logits[i, : len(tokens)] for i, tokens in ids.items()}
 
     def _extend(self, row: int, length: int, ids: np.ndarray, run_options: ort.RunOptions | None) -> np.ndarray:
         """Run `ids` on one row after its first `length` positions; logits at every one of them."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence as Seq
 from typing import TYPE_CHECKING
 
-from .batch_scoring import ContextBatch
+from .batch_scoring import LOGITS_BUDGET, ContextBatch
 from .cancel import CancelToken
 from .errors import ContextFullError, PromptError
 from .events import ContinuationScore
@@ -33,8 +33,6 @@ Pair = tuple[Seq[int], Seq[int]]
 
 BATCH_WIDTH = 512
 """Longest row (context + continuation) scored in a shared pass; longer ones run on their own."""
-LOGITS_BUDGET = 256 * 2**20
-"""Most bytes of logits one shared pass may return (rows x positions x vocabulary x 4)."""
 
 
 def window_context(context: Seq[int], continuation: Seq[int], max_length: int) -> tuple[int, ...]:

@@ -67,12 +67,12 @@ class Model:
                             "will be many times slower", manifest.quantization.scheme)
             loaded = create_session(package.graph_path, settings, package.kernel_graph_path)
             session = loaded.session
-            check_graph(session, manifest, package.kernel_graph if loaded.path == package.kernel_graph_path
-                        else package.graph)
+            graph = package.kernel_graph if loaded.path == package.kernel_graph_path else package.graph
+            check_graph(session, manifest, graph)
             tokenizer = Tokenizer(package.tokenizer_path)
             check_tokenizer(tokenizer, manifest)
         self._set(package_dir=package_dir, manifest=manifest, settings=settings, tokenizer=tokenizer,
-                  session=session, runner=make_runner(session, manifest, loaded.path), kernels=loaded.kernels,
+                  session=session, runner=make_runner(session, manifest, loaded.path, graph), kernels=loaded.kernels,
                   fingerprint=package_fingerprint(manifest))
 
     # Attributes are set once, here: a Model is shared between threads and never changes.

@@ -15,6 +15,8 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import PackageError
+from .graph_file import GraphFile
+from .kernels import DOMAIN as KERNEL_DOMAIN
 from .session import ORT_ERRORS, run_error
 from .kv_cache import ConcatKVCache, InPlaceKVCache, local_chunk
 from .manifest import GraphInfo, Manifest
@@ -82,11 +84,21 @@ class Runner(Protocol):
         """Append one token; its logits [vocab] (a view reused by the next pass)."""
 
 
-def make_runner(session: ort.InferenceSession, manifest: Manifest, graph_path: str = "") -> Runner:
+def make_runner(session: ort.InferenceSession, manifest: Manifest, graph_path: str = "",
+                graph: GraphFile | None = None) -> Runner:
+    """The runner for `session`; `graph` is the file it was made from (what its nodes are)."""
     _check_graph_names(session, manifest)
     if manifest.graph.attention == "gqa":
-        return GqaRunner(session, manifest, graph_path)
+        return GqaRunner(session, manifest, graph_path, batched_past=graph is not None and batches_over_a_past(graph))
     return PlainRunner(session, manifest, graph_path)
+
+
+def batches_over_a_past(graph: GraphFile) -> bool:
+    """Whether every attention node of `graph` runs a pass of several tokens on several rows that
+    already have a past. neoedge's Attention kernel does; onnxruntime's GroupQueryAttention (1.32,
+    CPU) refuses it ("batch_size must be 1 when sequence_length > 1 and past context is given")."""
+    attention = [n for n in graph.nodes if n.op_type in ("Attention", "GroupQueryAttention")]
+    return bool(attention) and all(n.op_type == "Attention" and n.domain == KERNEL_DOMAIN for n in attention)
 
 
 def _check_graph_names(session: ort.InferenceSession, manifest: Manifest) -> None:
@@ -144,8 +156,11 @@ def bind_cache_rows(binding: ort.IOBinding, names: list[tuple[str, str]], arrays
 
 
 class GqaRunner:
-    def __init__(self, session: ort.InferenceSession, manifest: Manifest, graph_path: str = "") -> None:
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest, graph_path: str = "", *,
+                 batched_past: bool = False) -> None:
         self.session = session
+        # A pass may give several rows with a past the same number of new tokens (batches_over_a_past).
+        self.batched_past = batched_past
         self.graph_path = str(graph_path)
         self.model = manifest.model
         self.graph = manifest.graph

@@ -308,8 +308,8 @@ def test_cli_run_error_is_one_line(cli, package, monkeypatch):
 
     real = model_module.make_runner
 
-    def failing_runner(session, manifest, graph_path):
-        runner = real(session, manifest, graph_path)
+    def failing_runner(session, manifest, graph_path, graph=None):
+        runner = real(session, manifest, graph_path, graph)
         runner.session = _FailingSession(session)
         return runner
 

@@ -299,3 +299,41 @@ def test_cli_without_the_eval_extra_is_a_clear_error(package):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "[eval] extra" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_further_continuations_of_every_context_share_a_pass(checkpoints, tmp_path, monkeypatch):
+    """On neoedge's Attention kernel the k-th continuations of all contexts run as one pass over
+    their rows (each after its own context, right-padded): one pass per round, not per continuation,
+    and the same scores as those continuations run row by row. Rows whose round has no long
+    continuation (a single token, or none left) ride along on padding."""
+    import numpy as np
+
+    import neoedge.batch_scoring
+    from neoedge import kernels
+
+    if not list(kernels.runnable_paths()):
+        pytest.skip("the native kernel library is not built")
+    package = tmp_path / "int4"
+    export_package(str(checkpoints["window8"]), package, quantize="int4", progress=False)
+    model = Model(package)
+    assert model.runner.batched_past
+    texts = [("Return the number of items in the", [" queue of tasks", " x", " list given here", " set"]),
+             ("Open the file named by the path and", [" read it all", " write", " close it now please"]),
+             ("Split", [" the string at every comma", " lines"]),
+             ("Raise an error when the value is not", [" an integer", " found", " a valid name", " y", " ok then"])]
+    pairs = [(model.encode(c), model.encode(w)) for c, words in texts for w in words]
+    runs = []
+    real_run = neoedge.batch_scoring._run
+    monkeypatch.setattr(neoedge.batch_scoring, "_run", lambda *a: runs.append(1) or real_run(*a))
+    shared = score_pairs(model, pairs, batch_size=8)
+    assert len(runs) == 1 + max(len(words) for _, words in texts) - 1
+    runs.clear()
+    monkeypatch.setattr(neoedge.batch_scoring.ContextBatch, "_extend_rows", lambda *a: None)
+    row_by_row = score_pairs(model, pairs, batch_size=8)
+    assert len(runs) == 1 + sum(len(cont) > 1 for c, words in texts for cont in [model.encode(w) for w in words[1:]])
+    for a, b in zip(shared, row_by_row):
+        assert a.tokens == b.tokens
+        # The same passes per row; only the GEMMs' row counts differ (fp32 sums in other orders,
+        # which can move a cached key across an int8 rounding step). Padding seen, or a row scored
+        # at the wrong positions, moves log-probabilities by whole nats.
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-3, rtol=0)
