@@ -169,9 +169,10 @@ def fit_grid(blocks: np.ndarray, bits: int, *, symmetric: bool, importance: np.n
         # (dequantized - weight)^2 in one buffer: the codes as floats, as quantize_codes rounds them.
         np.divide(blocks, s_[..., None], out=error)
         np.round(error, out=error)
-        error += z_[..., None]
-        np.clip(error, 0, qmax, out=error)
-        error -= z_[..., None]
+        # Clipping code - zero point to [-z, qmax - z] is clipping the code to [0, qmax]: small
+        # integers, exact in float32, in one pass instead of three.
+        low_code = -z_[..., None].astype(np.float32)
+        np.clip(error, low_code, low_code + qmax, out=error)
         error *= s_[..., None]
         error -= blocks
         np.square(error, out=error)
@@ -213,33 +214,51 @@ def refit_scales(quantized: QuantizedTensor, weight: np.ndarray, hessian: np.nda
     exactly; a block whose codes are all at the zero point keeps its scale."""
     out_features, blocks = quantized.scales.shape
     block = quantized.block
-    centered = (quantized.codes().reshape(out_features, blocks, block).astype(np.float64)
-                - quantized.zero_point_values()[..., None])  # c' [out, blocks, block]
-    w = np.asarray(weight, np.float64).reshape(out_features, blocks, block)
     if hessian is None:
+        centered = (quantized.codes().reshape(out_features, blocks, block).astype(np.float64)
+                    - quantized.zero_point_values()[..., None])  # c' [out, blocks, block]
+        w = np.asarray(weight, np.float64).reshape(out_features, blocks, block)
         gram = np.einsum("obk,obk->ob", centered, centered)
         target = np.einsum("obk,obk->ob", centered, w)
         with np.errstate(divide="ignore", invalid="ignore"):
             scales = np.where(gram > 0, target / gram, quantized.scales)
         return scales.astype(np.float32)
-    # float32 products (codes are small integers), float64 normal equations.
-    h = np.asarray(hessian, np.float32)
+    return _refit_scales_hessian(quantized, weight, hessian)
+
+
+def _refit_scales_hessian(quantized: QuantizedTensor, weight: np.ndarray, hessian: np.ndarray) -> np.ndarray:
+    """refit_scales with a hessian. float32 products (the centered codes are small integers, exact
+    in float32) in torch, on torch's one thread pool and buffers (numpy's BLAS pool contends with
+    it on a 2-core machine, and numpy's float64 einsums were most of this function's time), summed
+    in float64 for the float64 normal equations."""
+    import torch
+
+    out_features, blocks = quantized.scales.shape
+    block = quantized.block
+    h = torch.tensor(np.asarray(hessian, np.float32))
+    codes = quantized.codes().reshape(out_features, blocks, block)
+    zero_points = quantized.zero_point_values()[..., None].astype(np.float32)
     scales = quantized.scales.astype(np.float64)
     for first in range(0, out_features, 4096):  # rows are independent; a few thousand at a time
         rows = slice(first, min(first + 4096, out_features))
-        c = centered[rows].astype(np.float32)
-        target_w = w[rows].reshape(-1, blocks * block).astype(np.float32)
-        gram = np.empty((c.shape[0], blocks, blocks))
-        target = np.empty((c.shape[0], blocks))
+        count = rows.stop - rows.start
+        c = torch.empty((count, blocks, block), dtype=torch.float32)  # c' [rows, blocks, block]
+        np.subtract(codes[rows], zero_points[rows], out=c.numpy(), dtype=np.float32)
+        target_w = torch.tensor(np.asarray(weight[rows], np.float32))  # [rows, in]
+        gram = torch.empty((count, blocks, blocks), dtype=torch.float64)
         for b in range(blocks):
-            # c'_b^T H_b. (H restricted to block b's rows), for every row at once: [rows, in].
-            t = c[:, b] @ h[b * block:(b + 1) * block]
-            gram[:, b] = np.einsum("rck,rck->rc", t.reshape(-1, blocks, block), c, dtype=np.float64)
-            target[:, b] = np.einsum("ri,ri->r", t, target_w, dtype=np.float64)
+            # c'_b^T H_b. (H restricted to block b's rows) from block b on, for every row at once:
+            # [rows, in - b * block]. The gram is symmetric: its blocks before b are mirrored.
+            t = c[:, b] @ h[b * block:(b + 1) * block, b * block:]
+            gram[:, b, b:] = (t.view(count, blocks - b, block) * c[:, b:]).double().sum(-1)
+            gram[:, b + 1:, b] = gram[:, b, b + 1:]
+        # c'_b^T (H w)_b for every block at once.
+        target = (c * (target_w @ h).view(count, blocks, block)).double().sum(-1)
+        gram_, target_ = gram.numpy(), target.numpy()
         # Normal equations per row: sum_c (c'_b^T H_bc c'_c) s_c = c'_b^T H w.
-        solvable = np.linalg.det(gram) > 1e-30 * np.prod(np.einsum("rbb->rb", gram), axis=-1)
+        solvable = np.linalg.det(gram_) > 1e-30 * np.prod(np.einsum("rbb->rb", gram_), axis=-1)
         solved = scales[rows].copy()
         if solvable.any():
-            solved[solvable] = np.linalg.solve(gram[solvable], target[solvable][..., None])[..., 0]
+            solved[solvable] = np.linalg.solve(gram_[solvable], target_[solvable][..., None])[..., 0]
         scales[rows] = solved
     return scales.astype(np.float32)

@@ -15,6 +15,9 @@ up front from the original weights ("static groups"), which keeps the layout.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 
 from .blockwise import QuantizedTensor, check_block, fit_grid, pack
@@ -57,14 +60,32 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int
     codes = np.empty((out_features, in_features), np.uint8)
     # Rows are independent given H: a few thousand at a time keep the working set in cache (the
     # tied table has 50,257 of them).
-    for first in range(0, out_features, ROWS):
-        rows = slice(first, min(first + ROWS, out_features))
-        codes[rows] = _quantize_rows(weight[rows], u, order, scales[rows], zeros[rows], importance, bits, block,
-                                     symmetric=symmetric, act_order=act_order, weighted_clip=weighted_clip)
+    with _one_thread():
+        for first in range(0, out_features, ROWS):
+            rows = slice(first, min(first + ROWS, out_features))
+            codes[rows] = _quantize_rows(weight[rows], u, order, scales[rows], zeros[rows], importance, bits, block,
+                                         symmetric=symmetric, act_order=act_order, weighted_clip=weighted_clip)
     return pack(codes, scales, None if symmetric else zeros, bits, block)
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one thread: the column loop's products are small and many (thousands a matrix),
+    too small to gain from a second thread, and a thread pool's every product waits for both
+    threads: with anything else running on a 2-core machine, the loop ran 4x slower on two threads
+    than on one. (One fixed thread count also keeps the products' bits the same on every run.)"""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 ROWS = 2048
+SUB_BATCH = 16
 
 
 def _quantize_rows(weight: np.ndarray, u: np.ndarray, order: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
@@ -72,38 +93,62 @@ def _quantize_rows(weight: np.ndarray, u: np.ndarray, order: np.ndarray, scales:
                    weighted_clip: bool) -> np.ndarray:
     """GPTQ's column loop over some rows; fills their `scales`/`zeros` (unless act_order, where they
     are given) and returns their codes [rows, in]."""
+    import torch
+
     qmax = (1 << bits) - 1
-    in_features = weight.shape[1]
-    # Transposed, so that a column of the weight is a contiguous row here.
-    w = np.ascontiguousarray(weight.T[order], dtype=np.float32)  # [in, rows]
+    in_features, rows = weight.shape[1], weight.shape[0]
+    # Transposed, so that a column of the weight is a contiguous row here. The matrix products run
+    # in torch, on its one thread pool (numpy's BLAS has its own, and on a 2-core machine the two
+    # pools' threads contend: the products ran 2-3x slower), on buffers torch allocated (aligned
+    # alike on every run, so that its BLAS gives the same bits on every run).
+    wt = torch.empty((in_features, rows), dtype=torch.float32)
+    w = wt.numpy()  # [in, rows]
+    w[...] = weight.T[order]
+    ut = torch.from_numpy(u)
     codes = np.empty(w.shape, np.uint8)
-    # Lazy batches of columns (Frantar et al.'s trick): errors within a batch are spread column by
-    # column, onto the rest of the matrix once per batch, as one matrix product.
+    # Lazy batches of columns (Frantar et al.'s trick), two levels deep: errors within a sub-batch
+    # are spread column by column, onto the rest of the batch once per sub-batch and onto the rest
+    # of the matrix once per batch, each as one matrix product. Column-by-column updates of a whole
+    # 128-column batch were most of the loop's time on the tied table. A block's grid is fitted at
+    # its first column, when every earlier column's error has reached all of its columns: the
+    # sub-batch and the block are powers of two, so one of them holds the other.
     batch = block * max(1, 128 // block)
+    sub = min(SUB_BATCH, batch)
+    spread = np.empty((sub, rows), np.float32)  # one buffer for every column's rank-1 update
+    errors_t = torch.empty((batch, rows), dtype=torch.float32)
+    errors = errors_t.numpy()
     for start in range(0, in_features, batch):
         stop = min(start + batch, in_features)
-        w1 = w[start:stop]
-        errors = np.empty_like(w1)
-        u1 = u[start:stop, start:stop]
-        for i in range(stop - start):
-            column = start + i
-            if act_order:
-                g = order[column] // block
-                s, z = scales[:, g], zeros[:, g].astype(np.float32)
-            elif column % block == 0:
-                # This block's grid, from its weights as the earlier blocks' errors left them.
-                g = column // block
-                s_, z_ = fit_grid(w1[i:i + block].T[:, None, :], bits, symmetric=symmetric,
-                                  importance=importance[column:column + block] if weighted_clip else None)
-                scales[:, g], zeros[:, g] = s_[:, 0], z_[:, 0]
-                s, z = s_[:, 0], z_[:, 0].astype(np.float32)
-            x = w1[i]
-            q = np.clip(np.round(x / s) + z, 0, qmax)
-            codes[column] = q
-            error = (x - (q - z) * s) / u1[i, i]
-            w1[i + 1:] -= np.multiply.outer(u1[i, i + 1:], error)
-            errors[i] = error
-        w[stop:] -= u[start:stop, stop:].T @ errors
+        for sub_start in range(start, stop, sub):
+            sub_stop = min(sub_start + sub, stop)
+            w1 = w[sub_start:sub_stop]
+            u1 = u[sub_start:sub_stop, sub_start:sub_stop]
+            for i in range(sub_stop - sub_start):
+                column = sub_start + i
+                if act_order:
+                    g = order[column] // block
+                    s, z = scales[:, g], zeros[:, g].astype(np.float32)
+                elif column % block == 0:
+                    # This block's grid, from its weights as the earlier blocks' errors left them.
+                    g = column // block
+                    s_, z_ = fit_grid(np.ascontiguousarray(w[column:column + block].T)[:, None, :], bits,
+                                      symmetric=symmetric,
+                                      importance=importance[column:column + block] if weighted_clip else None)
+                    scales[:, g], zeros[:, g] = s_[:, 0], z_[:, 0]
+                    s, z = s_[:, 0], z_[:, 0].astype(np.float32)
+                x = w1[i]
+                q = np.clip(np.round(x / s) + z, 0, qmax)
+                codes[column] = q
+                error = (x - (q - z) * s) / u1[i, i]
+                later = spread[:sub_stop - sub_start - i - 1]
+                np.multiply.outer(u1[i, i + 1:], error, out=later)
+                w1[i + 1:] -= later
+                errors[column - start] = error
+            if sub_stop < stop:
+                wt[sub_stop:stop].addmm_(ut[sub_start:sub_stop, sub_stop:stop].T,
+                                         errors_t[sub_start - start:sub_stop - start], alpha=-1)
+        if stop < in_features:
+            wt[stop:].addmm_(ut[start:stop, stop:].T, errors_t[:stop - start], alpha=-1)
     unpermuted = np.empty_like(codes)
     unpermuted[order] = codes
     return unpermuted.T
@@ -117,12 +162,13 @@ def _inverse_cholesky(h: np.ndarray, mean_diagonal: float) -> np.ndarray:
     h = (J L J)(J L J)^T with J L J upper triangular, so U = (J L J)^-1 = J L^-1 J."""
     import torch
 
-    reverse = np.arange(h.shape[0])[::-1]
+    # J x J as a flipped view, copied once, straight to float32 (an index array would copy the
+    # float64 matrix twice: a third of this function's time at 3,072 wide).
     for attempt in range(6):
         try:
-            lower = torch.linalg.cholesky(torch.from_numpy(np.ascontiguousarray(h[reverse][:, reverse], np.float32)))
-            inverse = torch.linalg.solve_triangular(lower, torch.eye(h.shape[0]), upper=False).numpy()
-            return np.ascontiguousarray(inverse[reverse][:, reverse])
+            lower = torch.linalg.cholesky(torch.from_numpy(np.ascontiguousarray(h[::-1, ::-1], np.float32)))
+            inverse = torch.linalg.solve_triangular(lower, torch.eye(h.shape[0]), upper=False)
+            return torch.flip(inverse, (0, 1)).numpy()
         except torch.linalg.LinAlgError:
             h = h + np.eye(h.shape[0]) * (mean_diagonal * 10.0 ** (attempt - 3))
     raise ValueError("GPTQ: the calibration inputs' second moment is not positive definite even with damping")

@@ -129,7 +129,7 @@ def run_layers(model: Any, batches: np.ndarray, quantize_group: GroupQuantizer |
             x = F.layer_norm(h, (hidden_size,), block.ln_2.weight, block.ln_2.bias, eps)
             (wfc,), scales = group(C_FC, index, {f"{p}.mlp.c_fc.weight": block.mlp.c_fc}, x, True)
             fold_norm(f"{p}.ln_2", block.ln_2, scales)
-            a = activation(x @ wfc.T + block.mlp.c_fc.bias)
+            a = _mlp_activation(x, wfc, block.mlp.c_fc.bias, activation)
             del x
             # The activation is not linear: nothing before c_proj can absorb input scales.
             (wproj,), _ = group(C_PROJ, index, {f"{p}.mlp.c_proj.weight": block.mlp.c_proj}, a, False)
@@ -145,6 +145,22 @@ def run_layers(model: Any, batches: np.ndarray, quantize_group: GroupQuantizer |
             else:  # ln_f is followed by nothing else, but an untied head keeps the plain layout
                 group(UNTIED_LM_HEAD, -1, {"lm_head.weight": model.lm_head}, x, False)
     return PassResult(updates, kv_maxima)
+
+
+def _mlp_activation(x: Any, weight: Any, bias: Any, activation: Callable[[Any], Any]) -> Any:
+    """activation(x @ weight.T + bias) over [sequences, length, hidden] x, a few hundred tokens at a
+    time: transformers' GELU is several elementwise passes, and over a cache-sized slice they cost
+    half what they cost over all the calibration tokens' [tokens, 4 x hidden] at once."""
+    import torch
+
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.empty((flat.shape[0], weight.shape[0]), dtype=flat.dtype)
+    for start in range(0, flat.shape[0], ACTIVATION_TOKENS):
+        out[start:start + ACTIVATION_TOKENS] = activation(flat[start:start + ACTIVATION_TOKENS] @ weight.T + bias)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+ACTIVATION_TOKENS = 512
 
 
 def _attention(q: Any, k: Any, v: Any, heads: int, window: int | None) -> Any:
@@ -175,15 +191,18 @@ def _attention(q: Any, k: Any, v: Any, heads: int, window: int | None) -> Any:
     return out.transpose(1, 2).reshape(count, length, hidden)
 
 
+FISHER_FLOATS = 1 << 28  # float32s: 1 GiB
+
+
 def embedding_fisher(model: Any, batches: np.ndarray) -> np.ndarray:
     """float64 [hidden, hidden]: the mean over calibration positions of g g^T, g the gradient of the
     next-token loss with respect to the token embedding at that position (the empirical Fisher).
 
     The tied table is also the token lookup, and its rows' errors are judged by what they do
     downstream, not by their own size: this is the second moment that weighs them (GPTQ's H for
-    the lookup). It has strong off-diagonal structure: its diagonal alone does little. One
-    sequence at a time through transformers' model (fp32, weights untouched: only the embeddings
-    ask for gradients), so a 2.7B model needs the activations of one sequence."""
+    the lookup). It has strong off-diagonal structure: its diagonal alone does little. A few
+    sequences at a time through transformers' model (fp32, weights untouched: only the embeddings
+    ask for gradients), within a memory budget, so a 2.7B model needs the activations of one."""
     import torch
 
     hidden = model.config.hidden_size
@@ -193,15 +212,24 @@ def embedding_fisher(model: Any, batches: np.ndarray) -> np.ndarray:
     for p in model.parameters():
         p.requires_grad_(False)
     count = 0
+    sequences = np.ascontiguousarray(batches, dtype=np.int64)
+    # A few sequences per pass (all have the same length: no padding, and each position's gradient
+    # is its own sequence's): one sequence's matrix products are too small to run at full speed. At
+    # most FISHER_FLOATS of activations and logits kept for the backward pass, so that a 2.7B model
+    # still takes one sequence at a time.
+    length = sequences.shape[1]
+    per_sequence = length * (16 * hidden * model.config.num_layers + 3 * model.config.vocab_size)
+    step = max(1, min(len(sequences), FISHER_FLOATS // per_sequence))
     try:
-        for sequence in np.ascontiguousarray(batches, dtype=np.int64):
-            ids = torch.from_numpy(sequence)[None]
+        for first in range(0, len(sequences), step):
+            ids = torch.from_numpy(sequences[first:first + step])
             embeddings = table[ids].clone().requires_grad_(True)
-            logits = model(inputs_embeds=embeddings).logits[0, :-1]
+            logits = model(inputs_embeds=embeddings).logits[:, :-1]
             # Summed, not averaged: every position's own gradient.
-            loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                     reduction="sum")
             (gradient,) = torch.autograd.grad(loss, embeddings)
-            g = gradient[0].to(torch.float64)
+            g = gradient.reshape(-1, hidden).to(torch.float64)
             fisher += g.T @ g
             count += g.shape[0]
     finally:
