@@ -3,9 +3,10 @@ neoedge's kernels.
 
 A package keeps its stock `model.onnx`, which any onnxruntime can run, and gets a second small graph
 file beside it that is identical except that each MatMulNBits node the kernels implement is
-`neoedge.kernels::MatMulNBits` (same inputs, attributes and semantics), and each GroupQueryAttention
+`neoedge.kernels::MatMulNBits` (same inputs, attributes and semantics), each GroupQueryAttention
 over an int8 per-channel cache is `neoedge.kernels::Attention` (the same semantics, with only the
-inputs neoedge's graphs give it: qkv, the caches, the lengths and the cache scales). Both graphs read the same
+inputs neoedge's graphs give it: qkv, the caches, the lengths and the cache scales), and each
+SkipLayerNormalization and FastGelu is neoedge.kernels' op of that name. Both graphs read the same
 external weights file, so the package grows by one graph (tens of KB), not by a second copy of the
 weights. The runtime loads the kernel graph when the kernels are available (neoedge.kernels) and the
 stock one otherwise.
@@ -35,11 +36,13 @@ class KernelGraphReport:
     converted: int  # MatMulNBits nodes
     kept: dict[str, int] = field(default_factory=dict)  # reason -> node count
     attention: int = 0  # GroupQueryAttention nodes
+    elementwise: int = 0  # SkipLayerNormalization and FastGelu nodes
 
     def describe(self) -> str:
         kept = ", ".join(f"{count} {reason}" for reason, count in self.kept.items())
-        return f"{self.path.name}: {self.converted} MatMulNBits and {self.attention} attention node(s) on " \
-               "neoedge kernels" + (f"; kept stock: {kept}" if kept else "")
+        return f"{self.path.name}: {self.converted} MatMulNBits, {self.attention} attention and " \
+               f"{self.elementwise} SkipLayerNormalization/FastGelu node(s) on neoedge kernels" + \
+               (f"; kept stock: {kept}" if kept else "")
 
 
 def _attributes(node: onnx.NodeProto) -> dict[str, object]:
@@ -99,6 +102,20 @@ def _attention_why_not(node: onnx.NodeProto, element_types: dict[str, int]) -> s
     return None
 
 
+def _elementwise_why_not(node: onnx.NodeProto, element_types: dict[str, int]) -> str | None:
+    """None if neoedge.kernels' op of the same name computes this node, else why not. The kernels'
+    SkipLayerNormalization has no mean / inverse deviation outputs (1 and 2)."""
+    if any(element_types.get(name, TensorProto.FLOAT) != TensorProto.FLOAT for name in node.input if name):
+        return f"{node.op_type} on other than float"
+    attrs = set(_attributes(node))
+    if node.op_type == "SkipLayerNormalization":
+        if attrs - {"epsilon"} or len(node.input) > 5 or len(node.output) > 4 or any(node.output[1:3]):
+            return "SkipLayerNormalization with other attributes or outputs"
+    elif attrs or len(node.input) > 2 or len(node.output) != 1:
+        return "FastGelu with other attributes or inputs"
+    return None
+
+
 def sort_opsets(model: onnx.ModelProto) -> None:
     """Only the opsets the graph's nodes use, in domain order. onnxruntime writes an optimized model
     with an import for every domain registered in the process (a custom-op library loaded by an
@@ -123,9 +140,17 @@ def write_kernel_graph(stock_graph_path: str | Path, out_path: str | Path) -> Ke
     graph = model.graph
     element_types = {t.name: t.data_type for t in graph.initializer}
     element_types.update({v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info)})
-    converted, attention, kept = 0, 0, Counter()
+    converted, attention, elementwise, kept = 0, 0, 0, Counter()
     for node in graph.node:
         if node.domain != STOCK_DOMAIN:
+            continue
+        if node.op_type in ("SkipLayerNormalization", "FastGelu"):
+            reason = _elementwise_why_not(node, element_types)
+            if reason:
+                kept[reason] += 1
+            else:
+                node.domain = KERNEL_DOMAIN
+                elementwise += 1
             continue
         if node.op_type == "GroupQueryAttention":
             reason = _attention_why_not(node, element_types)
@@ -154,8 +179,8 @@ def write_kernel_graph(stock_graph_path: str | Path, out_path: str | Path) -> Ke
     others = [o for o in model.opset_import if o.domain != KERNEL_DOMAIN]
     del model.opset_import[:]
     model.opset_import.extend(others)
-    if converted or attention:
+    if converted or attention or elementwise:
         model.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, KERNEL_OPSET))
     sort_opsets(model)
     onnx.save(model, str(out))
-    return KernelGraphReport(out, converted, dict(kept), attention)
+    return KernelGraphReport(out, converted, dict(kept), attention, elementwise)

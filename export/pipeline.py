@@ -321,7 +321,7 @@ def _add_kernel_graph(directory: Path, graph_info: GraphInfo, scheme: str) -> Gr
         return graph_info
     report = write_kernel_graph(directory / MODEL_FILE, directory / KERNEL_GRAPH_FILE)
     log.info("%s", report.describe())
-    if not (report.converted or report.attention):
+    if not (report.converted or report.attention or report.elementwise):
         (directory / KERNEL_GRAPH_FILE).unlink()  # written by this export a moment ago
         return graph_info
     return replace(graph_info, kernel_file=KERNEL_GRAPH_FILE)

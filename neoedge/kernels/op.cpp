@@ -4,6 +4,8 @@
 //   scales, optional zero_points), attributes and results.
 // - Attention: com.microsoft.GroupQueryAttention over an int8 per-channel cache, as neoedge's graphs
 //   use it, with only the inputs that use needs (attention.h).
+// - SkipLayerNormalization and FastGelu: com.microsoft's, without the mean and inverse-deviation
+//   outputs of SkipLayerNormalization (elementwise.h).
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -13,6 +15,7 @@
 
 #include "ort_abi.h"
 #include "attention.h"
+#include "elementwise.h"
 #include "qgemm.h"
 
 #if defined(_WIN32)
@@ -350,6 +353,178 @@ const CustomOp kAttentionOp = {
     start_version, end_version, no_pairs, release_pairs, no_pairs, release_pairs,
 };
 
+// ---------------------------------------------------------------------------------------------
+// SkipLayerNormalization: inputs input and skip [..., W], gamma [W], optional beta and bias [W];
+// outputs the normalised rows and, optionally (output 3), input + skip + bias. Outputs 1 and 2 (mean,
+// inverse deviation) are refused: the kernel graph converts only nodes that do not ask for them.
+// FastGelu: input [..., W], optional bias [W].
+
+struct RowKernel {
+  float epsilon;
+  Isa isa;
+};
+
+Status* skip_norm_error(ErrorCode code, const std::string& message) {
+  return g_ort.CreateStatus(code, ("neoedge.kernels SkipLayerNormalization: " + message).c_str());
+}
+
+Status* gelu_error(ErrorCode code, const std::string& message) {
+  return g_ort.CreateStatus(code, ("neoedge.kernels FastGelu: " + message).c_str());
+}
+
+Status* NEO_ORT_CALL create_skip_norm(const CustomOp*, const Api*, const KernelInfo* info, void** out) {
+  *out = nullptr;
+  float epsilon = 1e-12f;  // com.microsoft's default
+  Status* status = g_ort.KernelInfoGetAttribute_float(info, "epsilon", &epsilon);
+  if (status) g_ort.ReleaseStatus(status);
+  size_t outputs = 0;
+  if (Status* s = g_ort.KernelInfo_GetOutputCount(info, &outputs)) return s;
+  if (outputs > 4) return skip_norm_error(kInvalidArgument, "at most 4 outputs");
+  Isa isa;
+  std::string why;
+  if (!selected_isa(&isa, &why)) return skip_norm_error(kInvalidArgument, why);
+  *out = new RowKernel{epsilon, isa};
+  return nullptr;
+}
+
+Status* NEO_ORT_CALL create_gelu(const CustomOp*, const Api*, const KernelInfo*, void** out) {
+  *out = nullptr;
+  Isa isa;
+  std::string why;
+  if (!selected_isa(&isa, &why)) return gelu_error(kInvalidArgument, why);
+  *out = new RowKernel{0.f, isa};
+  return nullptr;
+}
+
+// Inputs [0, count) of a row op (null where absent), their data, and the first one's shape.
+Status* row_inputs(KernelContext* context, size_t count, const Value** values, const float** data, int64_t* dims,
+                   size_t* rank, int64_t* elements) {
+  size_t present = 0;
+  if (Status* s = g_ort.KernelContext_GetInputCount(context, &present)) return s;
+  for (size_t i = 0; i < count; ++i) {
+    values[i] = nullptr;
+    data[i] = nullptr;
+    if (i >= present) continue;
+    if (Status* s = g_ort.KernelContext_GetInput(context, i, &values[i])) return s;
+    if (!values[i]) continue;
+    void* p = nullptr;
+    if (Status* s = g_ort.GetTensorMutableData(const_cast<Value*>(values[i]), &p)) return s;
+    data[i] = static_cast<const float*>(p);
+  }
+  if (!values[0]) return g_ort.CreateStatus(kInvalidArgument, "neoedge.kernels: the first input is missing");
+  return shape_of(values[0], dims, rank, elements);
+}
+
+// Whether optional input `value` is absent or holds exactly `width` values.
+Status* width_matches(const Value* value, int64_t width, bool* ok) {
+  *ok = true;
+  if (!value) return nullptr;
+  int64_t dims[8], count = 0;
+  size_t rank = 0;
+  if (Status* s = shape_of(value, dims, &rank, &count)) return s;
+  *ok = count == width;
+  return nullptr;
+}
+
+Status* skip_norm_compute(RowKernel& kernel, KernelContext* context) {
+  const Value* values[5];
+  const float* data[5];
+  int64_t dims[8], elements = 0;
+  size_t rank = 0;
+  if (Status* s = row_inputs(context, 5, values, data, dims, &rank, &elements)) return s;
+  if (rank < 1 || !values[1] || !values[2]) return skip_norm_error(kInvalidArgument, "input, skip and gamma are required");
+  const int64_t width = dims[rank - 1], rows = width ? elements / width : 0;
+  int64_t skip_dims[8], skip_count = 0;
+  size_t skip_rank = 0;
+  if (Status* s = shape_of(values[1], skip_dims, &skip_rank, &skip_count)) return s;
+  if (skip_count != elements) return skip_norm_error(kInvalidArgument, "skip must have the input's shape");
+  for (int i = 2; i < 5; ++i) {
+    bool ok = true;
+    if (Status* s = width_matches(values[i], width, &ok)) return s;
+    if (!ok) return skip_norm_error(kInvalidArgument, "gamma, beta and bias must hold one value per channel");
+  }
+  size_t outputs = 0;
+  if (Status* s = g_ort.KernelContext_GetOutputCount(context, &outputs)) return s;
+  Value* out = nullptr;
+  if (Status* s = g_ort.KernelContext_GetOutput(context, 0, dims, rank, &out)) return s;
+  void* out_data = nullptr;
+  if (Status* s = g_ort.GetTensorMutableData(out, &out_data)) return s;
+  void* sum_data = nullptr;
+  if (outputs > 3) {
+    Value* sum = nullptr;
+    if (Status* s = g_ort.KernelContext_GetOutput(context, 3, dims, rank, &sum)) return s;
+    if (sum) {
+      if (Status* s = g_ort.GetTensorMutableData(sum, &sum_data)) return s;
+    }
+  }
+  if (rows == 0) return nullptr;
+  neoedge::SkipNormProblem p{data[0], data[1], data[2], data[3], data[4], static_cast<float*>(out_data),
+                             static_cast<float*>(sum_data), rows, width, kernel.epsilon};
+  neoedge::Parallel parallel{pool_run, context};
+  if (!neoedge::run_skip_norm(p, parallel, kernel.isa)) return skip_norm_error(kRuntimeException, "the thread pool failed");
+  return nullptr;
+}
+
+Status* gelu_compute(RowKernel& kernel, KernelContext* context) {
+  const Value* values[2];
+  const float* data[2];
+  int64_t dims[8], elements = 0;
+  size_t rank = 0;
+  if (Status* s = row_inputs(context, 2, values, data, dims, &rank, &elements)) return s;
+  if (rank < 1) return gelu_error(kInvalidArgument, "the input must have a last dimension");
+  const int64_t width = dims[rank - 1], rows = width ? elements / width : 0;
+  bool ok = true;
+  if (Status* s = width_matches(values[1], width, &ok)) return s;
+  if (!ok) return gelu_error(kInvalidArgument, "bias must hold one value per channel");
+  Value* out = nullptr;
+  if (Status* s = g_ort.KernelContext_GetOutput(context, 0, dims, rank, &out)) return s;
+  void* out_data = nullptr;
+  if (Status* s = g_ort.GetTensorMutableData(out, &out_data)) return s;
+  if (rows == 0) return nullptr;
+  neoedge::GeluProblem p{data[0], data[1], static_cast<float*>(out_data), rows, width};
+  neoedge::Parallel parallel{pool_run, context};
+  if (!neoedge::run_gelu(p, parallel, kernel.isa)) return gelu_error(kRuntimeException, "the thread pool failed");
+  return nullptr;
+}
+
+void NEO_ORT_CALL destroy_row_kernel(void* kernel) { delete static_cast<RowKernel*>(kernel); }
+const char* NEO_ORT_CALL skip_norm_name(const CustomOp*) { return "SkipLayerNormalization"; }
+const char* NEO_ORT_CALL gelu_name(const CustomOp*) { return "FastGelu"; }
+ElementType NEO_ORT_CALL float_type(const CustomOp*, size_t) { return kFloat; }
+size_t NEO_ORT_CALL skip_norm_input_count(const CustomOp*) { return 5; }
+size_t NEO_ORT_CALL skip_norm_output_count(const CustomOp*) { return 4; }
+size_t NEO_ORT_CALL gelu_input_count(const CustomOp*) { return 2; }
+InputOutputCharacteristic NEO_ORT_CALL skip_norm_input_characteristic(const CustomOp*, size_t index) {
+  return index >= 3 ? kOptional : kRequired;
+}
+InputOutputCharacteristic NEO_ORT_CALL first_required(const CustomOp*, size_t index) {
+  return index == 0 ? kRequired : kOptional;
+}
+
+const CustomOp kSkipNormOp = {
+    kApiVersion,
+    nullptr,
+    skip_norm_name, op_provider, float_type, skip_norm_input_count, float_type, skip_norm_output_count,
+    nullptr,
+    destroy_row_kernel, skip_norm_input_characteristic, first_required, input_memory, variadic_min_arity,
+    variadic_homogeneity, variadic_min_arity, variadic_homogeneity, create_skip_norm,
+    guarded<RowKernel, skip_norm_compute, skip_norm_error>,
+    nullptr,
+    start_version, end_version, no_pairs, release_pairs, no_pairs, release_pairs,
+};
+
+const CustomOp kGeluOp = {
+    kApiVersion,
+    nullptr,
+    gelu_name, op_provider, float_type, gelu_input_count, float_type, output_count,
+    nullptr,
+    destroy_row_kernel, first_required, output_characteristic, input_memory, variadic_min_arity,
+    variadic_homogeneity, variadic_min_arity, variadic_homogeneity, create_gelu,
+    guarded<RowKernel, gelu_compute, gelu_error>,
+    nullptr,
+    start_version, end_version, no_pairs, release_pairs, no_pairs, release_pairs,
+};
+
 std::mutex g_mutex;
 CustomOpDomain* g_domain = nullptr;  // one domain for every session; lives as long as the process
 
@@ -365,6 +540,8 @@ NEO_EXPORT Status* NEO_ORT_CALL RegisterCustomOps(SessionOptions* options, const
     if (Status* s = g_ort.CreateCustomOpDomain(kDomain, &domain)) return s;
     if (Status* s = g_ort.CustomOpDomain_Add(domain, &kOp)) return s;
     if (Status* s = g_ort.CustomOpDomain_Add(domain, &kAttentionOp)) return s;
+    if (Status* s = g_ort.CustomOpDomain_Add(domain, &kSkipNormOp)) return s;
+    if (Status* s = g_ort.CustomOpDomain_Add(domain, &kGeluOp)) return s;
     g_domain = domain;
   }
   return g_ort.AddCustomOpDomain(options, g_domain);

@@ -71,13 +71,16 @@ enum Slot : size_t {
   kGetDimensionsCount = 61,
   kGetDimensions = 62,
   kGetTensorTypeAndShape = 65,
+  kKernelInfoGetAttribute_float = 85,
   kKernelInfoGetAttribute_int64 = 86,
   kKernelContext_GetInputCount = 88,
+  kKernelContext_GetOutputCount = 89,
   kKernelContext_GetInput = 90,
   kKernelContext_GetOutput = 91,
   kReleaseStatus = 93,
   kReleaseTensorTypeAndShapeInfo = 99,
   kKernelInfo_GetInputCount = 230,
+  kKernelInfo_GetOutputCount = 231,
   kKernelContext_ParallelFor = 274,
   kSlotCount = 285,  // slots in version 21
 };
@@ -93,14 +96,17 @@ struct Functions {
   Status*(NEO_ORT_CALL* GetDimensionsCount)(const TensorTypeAndShapeInfo* info, size_t* out);
   Status*(NEO_ORT_CALL* GetDimensions)(const TensorTypeAndShapeInfo* info, int64_t* dims, size_t count);
   Status*(NEO_ORT_CALL* GetTensorTypeAndShape)(const Value* value, TensorTypeAndShapeInfo** out);
+  Status*(NEO_ORT_CALL* KernelInfoGetAttribute_float)(const KernelInfo* info, const char* name, float* out);
   Status*(NEO_ORT_CALL* KernelInfoGetAttribute_int64)(const KernelInfo* info, const char* name, int64_t* out);
   Status*(NEO_ORT_CALL* KernelContext_GetInputCount)(const KernelContext* context, size_t* out);
+  Status*(NEO_ORT_CALL* KernelContext_GetOutputCount)(const KernelContext* context, size_t* out);
   Status*(NEO_ORT_CALL* KernelContext_GetInput)(const KernelContext* context, size_t index, const Value** out);
   Status*(NEO_ORT_CALL* KernelContext_GetOutput)(KernelContext* context, size_t index, const int64_t* dims,
                                                  size_t dim_count, Value** out);
   void(NEO_ORT_CALL* ReleaseStatus)(Status* status);
   void(NEO_ORT_CALL* ReleaseTensorTypeAndShapeInfo)(TensorTypeAndShapeInfo* info);
   Status*(NEO_ORT_CALL* KernelInfo_GetInputCount)(const KernelInfo* info, size_t* out);
+  Status*(NEO_ORT_CALL* KernelInfo_GetOutputCount)(const KernelInfo* info, size_t* out);
   // Runs fn(user, i) for i in [0, total) on the session's intra-op thread pool; num_batch 0 lets the
   // pool hand out indices one at a time (dynamic balance).
   Status*(NEO_ORT_CALL* KernelContext_ParallelFor)(const KernelContext* context, void (*fn)(void*, size_t),
@@ -118,13 +124,16 @@ struct Functions {
     assign(GetDimensionsCount, at(kGetDimensionsCount));
     assign(GetDimensions, at(kGetDimensions));
     assign(GetTensorTypeAndShape, at(kGetTensorTypeAndShape));
+    assign(KernelInfoGetAttribute_float, at(kKernelInfoGetAttribute_float));
     assign(KernelInfoGetAttribute_int64, at(kKernelInfoGetAttribute_int64));
     assign(KernelContext_GetInputCount, at(kKernelContext_GetInputCount));
+    assign(KernelContext_GetOutputCount, at(kKernelContext_GetOutputCount));
     assign(KernelContext_GetInput, at(kKernelContext_GetInput));
     assign(KernelContext_GetOutput, at(kKernelContext_GetOutput));
     assign(ReleaseStatus, at(kReleaseStatus));
     assign(ReleaseTensorTypeAndShapeInfo, at(kReleaseTensorTypeAndShapeInfo));
     assign(KernelInfo_GetInputCount, at(kKernelInfo_GetInputCount));
+    assign(KernelInfo_GetOutputCount, at(kKernelInfo_GetOutputCount));
     assign(KernelContext_ParallelFor, at(kKernelContext_ParallelFor));
   }
 
