@@ -548,7 +548,7 @@ NEO_EXPORT Status* NEO_ORT_CALL RegisterCustomOps(SessionOptions* options, const
 }
 
 // For the Python side: which paths exist here, without creating a session.
-NEO_EXPORT int neoedge_kernels_interface_version() { return 1; }
+NEO_EXPORT int neoedge_kernels_interface_version() { return 2; }
 NEO_EXPORT const char* neoedge_kernels_best_isa() { return neoedge::isa_name(neoedge::best_isa()); }
 NEO_EXPORT int neoedge_kernels_isa_supported(const char* name) {
   Isa isa;
