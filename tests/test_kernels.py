@@ -573,25 +573,29 @@ def test_a_corrupt_kernel_graph_is_refused_before_it_is_parsed(int4_package, tmp
         Model(copy)
 
 
-def test_the_attention_kernel_alone_gives_the_stock_graphs_greedy_tokens(int4_package, library, relist,
+def test_the_attention_kernel_alone_gives_the_stock_graphs_greedy_tokens(checkpoints, library, relist,
                                                                          monkeypatch, tmp_path):
-    # The kernel graph with only its attention nodes on the kernels (MatMulNBits kept stock, so that
-    # their activation rounding cannot differ): the same greedy tokens as the stock graph over the
+    # The kernel graph with only its attention nodes on the kernels (MatMulNBits and the elementwise
+    # ops kept stock, so that their rounding cannot differ): the same greedy tokens as the stock graph over the
     # whole context and past it (shifted), crossing the 8-position window dozens of times; batched
     # with ragged prompts (one of one token) whose rows prefill, decode and finish at different
     # lengths; and through fork and rewind (within the local cache and past it).
-    import shutil
-
+    # Round-to-nearest weights: greedy equality needs no top-2 tie within the int8 cache's rounding
+    # anywhere in these runs. The default (GPTQ) weights of this checkpoint have one in the ragged
+    # batch (8.5e-4 nats), where the stock graph batched and the stock graph one row at a time
+    # already pick different tokens.
     import onnx
 
     from neoedge import Model, SessionSettings
     from neoedge.engine import generate_batch
+    from neoedge.export import export_package
     from neoedge.options import ContextPolicy
 
-    copy = Path(shutil.copytree(int4_package, tmp_path / "pkg"))
+    copy = tmp_path / "pkg"
+    export_package(str(checkpoints["window8"]), copy, quantize="int4", algorithm="rtn", progress=False)
     graph = onnx.load(str(copy / "model.kernels.onnx"), load_external_data=False)
     for node in graph.graph.node:
-        if node.op_type == "MatMulNBits":
+        if node.op_type in ("MatMulNBits", "SkipLayerNormalization", "FastGelu"):
             node.domain = "com.microsoft"
     onnx.save(graph, str(copy / "model.kernels.onnx"))
     relist(copy, "model.kernels.onnx")
