@@ -580,10 +580,9 @@ def test_the_attention_kernel_alone_gives_the_stock_graphs_greedy_tokens(checkpo
     # whole context and past it (shifted), crossing the 8-position window dozens of times; batched
     # with ragged prompts (one of one token) whose rows prefill, decode and finish at different
     # lengths; and through fork and rewind (within the local cache and past it).
-    # Round-to-nearest weights: greedy equality needs no top-2 tie within the int8 cache's rounding
-    # anywhere in these runs. The default (GPTQ) weights of this checkpoint have one in the ragged
-    # batch (8.5e-4 nats), where the stock graph batched and the stock graph one row at a time
-    # already pick different tokens.
+    # Greedy tokens can part at a tie within the int8 cache's rounding (the default GPTQ weights of
+    # this checkpoint have one, 8.5e-4 nats, where even the stock graph batched and one row at a time
+    # pick different tokens): the runs are compared by their log-probs up to such a tie.
     import onnx
 
     from neoedge import Model, SessionSettings
@@ -592,7 +591,7 @@ def test_the_attention_kernel_alone_gives_the_stock_graphs_greedy_tokens(checkpo
     from neoedge.options import ContextPolicy
 
     copy = tmp_path / "pkg"
-    export_package(str(checkpoints["window8"]), copy, quantize="int4", algorithm="rtn", progress=False)
+    export_package(str(checkpoints["window8"]), copy, quantize="int4", progress=False)
     graph = onnx.load(str(copy / "model.kernels.onnx"), load_external_data=False)
     for node in graph.graph.node:
         if node.op_type in ("MatMulNBits", "SkipLayerNormalization", "FastGelu"):
@@ -603,22 +602,44 @@ def test_the_attention_kernel_alone_gives_the_stock_graphs_greedy_tokens(checkpo
     policy = ContextPolicy(on_full="shift", keep=3)
     prompts = [[5], list(range(3, 40)), [7, 8, 9], list(range(9, 90)), [11, 12]]
 
-    def tokens(model):
-        out = [model.sequence(policy=policy).generate("the", max_new_tokens=320, stop_at_eos=False).tokens]
-        out += [c.tokens for c in generate_batch(model, prompts, max_new_tokens=100, stop_at_eos=False)]
+    def runs(model):
+        greedy = dict(stop_at_eos=False, logprobs=True)
+        out = [model.sequence(policy=policy).generate("the", max_new_tokens=320, **greedy)]
+        out += generate_batch(model, prompts, max_new_tokens=100, **greedy)
         seq = model.sequence(tokens=list(range(20, 120)))
-        out.append(seq.generate(max_new_tokens=40, stop_at_eos=False).tokens)
+        out.append(seq.generate(max_new_tokens=40, **greedy))
         fork = seq.fork()
         seq.rewind(130)
-        out.append(seq.generate(max_new_tokens=30, stop_at_eos=False).tokens)
-        out.append(fork.generate(max_new_tokens=30, stop_at_eos=False).tokens)
+        out.append(seq.generate(max_new_tokens=30, **greedy))
+        out.append(fork.generate(max_new_tokens=30, **greedy))
         seq.rewind(20)
-        out.append(seq.generate(max_new_tokens=30, stop_at_eos=False).tokens)
-        return out
+        out.append(seq.generate(max_new_tokens=30, **greedy))
+        return [(c.tokens, c.logprobs) for c in out]
 
-    expected = tokens(stock)
+    def agreeing_steps(got, expected):
+        """Steps where both pick the same token with log-probs within the int8 cache's rounding (the
+        two ops' fp32 sums in other orders put a cached value one rounding step apart now and then:
+        up to ~5e-3 nats here; a wrong window or position moves them by 2e-2 to whole nats), up to
+        the first step where they pick different tokens, which must then be a tie: each pick's
+        log-prob within that rounding of the other's."""
+        steps = 0
+        for (tokens, logprobs), (tokens_e, logprobs_e) in zip(got, expected):
+            for token, lp, token_e, lp_e in zip(tokens, logprobs, tokens_e, logprobs_e):
+                assert abs(lp - lp_e) < 1e-2, (token, lp, token_e, lp_e)
+                if token != token_e:
+                    break
+                steps += 1
+            else:
+                assert len(tokens) == len(tokens_e)
+        return steps
+
+    expected = runs(stock)
+    total = sum(len(t) for t, _ in expected)
     for path in dict.fromkeys(["portable", PATHS[0]]):
         monkeypatch.setenv(kernels.ISA_VARIABLE, path)
         fast = Model(copy)
         assert fast.kernels.available and fast.kernels.isa == path
-        assert tokens(fast) == expected, path
+        steps = agreeing_steps(runs(fast), expected)
+        # A tie ends the comparison of its run (and of the runs that continue it: the rewinds), so
+        # demand that most steps were compared (88% on the portable path, all on the others).
+        assert steps >= 0.8 * total, (path, steps, total)
