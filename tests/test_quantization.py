@@ -125,9 +125,12 @@ def test_quantized_graph_equals_the_model_with_dequantized_weights(checkpoints, 
     assert len(names) == 6 * checkpoint.info.num_layers
     for name in names + ["transformer.wte.weight"]:  # every weight MatMul and the table
         assert isinstance(quantized[name], QuantizedTensor), name
-    if algorithm == "awq":  # the scales went into ln_1/ln_2 (and the value rows)
-        assert not np.array_equal(quantized["transformer.h.0.ln_1.weight"],
-                                  checkpoint.model.transformer.h[0].ln_1.weight.detach().numpy())
+    if algorithm == "awq":  # the scales went into ln_1/ln_2 (and the value rows): some of them, at
+        # least (the search may keep a group's scales at 1, as it did for layer 0 here at block 32)
+        blocks = checkpoint.model.transformer.h
+        assert any(not np.array_equal(quantized[f"transformer.h.{i}.{norm}.weight"],
+                                      getattr(blocks[i], norm).weight.detach().numpy())
+                   for i in range(checkpoint.info.num_layers) for norm in ("ln_1", "ln_2"))
     model = _with_stored_weights(checkpoint.model, quantized)
     ids = np.random.default_rng(0).integers(0, checkpoint.info.vocab_size, size=40)
     feeds = {"input_ids": ids[None], "position_ids": np.arange(40)[None], "logits_positions": np.arange(40)}
