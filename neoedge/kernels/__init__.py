@@ -1,9 +1,14 @@
-"""neoedge's own CPU kernels for quantized linear layers, and the stock fallback.
+"""neoedge's own CPU kernels for quantized linear layers, attention and the ops between them, and
+the stock fallback.
 
 The native library (built at install time when a C++ compiler is there, see setup.py) registers
-`neoedge.kernels::MatMulNBits` with onnxruntime: a drop-in for `com.microsoft.MatMulNBits` with
-accuracy_level 4, run on the session's own thread pool and dispatched at run time to the widest
-path this CPU has: amx > avx512vnni > avxvnni > avx2 > portable (neon on arm64).
+with onnxruntime, in the `neoedge.kernels` domain:
+- `MatMulNBits`: a drop-in for `com.microsoft.MatMulNBits` with accuracy_level 4, dispatched at run
+  time to the widest path this CPU has: amx > avx512vnni > avxvnni > avx2 > portable (neon on arm64);
+- `Attention`: GroupQueryAttention over the int8 per-channel cache, as neoedge's graphs use it;
+- `SkipLayerNormalization` and `FastGelu`: com.microsoft's, without SkipLayerNormalization's mean
+  and inverse-deviation outputs.
+All run on the session's own thread pool.
 
     info = kernels.register(session_options)   # before creating the session
     if info.available: ...load the package's kernel graph...
