@@ -8,7 +8,9 @@ predicts the first continuation token).
 
 With batch_size 1 each context runs in a sequence of its own (`Sequence.score`). With more, short
 contexts share their first pass, `batch_size` at a time (`batch_scoring.ContextBatch`): one pass
-for the contexts and their first continuations, then one per further multi-token continuation.
+for the contexts and their first continuations, then, on neoedge's Attention kernel, one pass per
+further round of continuations (the second of every context, then the third, ...), or else one per
+further multi-token continuation.
 
 Pairs longer than the window are cut from the left the way lm-eval's Hugging Face backend cuts them:
 the last `max_length + 1` tokens of context + continuation are kept (the last token is predicted,
