@@ -10,6 +10,7 @@
 // into the query.
 #include "attention.h"
 #include "x86.h"
+#include "avx512_exp.h"
 
 #if NEO_X86
 
@@ -39,24 +40,6 @@ NEO_AVX512 NEO_INLINE __m512 reduce16(const __m512 (&v)[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
 }
 
-// exp(x) for x <= 0 (scores minus their running maximum): 2^n e^r with |r| <= ln2 / 2 and a
-// degree-7 Taylor polynomial (relative error ~1e-7); below -87 it flushes towards 0.
-NEO_AVX512 NEO_INLINE __m512 exp_negative(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
-  __m512 e = _mm512_set1_ps(1.f / 5040.f);
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 720.f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 120.f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 24.f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 6.f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(0.5f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(e, n);
-}
 
 // Rows [first, first + count) of the cache as fp32, ND vectors of 16 per row.
 template <int ND>
@@ -203,7 +186,7 @@ NEO_AVX512 NEO_INLINE void accumulate(const BlockScores& b, float top, __m512 (&
   alignas(64) float weights[kBlockKeys];
   __m512 total = _mm512_setzero_ps();
   for (int g = 0; g < b.groups; ++g) {
-    const __m512 e = _mm512_maskz_mov_ps(b.valid[g], exp_negative(_mm512_sub_ps(b.s[g], _mm512_set1_ps(max))));
+    const __m512 e = _mm512_maskz_mov_ps(b.valid[g], x86::exp_clamped(_mm512_sub_ps(b.s[g], _mm512_set1_ps(max))));
     total = _mm512_add_ps(total, e);
     _mm512_store_ps(weights + g * 16, e);
   }

@@ -2,6 +2,7 @@
 // last partial vector of a row is masked.
 #include "elementwise.h"
 #include "x86.h"
+#include "avx512_exp.h"
 
 #if NEO_X86
 
@@ -18,25 +19,6 @@ NEO_AVX512 NEO_INLINE __mmask16 tail_mask(int64_t left) {
 }
 
 NEO_AVX512 NEO_INLINE __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-
-// exp(x) for any x: 2^n e^r with |r| <= ln2 / 2 and a degree-7 Taylor polynomial (relative error
-// ~1e-7), x clamped to [-87, 88] (the sigmoid below only needs it finite or huge).
-NEO_AVX512 NEO_INLINE __m512 exp_clamped(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
-  __m512 e = _mm512_set1_ps(1.f / 5040.f);
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 720.f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 120.f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 24.f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 6.f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(0.5f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(e, n);
-}
 
 }  // namespace
 
@@ -87,7 +69,7 @@ NEO_AVX512 void gelu_rows_avx512(const GeluProblem& p, int64_t r0, int64_t r1) {
       __m512 v = load(x + i, m);
       if (p.bias) v = _mm512_add_ps(v, load(p.bias + i, m));
       const __m512 u = _mm512_mul_ps(v, _mm512_fmadd_ps(b, _mm512_mul_ps(v, v), a));
-      const __m512 e = exp_clamped(_mm512_mul_ps(minus_two, u));
+      const __m512 e = x86::exp_clamped(_mm512_mul_ps(minus_two, u));
       _mm512_mask_storeu_ps(out + i, m, _mm512_div_ps(v, _mm512_add_ps(one, e)));
     }
   }

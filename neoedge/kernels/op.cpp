@@ -218,17 +218,26 @@ size_t NEO_ORT_CALL no_pairs(int** inputs, int** outputs) {
 }
 void NEO_ORT_CALL release_pairs(int*, int*) {}
 
-const CustomOp kOp = {
-    kApiVersion,
-    nullptr,  // CreateKernel: the V2 callbacks are used
-    op_name, op_provider, input_type, input_count, output_type, output_count,
-    nullptr,  // KernelCompute
-    destroy_kernel, input_characteristic, output_characteristic, input_memory, variadic_min_arity,
-    variadic_homogeneity, variadic_min_arity, variadic_homogeneity, create_kernel,
-    guarded<Kernel, compute, error>,
-    nullptr,  // InferOutputShapeFn
-    start_version, end_version, no_pairs, release_pairs, no_pairs, release_pairs,
-};
+// An op's table: what differs between the ops is passed in (name, input and output types and
+// counts, which ones are optional, the kernel's creation, compute and destruction); the rest is
+// the same for all: the CPU provider, default memory, no variadics, no in-place or alias pairs,
+// the V2 callbacks (so CreateKernel and KernelCompute are null) and no shape inference.
+constexpr CustomOp make_op(decltype(CustomOp::GetName) name, decltype(CustomOp::GetInputType) input_type,
+                           decltype(CustomOp::GetInputTypeCount) input_count,
+                           decltype(CustomOp::GetOutputType) output_type,
+                           decltype(CustomOp::GetOutputTypeCount) output_count,
+                           decltype(CustomOp::GetInputCharacteristic) input_kind,
+                           decltype(CustomOp::GetOutputCharacteristic) output_kind,
+                           decltype(CustomOp::CreateKernelV2) create, decltype(CustomOp::KernelComputeV2) compute,
+                           decltype(CustomOp::KernelDestroy) destroy) {
+  return CustomOp{kApiVersion, nullptr, name, op_provider, input_type, input_count, output_type, output_count,
+                  nullptr, destroy, input_kind, output_kind, input_memory, variadic_min_arity, variadic_homogeneity,
+                  variadic_min_arity, variadic_homogeneity, create, compute, nullptr, start_version, end_version,
+                  no_pairs, release_pairs, no_pairs, release_pairs};
+}
+
+const CustomOp kOp = make_op(op_name, input_type, input_count, output_type, output_count, input_characteristic,
+                               output_characteristic, create_kernel, guarded<Kernel, compute, error>, destroy_kernel);
 
 // ---------------------------------------------------------------------------------------------
 // Attention: inputs qkv [B, S, 3 H D] float, past_key and past_value [B, H, C, D] int8, seqlens_k
@@ -340,18 +349,9 @@ ElementType NEO_ORT_CALL attention_output_type(const CustomOp*, size_t index) { 
 size_t NEO_ORT_CALL attention_output_count(const CustomOp*) { return 3; }
 InputOutputCharacteristic NEO_ORT_CALL required(const CustomOp*, size_t) { return kRequired; }
 
-const CustomOp kAttentionOp = {
-    kApiVersion,
-    nullptr,
-    attention_name, op_provider, attention_input_type, attention_input_count, attention_output_type,
-    attention_output_count,
-    nullptr,
-    destroy_attention, required, output_characteristic, input_memory, variadic_min_arity,
-    variadic_homogeneity, variadic_min_arity, variadic_homogeneity, create_attention,
-    guarded<AttentionKernel, attention_compute, attention_error>,
-    nullptr,
-    start_version, end_version, no_pairs, release_pairs, no_pairs, release_pairs,
-};
+const CustomOp kAttentionOp = make_op(attention_name, attention_input_type, attention_input_count, attention_output_type,
+                                      attention_output_count, required, output_characteristic, create_attention,
+                                      guarded<AttentionKernel, attention_compute, attention_error>, destroy_attention);
 
 // ---------------------------------------------------------------------------------------------
 // SkipLayerNormalization: inputs input and skip [..., W], gamma [W], optional beta and bias [W];
@@ -501,29 +501,13 @@ InputOutputCharacteristic NEO_ORT_CALL first_required(const CustomOp*, size_t in
   return index == 0 ? kRequired : kOptional;
 }
 
-const CustomOp kSkipNormOp = {
-    kApiVersion,
-    nullptr,
-    skip_norm_name, op_provider, float_type, skip_norm_input_count, float_type, skip_norm_output_count,
-    nullptr,
-    destroy_row_kernel, skip_norm_input_characteristic, first_required, input_memory, variadic_min_arity,
-    variadic_homogeneity, variadic_min_arity, variadic_homogeneity, create_skip_norm,
-    guarded<RowKernel, skip_norm_compute, skip_norm_error>,
-    nullptr,
-    start_version, end_version, no_pairs, release_pairs, no_pairs, release_pairs,
-};
+const CustomOp kSkipNormOp = make_op(skip_norm_name, float_type, skip_norm_input_count, float_type, skip_norm_output_count,
+                                     skip_norm_input_characteristic, first_required, create_skip_norm,
+                                     guarded<RowKernel, skip_norm_compute, skip_norm_error>, destroy_row_kernel);
 
-const CustomOp kGeluOp = {
-    kApiVersion,
-    nullptr,
-    gelu_name, op_provider, float_type, gelu_input_count, float_type, output_count,
-    nullptr,
-    destroy_row_kernel, first_required, output_characteristic, input_memory, variadic_min_arity,
-    variadic_homogeneity, variadic_min_arity, variadic_homogeneity, create_gelu,
-    guarded<RowKernel, gelu_compute, gelu_error>,
-    nullptr,
-    start_version, end_version, no_pairs, release_pairs, no_pairs, release_pairs,
-};
+const CustomOp kGeluOp = make_op(gelu_name, float_type, gelu_input_count, float_type, output_count, first_required,
+                                 output_characteristic, create_gelu, guarded<RowKernel, gelu_compute, gelu_error>,
+                                 destroy_row_kernel);
 
 std::mutex g_mutex;
 CustomOpDomain* g_domain = nullptr;  // one domain for every session; lives as long as the process
