@@ -97,3 +97,20 @@ def test_skip_layer_norm_refuses_what_it_does_not_compute(monkeypatch):
     _, ours = _skip_norm(32, True, True, False, 0)
     with pytest.raises(Exception, match="skip must have the input's shape"):
         ours.run(None, {"x": np.zeros((1, 2, 32), np.float32), "skip": np.zeros((1, 1, 32), np.float32)})
+
+
+def test_parameters_of_the_wrong_width_are_errors(monkeypatch):
+    """gamma (or beta, bias) of another width than the rows, or a FastGelu bias that is: an error
+    naming the op, not rows normalised with the wrong channels' parameters."""
+    monkeypatch.setenv(kernels.ISA_VARIABLE, PATHS[0])
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", "S", 32]) for n in ("x", "skip")]
+    _, ours = _sessions(lambda d: helper.make_node("SkipLayerNormalization", ["x", "skip", "gamma"], ["out"], domain=d),
+                        inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                        [numpy_helper.from_array(np.ones(31, np.float32), "gamma")])
+    with pytest.raises(Exception, match="SkipLayerNormalization: gamma, beta and bias must hold one value per channel"):
+        ours.run(None, {"x": np.zeros((1, 2, 32), np.float32), "skip": np.zeros((1, 2, 32), np.float32)})
+    _, ours = _sessions(lambda d: helper.make_node("FastGelu", ["x", "bias"], ["y"], domain=d), inputs[:1],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                        [numpy_helper.from_array(np.ones(33, np.float32), "bias")])
+    with pytest.raises(Exception, match="FastGelu: bias must hold one value per channel"):
+        ours.run(None, {"x": np.zeros((1, 2, 32), np.float32)})

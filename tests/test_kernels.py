@@ -643,3 +643,17 @@ def test_the_attention_kernel_alone_gives_the_stock_graphs_greedy_tokens(checkpo
         # A tie ends the comparison of its run (and of the runs that continue it: the rewinds), so
         # demand that most steps were compared (88% on the portable path, all on the others).
         assert steps >= 0.8 * total, (path, steps, total)
+
+
+def test_a_library_of_another_interface_version_is_refused_in_one_line(library, monkeypatch):
+    """A library built from older sources (without the attention and elementwise ops the kernel
+    graph now uses) is not loaded: the stock graph runs, and the reason says what to do."""
+    monkeypatch.setattr(kernels, "INTERFACE_VERSION", kernels.INTERFACE_VERSION + 1)
+    kernels._probe.cache_clear()
+    try:
+        found = kernels.info()
+        assert not found.available and found.isa == kernels.STOCK
+        assert found.reason == (f"{kernels.library_path()} is interface version {kernels.INTERFACE_VERSION - 1}, "
+                                f"this neoedge needs {kernels.INTERFACE_VERSION}: rebuild it")
+    finally:
+        kernels._probe.cache_clear()

@@ -377,9 +377,6 @@ Status* NEO_ORT_CALL create_skip_norm(const CustomOp*, const Api*, const KernelI
   float epsilon = 1e-12f;  // com.microsoft's default
   Status* status = g_ort.KernelInfoGetAttribute_float(info, "epsilon", &epsilon);
   if (status) g_ort.ReleaseStatus(status);
-  size_t outputs = 0;
-  if (Status* s = g_ort.KernelInfo_GetOutputCount(info, &outputs)) return s;
-  if (outputs > 4) return skip_norm_error(kInvalidArgument, "at most 4 outputs");
   Isa isa;
   std::string why;
   if (!selected_isa(&isa, &why)) return skip_norm_error(kInvalidArgument, why);

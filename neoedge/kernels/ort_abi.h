@@ -80,7 +80,6 @@ enum Slot : size_t {
   kReleaseStatus = 93,
   kReleaseTensorTypeAndShapeInfo = 99,
   kKernelInfo_GetInputCount = 230,
-  kKernelInfo_GetOutputCount = 231,
   kKernelContext_ParallelFor = 274,
   kSlotCount = 285,  // slots in version 21
 };
@@ -106,7 +105,6 @@ struct Functions {
   void(NEO_ORT_CALL* ReleaseStatus)(Status* status);
   void(NEO_ORT_CALL* ReleaseTensorTypeAndShapeInfo)(TensorTypeAndShapeInfo* info);
   Status*(NEO_ORT_CALL* KernelInfo_GetInputCount)(const KernelInfo* info, size_t* out);
-  Status*(NEO_ORT_CALL* KernelInfo_GetOutputCount)(const KernelInfo* info, size_t* out);
   // Runs fn(user, i) for i in [0, total) on the session's intra-op thread pool; num_batch 0 lets the
   // pool hand out indices one at a time (dynamic balance).
   Status*(NEO_ORT_CALL* KernelContext_ParallelFor)(const KernelContext* context, void (*fn)(void*, size_t),
@@ -133,7 +131,6 @@ struct Functions {
     assign(ReleaseStatus, at(kReleaseStatus));
     assign(ReleaseTensorTypeAndShapeInfo, at(kReleaseTensorTypeAndShapeInfo));
     assign(KernelInfo_GetInputCount, at(kKernelInfo_GetInputCount));
-    assign(KernelInfo_GetOutputCount, at(kKernelInfo_GetOutputCount));
     assign(KernelContext_ParallelFor, at(kKernelContext_ParallelFor));
   }
 
