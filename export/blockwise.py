@@ -145,6 +145,11 @@ def quantize_codes(blocks: np.ndarray, scales: np.ndarray, zero_points: np.ndarr
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 
+def clip_ratios(bits: int) -> tuple[float, ...]:
+    """fit_grid's default clipping search: CLIP_RATIOS at 4 bits; 8 bits keeps min/max."""
+    return CLIP_RATIOS if bits == 4 else (1.0,)
+
+
 def fit_grid(blocks: np.ndarray, bits: int, *, symmetric: bool, importance: np.ndarray | None = None,
              ratios: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Scales float32 and zero points uint8 [...] for `blocks` [..., block].
@@ -156,7 +161,7 @@ def fit_grid(blocks: np.ndarray, bits: int, *, symmetric: bool, importance: np.n
     """
     qmax = (1 << bits) - 1
     if ratios is None:
-        ratios = CLIP_RATIOS if bits == 4 else (1.0,)
+        ratios = clip_ratios(bits)
     low = np.minimum(blocks.min(axis=-1), 0.0)
     high = np.maximum(blocks.max(axis=-1), 0.0)
     extreme = np.where(-low > high, low, high)

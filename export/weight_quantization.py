@@ -136,6 +136,9 @@ def _statistics(x: Any, full: bool, moments: bool = True) -> _Statistics:
     mean_abs = torch.zeros(width, dtype=torch.float64) if moments else None
     mean_square = torch.zeros(width, dtype=torch.float64) if moments else None
     hessian = torch.zeros((width, width), dtype=torch.float64) if full else None
+    # X^T X is symmetric: on a wide input (c_proj's 4 x hidden, the largest product of the
+    # calibration statistics) only its upper blocks are computed, then mirrored.
+    step = width if width <= HESSIAN_BLOCK else HESSIAN_BLOCK
     # float32 products of a few thousand tokens at a time, summed in float64.
     for start in range(0, tokens, 4096):
         chunk = x[start:start + 4096]
@@ -143,10 +146,17 @@ def _statistics(x: Any, full: bool, moments: bool = True) -> _Statistics:
             mean_abs += chunk.abs().sum(0, dtype=torch.float64)
             mean_square += chunk.square().sum(0, dtype=torch.float64)
         if hessian is not None:
-            hessian += (chunk.T @ chunk).double()
+            for first in range(0, width, step):
+                hessian[first:first + step, first:] += (chunk[:, first:first + step].T @ chunk[:, first:]).double()
+    if hessian is not None and step < width:
+        for first in range(step, width, step):
+            hessian[first:first + step, :first] = hessian[:first, first:first + step].T
     return _Statistics(None if hessian is None else (hessian / tokens).numpy(),
                        None if mean_square is None else (mean_square / tokens).numpy(),
                        None if mean_abs is None else (mean_abs / tokens).numpy())
+
+
+HESSIAN_BLOCK = 768
 
 
 def _group_quantizer(scheme: QuantizationScheme, blocks_used: set[int], fisher: np.ndarray | None) -> GroupQuantizer:
