@@ -224,8 +224,12 @@ def embedding_fisher(model: Any, batches: np.ndarray) -> np.ndarray:
     # A second moment of gradients needs a few significant digits, not fp32's seven: where the CPU
     # multiplies bfloat16 natively (AVX512-BF16, AMX) the passes run in it, in half the time
     # (the sampling error of a few thousand positions is far larger than bfloat16's rounding).
-    # Elsewhere bfloat16 would be emulated, slower than fp32.
-    precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=_native_bfloat16())
+    # Elsewhere bfloat16 would be emulated, slower than fp32. The backward pass keeps a bfloat16
+    # copy of every weight it multiplies by (2 bytes a parameter: 5 GB at 2.7B, beside the fp32
+    # model), so only models whose copy fits the activations' budget take it.
+    parameters = sum(p.numel() for p in model.parameters())
+    precision = torch.autocast("cpu", dtype=torch.bfloat16,
+                               enabled=2 * parameters <= 4 * FISHER_FLOATS and _native_bfloat16())
     try:
         for first in range(0, len(sequences), step):
             ids = torch.from_numpy(sequences[first:first + step])
