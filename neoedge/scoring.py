@@ -8,13 +8,28 @@ from collections.abc import Callable
 import numpy as np
 
 from .events import ContinuationScore
+from .kernels.log_softmax import UNORDERED
+from .kernels.log_softmax import log_softmax_at as native_log_softmax_at
 
 
 def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For rows of logits [n, vocab] and target ids [n]: (log p(target) [n] float64, target is the
     argmax [n] bool). The exponentials are float32 (each within an ulp; they are at most 1), their
     sum and the target's shifted logit float64: within 1e-6 of a float64 log_softmax, at a third
-    of its time (evaluation scores every position of every continuation over 50,257 logits)."""
+    of its time (evaluation scores every position of every continuation over 50,257 logits). The
+    kernel library does the same in two reads of each row, where it is built (4x faster again)."""
+    native = native_log_softmax_at(logits, targets)
+    if native is not None:
+        logprobs, flags = native
+        left = flags == UNORDERED  # rows with a NaN or infinite logit: numpy's answer for them
+        greedy = flags == 1
+        if left.any():
+            logprobs[left], greedy[left] = _numpy_log_softmax_at(logits[left], targets[left])
+        return logprobs, greedy
+    return _numpy_log_softmax_at(logits, targets)
+
+
+def _numpy_log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows = np.arange(targets.shape[0])
     best = logits.argmax(axis=-1)
     peak = logits[rows, best]

@@ -262,7 +262,7 @@ def test_runs_without_torch(trained_fp32, tmp_path):
     assert out == {"acc": here["results"]["stdlib_cloze"]["acc,none"], "loaded": []}
 
 
-@pytest.mark.parametrize("kernels, max_bound, mean_bound", [("off", 5e-3, 1e-4), ("auto", 1e-2, 1e-3)])
+@pytest.mark.parametrize("kernels, max_bound, mean_bound", [("off", 5e-3, 3e-4), ("auto", 1e-2, 1e-3)])
 def test_shared_pass_equals_one_by_one_on_a_quantized_package(checkpoints, tmp_path, kernels, max_bound, mean_bound):
     """int4 weights and an int8 KV cache: contexts sharing a pass score as they do alone, up to the
     cache's rounding. Within one pass attention reads the exact keys of that pass's own positions;
@@ -271,7 +271,9 @@ def test_shared_pass_equals_one_by_one_on_a_quantized_package(checkpoints, tmp_p
     pass. So a few tokens move by the int8 cache's rounding (measured up to ~8e-4 here, 1.4e-6 on the
     trained model); a batching bug would move them by whole nats. neoedge's own kernels run a pass
     of many rows (GEMM) and of one (GEMV) with fp32 sums in other orders, which moves more cached
-    keys across an int8 rounding boundary (measured max 4.3e-3, mean 3.0e-4 on the AMX path)."""
+    keys across an int8 rounding boundary (measured max 4.3e-3, mean 3.0e-4 on the AMX path). Which
+    keys sit near a boundary depends on the package's weights: after a change to the export's
+    calibration the stock graph measured max 3.5e-3, mean 1.2e-4 (before it, under 1e-4)."""
     import numpy as np
 
     from neoedge import SessionSettings
@@ -335,5 +337,6 @@ def test_further_continuations_of_every_context_share_a_pass(checkpoints, tmp_pa
         assert a.tokens == b.tokens
         # The same passes per row; only the GEMMs' row counts differ (fp32 sums in other orders,
         # which can move a cached key across an int8 rounding step). Padding seen, or a row scored
-        # at the wrong positions, moves log-probabilities by whole nats.
-        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-3, rtol=0)
+        # at the wrong positions, moves log-probabilities by whole nats. How far a rounding step
+        # moves one depends on the package's weights: measured up to 2.3e-3 with this export.
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=3e-3, rtol=0)

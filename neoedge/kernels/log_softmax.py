@@ -1,0 +1,48 @@
+"""log_softmax_at in the kernel library (log_softmax.cpp), through ctypes: two reads of each row
+instead of numpy's six passes. neoedge/scoring.py falls back to numpy where it is missing."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from . import DISABLE_VARIABLE, _probe, library_path
+
+UNORDERED = 2  # a row the library left to numpy (a NaN or an infinite logit)
+
+
+@lru_cache(maxsize=None)
+def _function() -> Any:
+    path = library_path()
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0" or not path.exists() or _probe(str(path))[0] is None:
+        return None
+    try:
+        function = ctypes.CDLL(str(path)).neoedge_log_softmax_at
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                         ctypes.c_void_p, ctypes.c_void_p]
+    return function
+
+
+def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(log p(target) float64 [n], greedy uint8 [n]: 1 if the target is the argmax, UNORDERED for a
+    row left to the caller), or None where the library cannot (not built, no AVX-512, disabled, or
+    logits whose rows are not contiguous float32)."""
+    function = _function()
+    if function is None or logits.dtype != np.float32 or logits.ndim != 2 or logits.strides[1] != 4:
+        return None
+    targets = np.ascontiguousarray(targets, dtype=np.int64)
+    rows, vocab = logits.shape
+    logprobs = np.empty(rows, np.float64)
+    greedy = np.empty(rows, np.uint8)
+    status = function(logits.ctypes.data, rows, vocab, logits.strides[0] // 4, targets.ctypes.data,
+                      logprobs.ctypes.data, greedy.ctypes.data)
+    if status != 0:
+        return None  # -2: no AVX-512 here; -1: a target out of range, which numpy's indexing reports
+    return logprobs, greedy
