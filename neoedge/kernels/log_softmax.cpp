@@ -16,11 +16,7 @@
 #include "qgemm.h"
 #include "x86.h"
 
-#if defined(_WIN32)
-#define NEO_EXPORT extern "C" __declspec(dllexport)
-#else
-#define NEO_EXPORT extern "C" __attribute__((visibility("default")))
-#endif
+#include "exports.h"
 
 namespace {
 

@@ -18,11 +18,7 @@
 #include "elementwise.h"
 #include "qgemm.h"
 
-#if defined(_WIN32)
-#define NEO_EXPORT extern "C" __declspec(dllexport)
-#else
-#define NEO_EXPORT extern "C" __attribute__((visibility("default")))
-#endif
+#include "exports.h"
 
 namespace {
 
