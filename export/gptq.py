@@ -39,6 +39,10 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int
     """
     out_features, in_features = weight.shape
     check_block(in_features, block)
+    if block % SUB_BATCH and SUB_BATCH % block:
+        # The numpy loop fits a block's grid at its first column, which must then have every
+        # earlier error: the sub-batch and the block must nest (schemes use powers of two >= 16).
+        raise ValueError(f"GPTQ needs a block size that divides or is divided by {SUB_BATCH}, got {block}")
     h = np.array(hessian, dtype=np.float64)
     diagonal = np.diagonal(h).copy()
     # An input that never fired during calibration has no error to spread: treat it as independent.

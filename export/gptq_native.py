@@ -2,7 +2,8 @@
 
 neoedge's kernel library carries it beside its onnxruntime ops, so an export finds it wherever the
 runtime's kernels were built. Without the library (no compiler at install time, NEOEDGE_KERNELS=0,
-or a library from before this function) export/gptq.py runs the same loop in numpy, slower.
+or a library from before this function), or on a CPU without AVX-512, export/gptq.py runs the
+same loop in numpy, slower.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def batch_function() -> BatchFunction | None:
     path = kernels.library_path()
     if not path.exists():
         log.info("GPTQ runs its column loop in numpy: the native kernel library was not built")
+        return None
+    if "avx512vnni" not in kernels.runnable_paths():  # the native loop is AVX-512 only
+        log.info("GPTQ runs its column loop in numpy: this CPU has no AVX-512 for the native one")
         return None
     try:
         function = ctypes.CDLL(str(path)).neoedge_gptq_batch

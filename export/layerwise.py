@@ -202,8 +202,8 @@ def embedding_fisher(model: Any, batches: np.ndarray) -> np.ndarray:
     The tied table is also the token lookup, and its rows' errors are judged by what they do
     downstream, not by their own size: this is the second moment that weighs them (GPTQ's H for
     the lookup). It has strong off-diagonal structure: its diagonal alone does little. A few
-    sequences at a time through transformers' model (fp32, weights untouched: only the embeddings
-    ask for gradients), within a memory budget, so a 2.7B model needs the activations of one."""
+    sequences at a time through transformers' model (weights untouched: only the embeddings ask
+    for gradients), within a memory budget, so a 2.7B model needs the activations of one."""
     import torch
 
     hidden = model.config.hidden_size
@@ -228,8 +228,14 @@ def embedding_fisher(model: Any, batches: np.ndarray) -> np.ndarray:
     # copy of every weight it multiplies by (2 bytes a parameter: 5 GB at 2.7B, beside the fp32
     # model), so only models whose copy fits the activations' budget take it.
     parameters = sum(p.numel() for p in model.parameters())
-    precision = torch.autocast("cpu", dtype=torch.bfloat16,
-                               enabled=2 * parameters <= 4 * FISHER_FLOATS and _native_bfloat16())
+    bfloat16 = 2 * parameters <= 4 * FISHER_FLOATS and _native_bfloat16()
+    precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16)
+    # GPT-Neo's attention scores are unscaled (hundreds in a trained model): transformers computes
+    # them in fp32 on purpose, and bfloat16 would move them by whole units. The attention modules
+    # stay in fp32; the MLPs and the lm_head, most of the work, take bfloat16.
+    if bfloat16:
+        for block in model.transformer.h:
+            block.attn.attention.forward = _in_fp32(block.attn.attention.forward)
     try:
         for first in range(0, len(sequences), step):
             ids = torch.from_numpy(sequences[first:first + step])
@@ -247,7 +253,23 @@ def embedding_fisher(model: Any, batches: np.ndarray) -> np.ndarray:
     finally:
         for p, flag in zip(model.parameters(), was_grad):
             p.requires_grad_(flag)
+        for block in model.transformer.h:
+            block.attn.attention.__dict__.pop("forward", None)  # back to the class's own
     return (fisher / count).numpy()
+
+
+def _in_fp32(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """`forward` with autocast off and its floating-point tensor arguments in fp32."""
+    import torch
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        def fp32(value: Any) -> Any:
+            return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        with torch.autocast("cpu", enabled=False):
+            return forward(*map(fp32, args), **{k: fp32(v) for k, v in kwargs.items()})
+
+    return run
 
 
 def _native_bfloat16() -> bool:

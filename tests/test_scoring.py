@@ -70,7 +70,7 @@ def test_bad_continuations_are_refused(package):
 @pytest.mark.parametrize("rows, vocab", [(5, 50257), (40, 50257), (17, 33)])
 def test_native_log_softmax_matches_float64(rows, vocab):
     """The kernel library's log_softmax_at (two reads a row, two threads from 16 rows) against a
-    float64 log-softmax: within 1e-6 (measured 7e-9; numpy's float32 path 1e-6), the first index of
+    float64 log-softmax: within 1e-6 (measured up to 1.6e-8; numpy's float32 path 1e-6), the first index of
     a tied maximum counted as the argmax, as numpy's argmax does, rows of a strided view, and rows
     with a NaN or an infinite logit given numpy's answer."""
     from neoedge.kernels import log_softmax as native

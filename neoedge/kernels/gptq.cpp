@@ -41,15 +41,6 @@ namespace {
 
 constexpr int kLanes = 16;  // rows per tile: one AVX-512 vector of float32
 
-// numpy's round (half to even). std::nearbyint stays a libm call per element in GCC's vectorized
-// loops; roundeven is one vrndscaleps.
-NEO_INLINE float round_even(float x) {
-#if defined(__GNUC__) || defined(__clang__)
-  return __builtin_roundevenf(x);
-#else
-  return std::nearbyint(x);
-#endif
-}
 
 struct Batch {
   float* w;                  // [cols, ld]: the batch's columns (a column's rows contiguous)
@@ -67,112 +58,10 @@ struct Batch {
   float* errors;             // [cols, ld]
 };
 
-// One block's grid for a tile: numpy's fit_grid over v[first .. first + block).
-NEO_INLINE void fit_block(const Batch& b, const float* v, int64_t first, float* scale, float* zero) {
-  float low[kLanes], high[kLanes], extreme[kLanes], best[kLanes];
-  for (int l = 0; l < kLanes; ++l) low[l] = high[l] = 0.0f;
-  for (int64_t k = first; k < first + b.block; ++k) {
-    const float* x = v + k * kLanes;
-    for (int l = 0; l < kLanes; ++l) {
-      low[l] = x[l] < low[l] ? x[l] : low[l];
-      high[l] = x[l] > high[l] ? x[l] : high[l];
-    }
-  }
-  for (int l = 0; l < kLanes; ++l) {
-    extreme[l] = -low[l] > high[l] ? low[l] : high[l];
-    best[l] = std::numeric_limits<float>::infinity();
-  }
-  const float mid = static_cast<float>((b.qmax + 1) / 2), qmax = static_cast<float>(b.qmax);
-  for (int r = 0; r < b.nratios; ++r) {
-    const float ratio = b.ratios[r];
-    float s[kLanes], z[kLanes], error[kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      if (b.symmetric) {
-        s[l] = (extreme[l] * ratio) / -mid;
-        if (s[l] == 0.0f) s[l] = 1.0f;
-        z[l] = mid;
-      } else {
-        const float lo = low[l] * ratio, hi = high[l] * ratio;
-        s[l] = (hi - lo) / qmax;
-        if (s[l] == 0.0f) s[l] = 1.0f;
-        float zp = round_even(-lo / s[l]);
-        z[l] = zp < 0.0f ? 0.0f : (zp > qmax ? qmax : zp);
-      }
-      error[l] = 0.0f;
-    }
-    for (int64_t k = first; k < first + b.block; ++k) {
-      const float* x = v + k * kLanes;
-      const float weight = b.importance ? b.importance[k] : 1.0f;
-      for (int l = 0; l < kLanes; ++l) {
-        float c = round_even(x[l] / s[l]);
-        c = c < -z[l] ? -z[l] : (c > qmax - z[l] ? qmax - z[l] : c);
-        float e = c * s[l] - x[l];
-        e = e * e;
-        error[l] += b.importance ? e * weight : e;
-      }
-    }
-    for (int l = 0; l < kLanes; ++l) {
-      if (error[l] < best[l]) {
-        best[l] = error[l];
-        scale[l] = s[l];
-        zero[l] = z[l];
-      }
-    }
-  }
-}
-
-NEO_INLINE void run_tile(const Batch& b, int64_t first_row, float* v) {
-  const int64_t lanes = b.rows - first_row < kLanes ? b.rows - first_row : kLanes;
-  for (int64_t c = 0; c < b.cols; ++c) {
-    const float* in = b.w + c * b.ld + first_row;
-    float* x = v + c * kLanes;
-    for (int l = 0; l < kLanes; ++l) x[l] = l < lanes ? in[l] : 0.0f;
-  }
-  const float qmax = static_cast<float>(b.qmax);
-  float scale[kLanes], zero[kLanes];
-  for (int64_t c = 0; c < b.cols; ++c) {
-    float* x = v + c * kLanes;
-    if (c % b.block == 0) {
-      fit_block(b, v, c, scale, zero);
-      const int64_t g = c / b.block;
-      for (int64_t l = 0; l < lanes; ++l) {
-        b.scales[(first_row + l) * b.ld_grid + g] = scale[l];
-        b.zeros[(first_row + l) * b.ld_grid + g] = static_cast<uint8_t>(zero[l]);
-      }
-    }
-    const float d = b.u[c * b.ldu + c];
-    float error[kLanes], code[kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      float q = round_even(x[l] / scale[l]) + zero[l];
-      q = q < 0.0f ? 0.0f : (q > qmax ? qmax : q);
-      code[l] = q;
-      error[l] = (x[l] - (q - zero[l]) * scale[l]) / d;
-    }
-    uint8_t* codes = b.codes + c * b.ld + first_row;
-    float* errors = b.errors + c * b.ld + first_row;
-    for (int64_t l = 0; l < lanes; ++l) {
-      codes[l] = static_cast<uint8_t>(code[l]);
-      errors[l] = error[l];
-    }
-    const float* spread = b.u + c * b.ldu;
-    for (int64_t j = c + 1; j < b.cols; ++j) {
-      float* later = v + j * kLanes;
-      const float f = spread[j];
-      for (int l = 0; l < kLanes; ++l) later[l] -= f * error[l];
-    }
-  }
-}
-
-NEO_INLINE void run_batch(const Batch& b) {
-  std::vector<float> v(static_cast<size_t>(b.cols) * kLanes);
-  for (int64_t r = 0; r < b.rows; r += kLanes) run_tile(b, r, v.data());
-}
-
-void run_portable(const Batch& b) { run_batch(b); }
-
 #if defined(NEO_X86)
-// The same tile loop in AVX-512 intrinsics: GCC leaves the lane loops above scalar (roundeven and
-// the clip's selects), 8x slower.
+// In intrinsics: GCC left plain lane loops scalar (roundeven, the clip's selects), 8x slower, and
+// a scalar loop is no faster than numpy's, so there is no portable path: without AVX-512 the
+// export runs the numpy loop.
 constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
 NEO_AVX512 NEO_INLINE __m512 clip(__m512 x, __m512 low, __m512 high) {
@@ -264,7 +153,8 @@ NEO_AVX512 void run_avx512(const Batch& b) {
 
 }  // namespace
 
-// Returns 0, or -1 if an argument is out of range (nothing written then).
+// Returns 0; -1 if an argument is out of range (nothing written then); -2 without AVX-512 (the
+// caller runs its own loop).
 NEO_EXPORT int neoedge_gptq_batch(float* w, int64_t rows, int64_t cols, int64_t ld, const float* u, int64_t ldu,
                                   const float* importance, int bits, int block, int symmetric, const float* ratios,
                                   int nratios, float* scales, uint8_t* zeros, int64_t ld_grid, uint8_t* codes,
@@ -273,14 +163,14 @@ NEO_EXPORT int neoedge_gptq_batch(float* w, int64_t rows, int64_t cols, int64_t 
       (bits != 4 && bits != 8) || ld_grid < cols / block) {
     return -1;
   }
+#if defined(NEO_X86)
+  if (!neoedge::isa_supported(neoedge::Isa::avx512vnni)) return -2;
   const Batch b{w, rows, cols, ld, u, ldu, importance, (1 << bits) - 1, block, symmetric, ratios, nratios,
                 scales, zeros, ld_grid, codes, errors};
-#if defined(NEO_X86)
-  if (neoedge::isa_supported(neoedge::Isa::avx512vnni)) {
-    run_avx512(b);
-    return 0;
-  }
-#endif
-  run_portable(b);
+  run_avx512(b);
   return 0;
+#else
+  (void)w; (void)u; (void)importance; (void)ratios; (void)scales; (void)zeros; (void)codes; (void)errors;
+  return -2;
+#endif
 }

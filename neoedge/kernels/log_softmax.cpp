@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <system_error>
 #include <thread>
 
 #include "avx512_exp.h"
@@ -88,14 +89,17 @@ NEO_EXPORT int neoedge_log_softmax_at(const float* logits, int64_t rows, int64_t
   if (!neoedge::isa_supported(neoedge::Isa::avx512vnni)) return -2;
   // Rows are independent; a second thread halves a long pass's time (the session's threads are
   // idle between passes).
+  int64_t split = rows;
+  std::thread other;
   if (rows >= 16) {
-    const int64_t half = rows / 2;
-    std::thread other(rows_avx512, logits, half, rows, vocab, ld, targets, logprobs, greedy);
-    rows_avx512(logits, 0, half, vocab, ld, targets, logprobs, greedy);
-    other.join();
-  } else {
-    rows_avx512(logits, 0, rows, vocab, ld, targets, logprobs, greedy);
+    try {
+      other = std::thread(rows_avx512, logits, rows / 2, rows, vocab, ld, targets, logprobs, greedy);
+      split = rows / 2;
+    } catch (const std::system_error&) {  // no thread to be had: this one does every row
+    }
   }
+  rows_avx512(logits, 0, split, vocab, ld, targets, logprobs, greedy);
+  if (other.joinable()) other.join();
   return 0;
 #else
   (void)logits; (void)targets; (void)logprobs; (void)greedy;

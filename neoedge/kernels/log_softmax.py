@@ -39,6 +39,8 @@ def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray,
         return None
     targets = np.ascontiguousarray(targets, dtype=np.int64)
     rows, vocab = logits.shape
+    if targets.shape != (rows,):
+        raise ValueError(f"log_softmax_at: {rows} rows of logits but targets of shape {targets.shape}")
     logprobs = np.empty(rows, np.float64)
     greedy = np.empty(rows, np.uint8)
     status = function(logits.ctypes.data, rows, vocab, logits.strides[0] // 4, targets.ctypes.data,
