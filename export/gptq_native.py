@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -34,31 +33,21 @@ def batch_function() -> BatchFunction | None:
     """The native loop, or None (and why, logged once) if the kernel library cannot provide it."""
     from neoedge import kernels
 
-    if os.environ.get(kernels.DISABLE_VARIABLE, "1") == "0":
+    function, why = kernels.avx512_function(
+        "neoedge_gptq_batch", _INT, [_P, _I64, _I64, _I64, _P, _I64, _P, _INT, _INT, _INT, _P, _INT, _P, _P, _I64, _P, _P])
+    if function is None:
+        log.info("GPTQ runs its column loop in numpy: %s", why)
         return None
-    path = kernels.library_path()
-    if not path.exists():
-        log.info("GPTQ runs its column loop in numpy: the native kernel library was not built")
-        return None
-    if "avx512vnni" not in kernels.runnable_paths():  # the native loop is AVX-512 only
-        log.info("GPTQ runs its column loop in numpy: this CPU has no AVX-512 for the native one")
-        return None
-    try:
-        function = ctypes.CDLL(str(path)).neoedge_gptq_batch
-    except (OSError, AttributeError) as exc:
-        log.info("GPTQ runs its column loop in numpy: %s lacks it (%s)", path, exc)
-        return None
-    function.restype = _INT
-    function.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _P, _INT, _INT, _INT, _P, _INT, _P, _P, _I64, _P, _P]
 
     def run(w: np.ndarray, u: np.ndarray, importance: np.ndarray | None, bits: int, block: int, symmetric: bool,
             ratios: np.ndarray, scales: np.ndarray, zeros: np.ndarray, codes: np.ndarray, errors: np.ndarray) -> None:
         cols, rows = w.shape
-        for array, dtype, shape in ((w, np.float32, (cols, rows)), (codes, np.uint8, (cols, rows)),
-                                    (errors, np.float32, (cols, rows)), (u, np.float32, (cols, cols)),
-                                    (scales, np.float32, (rows, cols // block)), (zeros, np.uint8, (rows, cols // block)),
-                                    (ratios, np.float32, ratios.shape)) + \
-                ((importance, np.float32, (cols,)),) * (importance is not None):
+        expected = [(w, np.float32, (cols, rows)), (codes, np.uint8, (cols, rows)), (errors, np.float32, (cols, rows)),
+                    (u, np.float32, (cols, cols)), (scales, np.float32, (rows, cols // block)),
+                    (zeros, np.uint8, (rows, cols // block)), (ratios, np.float32, ratios.shape)]
+        if importance is not None:
+            expected.append((importance, np.float32, (cols,)))
+        for array, dtype, shape in expected:
             if array.dtype != dtype or array.shape != shape or array.strides[-1] != array.itemsize:
                 raise ValueError(f"GPTQ native loop: expected {np.dtype(dtype)} {shape} with contiguous rows, got "
                                  f"{array.dtype} {array.shape} strides {array.strides}")
@@ -74,4 +63,3 @@ def batch_function() -> BatchFunction | None:
             raise ValueError(f"GPTQ native loop refused its arguments (rows {rows}, columns {cols}, block {block})")
 
     return run
-

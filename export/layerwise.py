@@ -233,10 +233,10 @@ def embedding_fisher(model: Any, batches: np.ndarray) -> np.ndarray:
     # GPT-Neo's attention scores are unscaled (hundreds in a trained model): transformers computes
     # them in fp32 on purpose, and bfloat16 would move them by whole units. The attention modules
     # stay in fp32; the MLPs and the lm_head, most of the work, take bfloat16.
-    if bfloat16:
-        for block in model.transformer.h:
-            block.attn.attention.forward = _in_fp32(block.attn.attention.forward)
     try:
+        if bfloat16:
+            for block in model.transformer.h:
+                block.attn.attention.forward = _in_fp32(block.attn.attention.forward)
         for first in range(0, len(sequences), step):
             ids = torch.from_numpy(sequences[first:first + step])
             embeddings = table[ids].clone().requires_grad_(True)

@@ -338,6 +338,35 @@ def test_native_gptq_loop_gives_the_numpy_loops_result(bits, block, symmetric):
     assert _output_error(x, weight, native) == pytest.approx(_output_error(x, weight, numpy_loop), rel=1e-3)
 
 
+def test_gptq_refuses_a_block_that_does_not_nest_with_its_sub_batch():
+    """Block 24 against sub-batches of 16: the numpy loop would fit a block's grid before the
+    errors of the columns before it had arrived. No scheme allows it; the function refuses it."""
+    x, weight = _inputs_and_weight(width=96)
+    hessian = x.astype(np.float64).T @ x / len(x)
+    with pytest.raises(ValueError, match="block size that divides or is divided by 16, got 24"):
+        gptq_quantize(weight, hessian, 4, 24, symmetric=True)
+
+
+def test_native_gptq_loop_refuses_mismatched_arrays():
+    """The native loop reads raw pointers: arrays of another type or stride are refused before the
+    call, and the outputs are left as they were."""
+    from neoedge.export import gptq_native
+
+    loop = gptq_native.batch_function()
+    if loop is None:
+        pytest.skip("the native kernel library (AVX-512) is not available here")
+    w = np.ones((32, 8), np.float32)
+    codes, errors = np.full((32, 8), 7, np.uint8), np.full((32, 8), 5.0, np.float32)
+    scales, zeros = np.ones((8, 1), np.float32), np.zeros((8, 1), np.uint8)
+    ratios = np.ones(1, np.float32)
+    with pytest.raises(ValueError, match="expected float32 \\(32, 32\\)"):
+        loop(w, np.eye(32, dtype=np.float64), None, 4, 32, True, ratios, scales, zeros, codes, errors)
+    with pytest.raises(ValueError, match="different strides"):
+        loop(w, np.eye(32, dtype=np.float32), None, 4, 32, True, ratios, scales, zeros, codes,
+             np.full((32, 16), 5.0, np.float32)[:, :8])
+    assert (codes == 7).all() and (errors == 5.0).all() and (scales == 1).all()
+
+
 def test_awq_scales_lower_the_output_error_where_activations_are_uneven():
     x, weight = _inputs_and_weight(seed=1)
     hessian = x.astype(np.float64).T @ x / len(x)

@@ -96,3 +96,27 @@ def test_native_log_softmax_matches_float64(rows, vocab):
     np.testing.assert_array_equal(greedy, expected_greedy)
     assert not greedy[0] and greedy[1]
     np.testing.assert_array_equal(np.isnan(logprobs), np.isnan(expected_logprobs))
+
+
+def test_native_log_softmax_refuses_targets_of_another_length():
+    """The library reads one target per row through a raw pointer: fewer targets than rows would
+    read past them, so the call is refused before it."""
+    from neoedge.kernels import log_softmax as native
+
+    logits = np.zeros((4, 64), np.float32)
+    if native.log_softmax_at(logits, np.zeros(4, np.int64)) is None:
+        pytest.skip("the native kernel library (AVX-512) is not available here")
+    with pytest.raises(ValueError, match=r"4 rows of logits but targets of shape \(1,\)"):
+        native.log_softmax_at(logits, np.zeros(1, np.int64))
+
+
+def test_native_helpers_say_why_they_are_off(monkeypatch):
+    from neoedge import kernels
+
+    monkeypatch.setenv(kernels.DISABLE_VARIABLE, "0")
+    assert kernels.avx512_function("neoedge_log_softmax_at", None, []) == (None, f"{kernels.DISABLE_VARIABLE}=0")
+    monkeypatch.delenv(kernels.DISABLE_VARIABLE)
+    if not kernels.library_path().exists():
+        pytest.skip("the native kernel library is not built here")
+    function, why = kernels.avx512_function("neoedge_no_such_function", None, [])
+    assert function is None and ("lacks neoedge_no_such_function" in why or "AVX-512" in why)

@@ -30,6 +30,7 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
@@ -145,4 +146,23 @@ def register(options: ort.SessionOptions) -> KernelInfo:
     return kernels
 
 
-__all__ = ["DOMAIN", "KernelInfo", "info", "library_path", "register", "runnable_paths"]
+def avx512_function(name: str, restype: Any, argtypes: list[Any]) -> tuple[Any, str]:
+    """(the library's C function `name`, "") for the helpers neoedge calls through ctypes beside
+    the ops (GPTQ's column loop, log_softmax_at), which exist in AVX-512 only; else (None, why):
+    kernels disabled, library missing, stale or lacking the function, or a CPU without AVX-512."""
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+        return None, f"{DISABLE_VARIABLE}=0"
+    path = library_path()
+    if not path.exists():
+        return None, "the native kernel library was not built"
+    if "avx512vnni" not in runnable_paths():
+        return None, _probe(str(path))[1] or "this CPU has no AVX-512"
+    try:
+        function = getattr(ctypes.CDLL(str(path)), name)
+    except (OSError, AttributeError) as exc:
+        return None, f"{path} lacks {name} ({exc})"
+    function.restype, function.argtypes = restype, argtypes
+    return function, ""
+
+
+__all__ = ["DOMAIN", "KernelInfo", "avx512_function", "info", "library_path", "register", "runnable_paths"]

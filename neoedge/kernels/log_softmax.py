@@ -4,30 +4,21 @@ instead of numpy's six passes. neoedge/scoring.py falls back to numpy where it i
 from __future__ import annotations
 
 import ctypes
-import os
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-from . import DISABLE_VARIABLE, _probe, library_path
+from . import avx512_function
 
 UNORDERED = 2  # a row the library left to numpy (a NaN or an infinite logit)
 
 
 @lru_cache(maxsize=None)
 def _function() -> Any:
-    path = library_path()
-    if os.environ.get(DISABLE_VARIABLE, "1") == "0" or not path.exists() or _probe(str(path))[0] is None:
-        return None
-    try:
-        function = ctypes.CDLL(str(path)).neoedge_log_softmax_at
-    except (OSError, AttributeError):
-        return None
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                         ctypes.c_void_p, ctypes.c_void_p]
-    return function
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    return avx512_function("neoedge_log_softmax_at", ctypes.c_int, [pointer, size, size, size, pointer, pointer,
+                                                                     pointer])[0]
 
 
 def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
