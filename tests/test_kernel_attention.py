@@ -75,9 +75,10 @@ def run_in_place(session, qkv, cache_k, cache_v, seqlens, total):
     return out
 
 
-def conversation(heads, head_size, capacity, window, steps, seed, path, monkeypatch, tolerance=2e-5):
+def conversation(heads, head_size, capacity, window, steps, seed, path, monkeypatch, tolerance=2e-5, spread=2.0):
     """Runs both ops through the same sequence of calls on their own caches; compares every output
-    (valid positions) and the caches' written positions after each call."""
+    (valid positions) and the caches' written positions after each call. `spread` scales the
+    random q, k and v (so the scores' spread goes with its square)."""
     monkeypatch.setenv(kernels.ISA_VARIABLE, path)
     stock, ours = sessions(heads, head_size, capacity, window, seed)
     rng = np.random.default_rng(seed + 1)
@@ -88,7 +89,7 @@ def conversation(heads, head_size, capacity, window, steps, seed, path, monkeypa
         if first:
             caches = {name: [np.zeros((batch, heads, capacity, head_size), np.int8) for _ in range(2)]
                       for name in ("stock", "ours")}
-        qkv = (rng.standard_normal((batch, new, 3 * hd)) * 2).astype(np.float32)
+        qkv = (rng.standard_normal((batch, new, 3 * hd)) * spread).astype(np.float32)
         seqlens = np.array([n - 1 for n in lengths], np.int32)
         total = new if first else max(lengths)
         results = {name: run_in_place(session, qkv, *caches[name], seqlens, total)
@@ -165,6 +166,35 @@ def test_rows_filling_the_cache_with_windows_of_one_and_wider_than_the_context(h
             conversation(2, head_size, 20, window, ragged, 13, path, monkeypatch)
             conversation(2, head_size, 20, window, full, 14, path, monkeypatch)
             conversation(1, head_size, 700, window, tiles, 15, path, monkeypatch)
+
+
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_long_ragged_prompts_over_many_key_blocks_tasks_and_windows(head_size, monkeypatch):
+    # The tile path's shapes (head sizes 64 and 128): a ragged batch whose rows span many 32-key
+    # blocks and more than one 128-query task, ending mid-block and mid-tile, decoded a few steps;
+    # then (stock takes prompts over a past one row at a time) one row's chunks of 5 (too few
+    # for tiles), 130 (a task and a remainder of 2) and 47 queries. Windows cut blocks mid-way.
+    ragged = [(2, 261, [261, 150], True)] + [(2, 1, [261 + k, 150 + k], False) for k in range(1, 4)]
+    chunks = [(1, 150, [150], True), (1, 5, [155], False), (1, 130, [285], False), (1, 47, [332], False),
+              (1, 1, [333], False)]
+    for path in PATHS:
+        for window in (-1, 45, 256):
+            # spread 1.5: at head size 128 the default 2 puts the plain fp32 loop's own rounding at
+            # the 2e-5 tolerance
+            conversation(2, head_size, 450, window, ragged, 21, path, monkeypatch, spread=1.5)
+            conversation(2, head_size, 450, window, chunks, 23, path, monkeypatch, spread=1.5)
+
+
+def test_scores_spread_over_thousands_stay_within_fp32_noise(monkeypatch):
+    # GPT-Neo does not scale its scores, and they spread over hundreds: most keys' probabilities
+    # are then far below the maximum's (the tile path drops those below exp(-72) rather than
+    # compute denormal parts of them). Here scores reach the thousands, where fp32's own rounding
+    # of a score moves its exp by ~1e-5: measured, the plain fp32 loop (portable) differs from
+    # stock by 4.6e-5, the tile path by 2.2e-5. A lost or NaN probability would move outputs by
+    # orders of magnitude more.
+    steps = [(1, 200, [200], True), (1, 64, [264], False)]
+    for path in PATHS:
+        conversation(2, 64, 300, -1, steps, 22, path, monkeypatch, tolerance=6e-5, spread=6.0)
 
 
 def _model_with(stock_or_ours: int, heads: int, head_size: int, capacity: int, **changes):

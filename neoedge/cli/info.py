@@ -69,7 +69,8 @@ def info(package: Path, verify: bool, emit: Emitter) -> None:
         from .. import kernels
 
         here = kernels.info()
-        runs = ("runs here on " + here.isa) if here.available and here.preferred else \
+        attention = f" (prompt attention on {here.attention})" if here.attention else ""
+        runs = ("runs here on " + here.isa + attention) if here.available and here.preferred else \
             f"not used here ({here.reason})"
         lines.append(f"kernels        {manifest.graph.kernel_file}: neoedge's native kernels, {runs}")
     lines.append(f"integrity      all sha256 match{' (every file hashed now)' if verify else ''}")

@@ -60,10 +60,13 @@ class KernelInfo:
     preferred: bool = False
     """Whether to run the package's kernel graph rather than the stock one: the path is measured
     faster than stock on such CPUs, or was forced with NEOEDGE_KERNELS_ISA."""
+    attention: str = ""
+    """What prompt attention runs on with this path ("amx-bf16 tiles", "avx512", "portable")."""
 
     def describe(self) -> str:
         if self.available:
-            return f"neoedge native kernels, {self.isa} path" + (f" ({self.reason})" if self.reason else "")
+            attention = f", prompt attention on {self.attention}" if self.attention else ""
+            return f"neoedge native kernels, {self.isa} path{attention}" + (f" ({self.reason})" if self.reason else "")
         return "onnxruntime stock kernels" + (f" ({self.reason})" if self.reason else "")
 
 
@@ -87,6 +90,16 @@ def _probe(path: str) -> tuple[str | None, str]:
     if version != INTERFACE_VERSION:
         return None, f"{path} is interface version {version}, this neoedge needs {INTERFACE_VERSION}: rebuild it"
     return library.neoedge_kernels_best_isa().decode(), ""
+
+
+def _attention(path: str, isa: str) -> str:
+    library = ctypes.CDLL(path)
+    function = getattr(library, "neoedge_kernels_attention_path", None)
+    if function is None:
+        return ""
+    function.restype = ctypes.c_char_p
+    function.argtypes = [ctypes.c_char_p]
+    return function(isa.encode()).decode()
 
 
 def _supported(path: str, isa: str) -> bool:
@@ -120,11 +133,13 @@ def info() -> KernelInfo:
             return KernelInfo(False, STOCK, f"{ISA_VARIABLE}={forced} is not one of {', '.join(PATHS)}")
         if not _supported(str(path), forced):
             return KernelInfo(False, STOCK, f"{ISA_VARIABLE}={forced} but this CPU cannot run it (best: {best})")
-        return KernelInfo(True, forced, f"forced by {ISA_VARIABLE}", str(path), preferred=True)
+        return KernelInfo(True, forced, f"forced by {ISA_VARIABLE}", str(path), preferred=True,
+                          attention=_attention(str(path), forced))
     if best not in FASTER_THAN_STOCK:
         return KernelInfo(True, best, "not faster than onnxruntime's own kernels on this CPU; "
-                                      f"{ISA_VARIABLE}={best} uses it anyway", str(path), preferred=False)
-    return KernelInfo(True, best, "", str(path), preferred=True)
+                                      f"{ISA_VARIABLE}={best} uses it anyway", str(path), preferred=False,
+                          attention=_attention(str(path), best))
+    return KernelInfo(True, best, "", str(path), preferred=True, attention=_attention(str(path), best))
 
 
 _reported: set[str] = set()

@@ -53,12 +53,18 @@ struct AttentionProblem {
   }
 };
 
-// Writes row b, head h's new keys and values into the cache.
+// Writes row b, head h's new keys and values into the cache (the AVX-512 form: head sizes that are
+// multiples of 16, the same bytes).
 void write_new_positions(const AttentionProblem& p, int64_t b, int64_t h);
+void write_new_positions_avx512(const AttentionProblem& p, int64_t b, int64_t h);
 // Outputs of queries [i0, i1) of row b, head h (their keys already in the cache).
 void attend_portable(const AttentionProblem& p, int64_t b, int64_t h, int64_t i0, int64_t i1);
 bool attend_avx512_applies(const AttentionProblem& p);
 void attend_avx512(const AttentionProblem& p, int64_t b, int64_t h, int64_t i0, int64_t i1);
+// Prompt queries on AMX-BF16 tiles (attention_amx.cpp): head sizes 64 and 128, 4..32 queries a task,
+// on CPUs where amx_bf16_supported().
+bool attend_amx_applies(const AttentionProblem& p, int64_t queries);
+void attend_amx(const AttentionProblem& p, int64_t b, int64_t h, int64_t i0, int64_t i1);
 
 // The whole call on the pool: the cache writes, then the attention. False if the pool failed.
 bool run_attention(const AttentionProblem& p, const Parallel& parallel, Isa isa);

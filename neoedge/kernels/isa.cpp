@@ -71,7 +71,7 @@ bool request_amx_permission() {
 }
 
 struct Features {
-  bool avx2 = false, avxvnni = false, avx512vnni = false, amx = false;
+  bool avx2 = false, avxvnni = false, avx512vnni = false, amx = false, amx_bf16 = false;
 };
 
 Features detect() {
@@ -96,6 +96,7 @@ Features detect() {
   // AMX path: tiles and int8 tile products, with the AVX-512 VNNI path around them.
   const bool amx = bit(leaf7.edx, 24) && bit(leaf7.edx, 25);
   f.amx = f.avx512vnni && amx && tile_state && request_amx_permission();
+  f.amx_bf16 = f.amx && bit(leaf7.edx, 22) && bit(leaf7_1.eax, 5);
   return f;
 }
 #endif
@@ -114,14 +115,29 @@ bool isa_from_name(const char* name, Isa* out) {
   return false;
 }
 
+#if NEO_X86
+const Features& features() {
+  static Features detected;
+  static std::once_flag once;
+  std::call_once(once, [] { detected = detect(); });
+  return detected;
+}
+#endif
+
+bool amx_bf16_supported() {
+#if NEO_X86
+  return features().amx_bf16;
+#else
+  return false;
+#endif
+}
+
 bool isa_supported(Isa isa) {
   if (isa == Isa::portable) return true;
 #if NEO_ARM64
   return isa == Isa::neon;
 #elif NEO_X86
-  static Features features;
-  static std::once_flag once;
-  std::call_once(once, [] { features = detect(); });
+  const Features& features = neoedge::features();
   switch (isa) {
     case Isa::avx2: return features.avx2;
     case Isa::avxvnni: return features.avxvnni;

@@ -527,6 +527,13 @@ NEO_EXPORT Status* NEO_ORT_CALL RegisterCustomOps(SessionOptions* options, const
 // For the Python side: which paths exist here, without creating a session.
 NEO_EXPORT int neoedge_kernels_interface_version() { return 2; }
 NEO_EXPORT const char* neoedge_kernels_best_isa() { return neoedge::isa_name(neoedge::best_isa()); }
+// What prompt attention runs on, on path `name` here: "amx-bf16 tiles", "avx512" or "portable".
+NEO_EXPORT const char* neoedge_kernels_attention_path(const char* name) {
+  Isa isa;
+  if (!neoedge::isa_from_name(name, &isa) || !neoedge::isa_supported(isa)) return "portable";
+  if (isa >= Isa::amx && neoedge::amx_bf16_supported()) return "amx-bf16 tiles";
+  return isa >= Isa::avx512vnni ? "avx512" : "portable";
+}
 NEO_EXPORT int neoedge_kernels_isa_supported(const char* name) {
   Isa isa;
   return neoedge::isa_from_name(name, &isa) && neoedge::isa_supported(isa) ? 1 : 0;
