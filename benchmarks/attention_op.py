@@ -1,7 +1,12 @@
 """neoedge.kernels::Attention against onnxruntime's GroupQueryAttention, one node each, on the calls a
-gpt-neo-125m layer makes (12 heads of 64, int8 per-channel cache updated in place).
+gpt-neo-125m layer makes (12 heads of 64, int8 per-channel cache updated in place), and prompt chunks of
+a gpt-neo-1.3B layer (16 heads of 128).
 
-    python benchmarks/attention_op.py [--threads 2] [--runs 30]
+    python benchmarks/attention_op.py [--runs 30] [--paths amx,avx512vnni]
+
+Each of --paths (kernel paths this CPU runs; by default every one of amx and avx512vnni it has) is a
+session of its own, created with NEOEDGE_KERNELS_ISA set to it: on a CPU with AMX-BF16, "amx" runs
+prompt attention on tiles and "avx512vnni" the AVX-512 path, so one run compares the two.
 
 Cases: a decode step at several context lengths (batch 1 and batch 8), a 32-token chat message over
 a 600-token history, and 128-token prefill chunks (first, and over 896 positions; global and with
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -26,35 +32,48 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+import neoedge.kernels as kernels  # noqa: E402
 from test_kernel_attention import run_in_place, sessions  # noqa: E402
 
-HEADS, HEAD_SIZE, CAPACITY = 12, 64, 2048
-# (label, batch, new tokens, past positions, local window)
+CAPACITY = 2048
+SHAPES = {"125M": (12, 64), "1.3B": (16, 128)}
+# (label, shape, batch, new tokens, past positions, local window)
 CASES = [
-    ("decode, context 128", 1, 1, 128, -1),
-    ("decode, context 512", 1, 1, 512, -1),
-    ("decode, context 1,024", 1, 1, 1024, -1),
-    ("decode, context 1,900", 1, 1, 1900, -1),
-    ("decode, local window, context 1,900", 1, 1, 1900, 256),
-    ("decode, batch 8, context 256", 8, 1, 256, -1),
-    ("chat message: 32 tokens over 600", 1, 32, 600, -1),
-    ("prefill chunk: 128 tokens, first", 1, 128, 0, -1),
-    ("prefill chunk: 128 tokens over 896", 1, 128, 896, -1),
-    ("prefill chunk: 128 tokens over 896, local window", 1, 128, 896, 256),
+    ("decode, context 128", "125M", 1, 1, 128, -1),
+    ("decode, context 512", "125M", 1, 1, 512, -1),
+    ("decode, context 1,024", "125M", 1, 1, 1024, -1),
+    ("decode, context 1,900", "125M", 1, 1, 1900, -1),
+    ("decode, local window, context 1,900", "125M", 1, 1, 1900, 256),
+    ("decode, batch 8, context 256", "125M", 8, 1, 256, -1),
+    ("chat message: 32 tokens over 600", "125M", 1, 32, 600, -1),
+    ("prefill chunk: 128 tokens, first", "125M", 1, 128, 0, -1),
+    ("prefill chunk: 128 tokens over 896", "125M", 1, 128, 896, -1),
+    ("prefill chunk: 128 tokens over 896, local window", "125M", 1, 128, 896, 256),
+    ("1.3B prefill chunk: 128 tokens, first", "1.3B", 1, 128, 0, -1),
+    ("1.3B prefill chunk: 128 tokens over 896", "1.3B", 1, 128, 896, -1),
+    ("1.3B prefill chunk: 128 tokens over 1,872", "1.3B", 1, 128, 1872, -1),
 ]
 
 
-def time_case(batch: int, new: int, past: int, window: int, runs: int, seed: int) -> dict[str, float]:
-    stock, ours = sessions(HEADS, HEAD_SIZE, CAPACITY, window, seed)
+def time_case(shape: str, batch: int, new: int, past: int, window: int, runs: int, seed: int,
+              paths: list[str]) -> dict[str, float]:
+    heads, head_size = SHAPES[shape]
+    named = {}
+    for path in paths:
+        os.environ[kernels.ISA_VARIABLE] = path
+        stock, named[path] = sessions(heads, head_size, CAPACITY, window, seed)
+    os.environ.pop(kernels.ISA_VARIABLE, None)
+    named = {"stock": stock, **named}
     rng = np.random.default_rng(seed)
-    qkv = rng.standard_normal((batch, new, 3 * HEADS * HEAD_SIZE)).astype(np.float32)
-    caches = {name: [rng.integers(-100, 100, (batch, HEADS, CAPACITY, HEAD_SIZE), dtype=np.int8) for _ in range(2)]
-              for name in ("stock", "ours")}
+    qkv = rng.standard_normal((batch, new, 3 * heads * head_size)).astype(np.float32)
+    caches = {name: [rng.integers(-100, 100, (batch, heads, CAPACITY, head_size), dtype=np.int8) for _ in range(2)]
+              for name in named}
     seqlens = np.full(batch, past + new - 1, np.int32)
     total = new if past == 0 else past + new
-    times: dict[str, list[float]] = {"stock": [], "ours": []}
+    times: dict[str, list[float]] = {name: [] for name in named}
+    order = list(named.items())
     for run in range(runs + 3):
-        for name, session in (("stock", stock), ("ours", ours)) if run % 2 == 0 else (("ours", ours), ("stock", stock)):
+        for name, session in order if run % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             run_in_place(session, qkv, *caches[name], seqlens, total)
             if run >= 3:
@@ -65,27 +84,35 @@ def time_case(batch: int, new: int, past: int, window: int, runs: int, seed: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--paths", type=lambda s: s.split(","),
+                        default=[p for p in ("amx", "avx512vnni") if p in kernels.runnable_paths()])
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
+    if not args.paths:
+        raise SystemExit("no kernel path to time: the native library is not built, or this CPU runs neither path")
     tool = Path("/work/shared/tools/quiet-check")
     machine = " ".join(subprocess.run([str(tool)], capture_output=True, text=True).stdout.split()) \
         if tool.exists() else "not checked"
     rows = []
-    for i, (label, batch, new, past, window) in enumerate(CASES):
-        result = time_case(batch, new, past, window, args.runs, i)
-        rows.append({"case": label, "batch": batch, "new": new, "past": past, "window": window, **result,
-                     "speedup": result["stock"] / result["ours"]})
-        print(f"{label}: stock {result['stock']:.3f} ms, neoedge {result['ours']:.3f} ms", flush=True)
+    for i, (label, shape, batch, new, past, window) in enumerate(CASES):
+        result = time_case(shape, batch, new, past, window, args.runs, i, args.paths)
+        rows.append({"case": label, "shape": shape, "batch": batch, "new": new, "past": past, "window": window,
+                     "ms": result, "speedup": {p: result["stock"] / result[p] for p in args.paths}})
+        print(f"{label}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in result.items()), flush=True)
     date = datetime.date.today().isoformat()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"attention-op-{date}"
     stem.with_suffix(".json").write_text(json.dumps({"date": date, "machine_before": machine, "threads": 2,
-                                                     "runs": args.runs, "rows": rows}, indent=2) + "\n")
+                                                     "runs": args.runs, "paths": args.paths, "rows": rows},
+                                                    indent=2) + "\n")
     lines = [f"# Attention, one node: onnxruntime GroupQueryAttention vs neoedge.kernels::Attention ({date})", "",
-             f"12 heads of 64, int8 per-channel cache of {CAPACITY} positions updated in place, 2 threads, median of "
-             f"{args.runs} interleaved calls. Machine before the run: {machine}.", "",
-             "| call | stock ms | neoedge ms | speed-up |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['case']} | {r['stock']:.3f} | {r['ours']:.3f} | {r['speedup']:.2f}× |" for r in rows]
+             f"125M: 12 heads of 64; 1.3B: 16 heads of 128; int8 per-channel cache of {CAPACITY} positions updated in "
+             f"place, 2 threads, median of {args.runs} interleaved calls; neoedge on each path "
+             f"({', '.join(args.paths)}: NEOEDGE_KERNELS_ISA). Machine before the run: {machine}.", "",
+             "| call | stock ms | " + " | ".join(f"neoedge {p} ms (speed-up)" for p in args.paths) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in args.paths) + " |"]
+    lines += [f"| {r['case']} | {r['ms']['stock']:.3f} | " +
+              " | ".join(f"{r['ms'][p]:.3f} ({r['speedup'][p]:.2f}×)" for p in args.paths) + " |" for r in rows]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
