@@ -140,6 +140,25 @@ def test_each_context_is_processed_once(package, monkeypatch, batch_size):
         np.testing.assert_allclose(score.logprobs, reference.logprobs, atol=1e-5, rtol=0)
 
 
+def test_batches_of_other_shapes_reuse_the_logits_buffers_without_stale_values(package):
+    """Shared passes reuse their logits arrays from batch to batch: batches whose passes grow, then
+    shrink, then grow again (contexts and continuations of other lengths, two contexts a batch) score
+    as each pair does alone. A stale row or position left from a larger pass would move a score by
+    whole nats."""
+    import numpy as np
+
+    model = Model(package)
+    texts = ["Return", "Open the file and read every line of it", "x", "Compute the mean of the values in a",
+             "Close", "Write the given bytes to the stream and flush it now"]
+    endings = [[" it", " the queue now", " a"], [" and stop", " x"], [" y", " and then return the result", " z"],
+               [" list", " given iterable of numbers"], [" now", " the file"], [" quickly", " to disk and close it"]]
+    pairs = [(model.encode(t), model.encode(e)) for t, es in zip(texts, endings) for e in es]
+    expected = [model.score(c, [cont])[0] for c, cont in pairs]
+    for score, reference in zip(score_pairs(model, pairs, batch_size=2), expected):
+        assert score.tokens == reference.tokens and score.greedy == reference.greedy
+        np.testing.assert_allclose(score.logprobs, reference.logprobs, atol=1e-5, rtol=0)
+
+
 def test_a_window_exactly_filled_is_scored(package, reference_model):
     """A rolling window is 1 context token + max_length continuation tokens: all but the last are run."""
     import numpy as np
