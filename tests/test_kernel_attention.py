@@ -5,6 +5,8 @@ this CPU runs, and the cache updated in place through IOBinding as the runtime b
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -152,7 +154,7 @@ def test_a_row_that_would_overflow_the_cache_is_refused(monkeypatch):
         ours.run(None, feeds)
 
 
-@pytest.mark.parametrize("head_size", [16, 24])
+@pytest.mark.parametrize("head_size", [16, 24, 64, 128])
 def test_rows_filling_the_cache_with_windows_of_one_and_wider_than_the_context(head_size, monkeypatch):
     # A ragged prompt with a one-token row, decoded until the longest row's last position is the
     # cache's last (capacity - 1); then one row's prompt filling the whole cache at once, and a
@@ -165,7 +167,8 @@ def test_rows_filling_the_cache_with_windows_of_one_and_wider_than_the_context(h
         for window in (-1, 1, 5, 1000):
             conversation(2, head_size, 20, window, ragged, 13, path, monkeypatch)
             conversation(2, head_size, 20, window, full, 14, path, monkeypatch)
-            conversation(1, head_size, 700, window, tiles, 15, path, monkeypatch)
+            # spread 1.5 at head size 128: the default puts the plain fp32 loop's rounding at the tolerance
+            conversation(1, head_size, 700, window, tiles, 15, path, monkeypatch, spread=1.5 if head_size > 64 else 2.0)
 
 
 @pytest.mark.parametrize("head_size", [64, 128])
@@ -185,16 +188,69 @@ def test_long_ragged_prompts_over_many_key_blocks_tasks_and_windows(head_size, m
             conversation(2, head_size, 450, window, chunks, 23, path, monkeypatch, spread=1.5)
 
 
-def test_scores_spread_over_thousands_stay_within_fp32_noise(monkeypatch):
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_scores_spread_over_thousands_stay_within_fp32_noise(head_size, monkeypatch):
     # GPT-Neo does not scale its scores, and they spread over hundreds: most keys' probabilities
-    # are then far below the maximum's (the tile path drops those below exp(-72) rather than
+    # are then far below the maximum's (the tile path drops those below exp(-70) rather than
     # compute denormal parts of them). Here scores reach the thousands, where fp32's own rounding
-    # of a score moves its exp by ~1e-5: measured, the plain fp32 loop (portable) differs from
-    # stock by 4.6e-5, the tile path by 2.2e-5. A lost or NaN probability would move outputs by
-    # orders of magnitude more.
+    # of a score moves its exp by ~1e-5: measured against stock, the plain fp32 loop (portable)
+    # differs by 4.6e-5 at head size 64 and 3.2e-5 at 128, the tile path by 2.2e-5 and 5.6e-5. A
+    # lost or NaN probability would move outputs by orders of magnitude more. At head size 128 this
+    # seed also writes a key whose k / scale is exactly -104.5 in fp32 division but -104.50001 as k
+    # times the reciprocal, as onnxruntime's quantizer computes it: the caches must still match.
     steps = [(1, 200, [200], True), (1, 64, [264], False)]
     for path in PATHS:
-        conversation(2, 64, 300, -1, steps, 22, path, monkeypatch, tolerance=6e-5, spread=6.0)
+        conversation(2, head_size, 300, -1, steps, 22, path, monkeypatch, tolerance=8e-5, spread=6.0)
+
+
+def test_the_tile_path_runs_where_the_cpu_has_amx_bf16():
+    # Otherwise the tests above would pass on the AVX-512 path alone.
+    flags = set()
+    for line in open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else []:
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if "amx" not in PATHS:
+        pytest.skip("no AMX path on this CPU")
+    expected = "amx-bf16 tiles" if {"amx_bf16", "avx512_bf16"} <= flags else "avx512"
+    os.environ[kernels.ISA_VARIABLE] = "amx"
+    try:
+        assert kernels.info().attention == expected
+    finally:
+        del os.environ[kernels.ISA_VARIABLE]
+    os.environ[kernels.ISA_VARIABLE] = "avx512vnni"
+    try:
+        assert kernels.info().attention == "avx512"
+    finally:
+        del os.environ[kernels.ISA_VARIABLE]
+
+
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_a_query_with_nan_gives_nan_and_a_nan_key_is_cached_as_zero(head_size, monkeypatch):
+    # A NaN in one query makes that query's output NaN on every path (as stock's fp32 softmax
+    # does), not zeros or finite values; the others are unchanged. A NaN key is cached as 0 by
+    # every path's write (a cast of NaN would be undefined).
+    heads, capacity, new = 2, 64, 40
+    rng = np.random.default_rng(7)
+    qkv = (rng.standard_normal((1, new, 3 * heads * head_size)) * 2).astype(np.float32)
+    qkv[0, 17, 5] = np.nan                               # query 17, head 0
+    qkv[0, 30, heads * head_size + head_size + 3] = np.nan  # key 30, head 1, channel 3
+    outputs, caches = {}, {}
+    for path in PATHS:
+        monkeypatch.setenv(kernels.ISA_VARIABLE, path)
+        _, ours = sessions(heads, head_size, capacity, -1, 8)
+        k, v = (np.zeros((1, heads, capacity, head_size), np.int8) for _ in range(2))
+        outputs[path] = run_in_place(ours, qkv, k, v, np.array([new - 1], np.int32), new)
+        caches[path] = k
+    for path, out in outputs.items():
+        assert np.isnan(out[0, 17, :head_size]).all(), path
+        assert caches[path][0, 1, 30, 3] == 0, path
+        np.testing.assert_array_equal(caches[path], caches["portable"])
+        finite = np.ones(out.shape[1], bool)
+        finite[17] = False
+        assert np.isfinite(out[0, finite]).all() and np.isfinite(out[0, 17, head_size:]).all(), path
+        np.testing.assert_allclose(out[0, finite], outputs["portable"][0, finite], rtol=0,
+                                   atol=2e-5 * np.abs(outputs["portable"][0, finite]).max())
 
 
 def _model_with(stock_or_ours: int, heads: int, head_size: int, capacity: int, **changes):

@@ -8,6 +8,17 @@
 
 namespace neoedge {
 
+namespace {
+
+// nearbyint: round half to even (the default rounding mode), as onnxruntime's quantizer; saturated;
+// NaN (a NaN input, or 0 / 0) as 0, where a cast of NaN would be undefined.
+int8_t quantize_cached(float x) {
+  if (std::isnan(x)) return 0;
+  return static_cast<int8_t>(std::clamp(std::nearbyint(x), -128.f, 127.f));
+}
+
+}  // namespace
+
 void write_new_positions(const AttentionProblem& p, int64_t b, int64_t h) {
   const int64_t d_count = p.head_size;
   const float* ks = p.k_scale + h * d_count;
@@ -19,10 +30,11 @@ void write_new_positions(const AttentionProblem& p, int64_t b, int64_t h) {
     const float* v = p.new_value(b, i, h);
     int8_t* kr = p.key_row(b, h, j);
     int8_t* vr = p.value_row(b, h, j);
+    // Times the scale's fp32 reciprocal, not divided by it: onnxruntime's quantizer does so, and
+    // the two differ where x / s lands on a half (k / s = -104.5 where k x (1 / s) = -104.50001).
     for (int64_t d = 0; d < d_count; ++d) {
-      // nearbyint: round half to even (the default rounding mode), as onnxruntime's quantizer.
-      kr[d] = static_cast<int8_t>(std::clamp(std::nearbyint(k[d] / ks[d]), -128.f, 127.f));
-      vr[d] = static_cast<int8_t>(std::clamp(std::nearbyint(v[d] / vs[d]), -128.f, 127.f));
+      kr[d] = quantize_cached(k[d] * (1.f / ks[d]));
+      vr[d] = quantize_cached(v[d] * (1.f / vs[d]));
     }
   }
 }

@@ -4,7 +4,7 @@
 // - qkv is packed [B, S, 3, H, D] (query, key, value; as many key/value heads as query heads); no
 //   rotary embedding, no bias; the scores are not scaled (GPT-Neo), scale = 1.
 // - The cache [B, H, C, D] holds int8 values with per-(head, channel) scales: a new key is written
-//   as clamp(round_half_even(k / k_scale), -128, 127) and read back as q * k_scale, for the new
+//   as clamp(round_half_even(k * (1 / k_scale)), -128, 127) and read back as q * k_scale, for the new
 //   positions too (attention always reads the cache).
 // - Row b holds L = seqlens[b] + 1 positions after this call. In a first prompt (the total sequence
 //   length equals S) its S new tokens go to positions 0..S-1 (the ones past L are padding of a
@@ -61,7 +61,7 @@ void write_new_positions_avx512(const AttentionProblem& p, int64_t b, int64_t h)
 void attend_portable(const AttentionProblem& p, int64_t b, int64_t h, int64_t i0, int64_t i1);
 bool attend_avx512_applies(const AttentionProblem& p);
 void attend_avx512(const AttentionProblem& p, int64_t b, int64_t h, int64_t i0, int64_t i1);
-// Prompt queries on AMX-BF16 tiles (attention_amx.cpp): head sizes 64 and 128, 4..32 queries a task,
+// Prompt queries on AMX-BF16 tiles (attention_amx.cpp): head sizes 64 and 128, 4..128 queries a task,
 // on CPUs where amx_bf16_supported().
 bool attend_amx_applies(const AttentionProblem& p, int64_t queries);
 void attend_amx(const AttentionProblem& p, int64_t b, int64_t h, int64_t i0, int64_t i1);

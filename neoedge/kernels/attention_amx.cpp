@@ -83,6 +83,10 @@ struct alignas(64) Scratch {
   alignas(64) float rescale[kQueryTiles][kRows];
   alignas(64) int32_t first[kQueryTiles][kRows];  // each query's first visible key
   alignas(64) int32_t span[kQueryTiles][kRows];   // and how many it sees (0: none, or padding)
+  // Queries with a NaN or infinite value, or that saw a NaN or +inf score: their output is NaN, as
+  // the fp32 loop gives (masked maxima and the clamped exp would turn them into zeros or finite
+  // values).
+  __mmask16 unordered[kQueryTiles];
 };
 
 NEO_AMX_BF16 NEO_INLINE __m512i bits(__m512 x) { return _mm512_castps_si512(x); }
@@ -142,12 +146,14 @@ NEO_AMX_BF16 void stage_queries(const AttentionProblem& p, int64_t b, int64_t h,
   const float* ks = p.k_scale + h * p.head_size;
   const int tiles = static_cast<int>((i1 - i0 + 2 * kRows - 1) / (2 * kRows)) * 2;
   for (int t = 0; t < tiles; ++t) {
+    s.unordered[t] = 0;
     for (int r = 0; r < kRows; ++r) {
       const int64_t i = i0 + t * kRows + r;
       int64_t first = 0, last = -1;
       if (i < i1) p.key_range(b, i, &first, &last);
       s.first[t][r] = static_cast<int32_t>(first);
       s.span[t][r] = last >= first ? static_cast<int32_t>(last - first + 1) : 0;
+      if (i < i1 && !x86::finite_vector(p.query(b, i, h), p.head_size)) s.unordered[t] |= static_cast<__mmask16>(1u << r);
     }
     for (int step = 0; step < KS; ++step) {
       __m512i rows[kParts][16];
@@ -249,13 +255,14 @@ NEO_AMX_BF16 void value_tiles(Scratch& s, int ct) {
   _tile_stored(3, s.products[3], 64);
 }
 
-// exp(score - max) for the valid lanes, zero below exp(-72) (5e-32, against the maximum's 1): the
-// parts of smaller values would be denormal, and each vector operation on a denormal takes a
-// microcode assist. GPT-Neo's unscaled scores spread over hundreds, so this is the common case; on
-// random test data it made the whole attention 1.6x slower.
+// exp(score - max) for the valid lanes, zero below exp(-70) (4e-31, against the maximum's 1): the
+// parts of smaller values can be denormal (the third part of p is as small as p x 2^-23), and each
+// vector operation on a denormal takes a microcode assist. GPT-Neo's unscaled scores spread over
+// hundreds, so this is the common case; on random test data it made the whole attention 1.8x
+// slower. Dropping against the running maximum is safe: the final one is only larger.
 NEO_AMX_BF16 NEO_INLINE __m512 probability(__m512 score, __m512 max, __mmask16 valid) {
   const __m512 x = _mm512_sub_ps(score, max);
-  const __mmask16 keep = _mm512_mask_cmp_ps_mask(valid, x, _mm512_set1_ps(-72.f), _CMP_GT_OQ);
+  const __mmask16 keep = _mm512_mask_cmp_ps_mask(valid, x, _mm512_set1_ps(-70.f), _CMP_GT_OQ);
   return _mm512_maskz_mov_ps(keep, x86::exp_clamped(x));
 }
 
@@ -270,7 +277,9 @@ NEO_AMX_BF16 void softmax_step(int64_t j0, int count, Scratch& s, int t) {
   for (int r = 0; r < count; ++r) {
     // key - first in [0, span): below zero reads as a large unsigned value
     valid[r] = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(_mm512_set1_epi32(static_cast<int>(j0 + r)), first), span);
-    top = _mm512_mask_max_ps(top, valid[r], top, _mm512_load_ps(s.scores[slot][r]));
+    const __m512 score = _mm512_load_ps(s.scores[slot][r]);
+    top = _mm512_mask_max_ps(top, valid[r], top, score);
+    s.unordered[t] |= _mm512_mask_fpclass_ps_mask(valid[r], score, 0x89);  // QNaN, +inf, SNaN
   }
   for (int r = count; r < kKeys; ++r) valid[r] = 0;
   const __m512 old_max = _mm512_load_ps(s.max[t]);
@@ -342,7 +351,10 @@ NEO_AMX_BF16 void attend_tiles(const AttentionProblem& p, int64_t b, int64_t h, 
   const float* vs = p.v_scale + h * D;
   for (int t = 0; t < tiles; ++t) {
     alignas(64) float inverse[kRows];
-    for (int r = 0; r < kRows; ++r) inverse[r] = s.sum[t][r] > 0.f ? 1.f / s.sum[t][r] : 0.f;
+    for (int r = 0; r < kRows; ++r) {
+      inverse[r] = s.sum[t][r] > 0.f ? 1.f / s.sum[t][r] : 0.f;
+      if ((s.unordered[t] >> r) & 1) inverse[r] = std::numeric_limits<float>::quiet_NaN();
+    }
     for (int ct = 0; ct < D / 16; ++ct) {
       __m512i rows[16];
       for (int c = 0; c < 16; ++c) rows[c] = _mm512_load_si512(s.out[t][16 * ct + c]);

@@ -224,12 +224,16 @@ NEO_AVX512 NEO_INLINE void scaled_query(const AttentionProblem& p, int64_t b, in
   for (int c = 0; c < ND; ++c) qs[c] = _mm512_mul_ps(_mm512_loadu_ps(q + c * 16), _mm512_loadu_ps(ks + c * 16));
 }
 
-// out = o / sum * v_scale, the A sets added up first; zeros for a query without keys.
+// out = o / sum * v_scale, the A sets added up first; zeros for a query without keys, NaN for a
+// query with a NaN or infinite value (as the fp32 loop gives; the clamped exp would hide it).
 template <int ND, int A>
-NEO_AVX512 NEO_INLINE void finish(__m512 (&o)[A * ND], float sum, const float* vs, float* out) {
+NEO_AVX512 NEO_INLINE void finish(__m512 (&o)[A * ND], float sum, const float* vs, float* out, const float* query) {
   for (int a = 1; a < A; ++a)
     for (int c = 0; c < ND; ++c) o[c] = _mm512_add_ps(o[c], o[a * ND + c]);
-  const __m512 inverse = _mm512_set1_ps(sum > 0.f ? 1.f / sum : 0.f);
+  const float scale = !x86::finite_vector(query, ND * 16) ? std::numeric_limits<float>::quiet_NaN()
+                      : sum > 0.f                         ? 1.f / sum
+                                                          : 0.f;
+  const __m512 inverse = _mm512_set1_ps(scale);
   for (int c = 0; c < ND; ++c)
     _mm512_storeu_ps(out + c * 16, _mm512_mul_ps(_mm512_mul_ps(o[c], inverse), _mm512_loadu_ps(vs + c * 16)));
 }
@@ -278,7 +282,7 @@ NEO_AVX512 void attend_direct(const AttentionProblem& p, int64_t b, int64_t h, i
         key_block<ND, A, false>(qs, o, max, sum, nullptr, p.key_row(b, h, j0), nullptr, p.value_row(b, h, j0), count);
       }
     }
-    finish<ND, A>(o, sum, p.v_scale + h * D, p.out + (b * p.seq + i) * p.heads * D + h * D);
+    finish<ND, A>(o, sum, p.v_scale + h * D, p.out + (b * p.seq + i) * p.heads * D + h * D, p.query(b, i, h));
   }
 }
 
@@ -343,7 +347,7 @@ NEO_AVX512 void attend_tiled(const AttentionProblem& p, int64_t b, int64_t h, in
     __m512 o[A * ND];
     for (int c = 0; c < ND; ++c) o[c] = _mm512_loadu_ps(st + c * 16);
     for (int c = ND; c < A * ND; ++c) o[c] = _mm512_setzero_ps();
-    finish<ND, A>(o, st[D + 1], p.v_scale + h * D, p.out + (b * p.seq + i) * p.heads * D + h * D);
+    finish<ND, A>(o, st[D + 1], p.v_scale + h * D, p.out + (b * p.seq + i) * p.heads * D + h * D, p.query(b, i, h));
   }
 }
 
@@ -357,7 +361,7 @@ NEO_AVX512 void attend(const AttentionProblem& p, int64_t b, int64_t h, int64_t 
 
 }  // namespace
 
-// One vector of 16 channels: round half to even of k / scale, saturated, as the portable loop does it
+// One vector of 16 channels: round half to even of k x (1 / scale), saturated, NaN as 0, as the portable loop does it
 // (its scalar nearbyintf calls were a tenth of a long prompt's attention once the attention was on
 // tiles).
 NEO_AVX512 void write_new_positions_avx512(const AttentionProblem& p, int64_t b, int64_t h) {
@@ -373,14 +377,16 @@ NEO_AVX512 void write_new_positions_avx512(const AttentionProblem& p, int64_t b,
     int8_t* kr = p.key_row(b, h, j);
     int8_t* vr = p.value_row(b, h, j);
     for (int64_t d = 0; d < d_count; d += 16) {
-      const __m512 kq = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(k + d), _mm512_loadu_ps(ks + d)),
+      const __m512 one = _mm512_set1_ps(1.f);
+      const __m512 kq = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(k + d), _mm512_div_ps(one, _mm512_loadu_ps(ks + d))),
                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m512 vq = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(v + d), _mm512_loadu_ps(vs + d)),
+      const __m512 vq = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(v + d), _mm512_div_ps(one, _mm512_loadu_ps(vs + d))),
                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(kr + d),
-                       _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(kq, lo), hi))));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(vr + d),
-                       _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(vq, lo), hi))));
+      // NaN as 0, as the portable write does (max would turn it into -128).
+      const __m512 kc = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(kq, kq, _CMP_ORD_Q), _mm512_min_ps(_mm512_max_ps(kq, lo), hi));
+      const __m512 vc = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(vq, vq, _CMP_ORD_Q), _mm512_min_ps(_mm512_max_ps(vq, lo), hi));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(kr + d), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(kc)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(vr + d), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(vc)));
     }
   }
 }

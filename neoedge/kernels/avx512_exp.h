@@ -29,6 +29,13 @@ NEO_AVX512 NEO_INLINE __m512 exp_clamped(__m512 x) {
   return _mm512_scalef_ps(e, n);
 }
 
+// Whether all `count` floats (a multiple of 16) are finite.
+NEO_AVX512 NEO_INLINE bool finite_vector(const float* x, int64_t count) {
+  __mmask16 bad = 0;
+  for (int64_t i = 0; i < count; i += 16) bad |= _mm512_fpclass_ps_mask(_mm512_loadu_ps(x + i), 0x99);  // NaN, +-inf
+  return bad == 0;
+}
+
 }  // namespace x86
 }  // namespace neoedge
 

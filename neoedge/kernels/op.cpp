@@ -527,7 +527,8 @@ NEO_EXPORT Status* NEO_ORT_CALL RegisterCustomOps(SessionOptions* options, const
 // For the Python side: which paths exist here, without creating a session.
 NEO_EXPORT int neoedge_kernels_interface_version() { return 2; }
 NEO_EXPORT const char* neoedge_kernels_best_isa() { return neoedge::isa_name(neoedge::best_isa()); }
-// What prompt attention runs on, on path `name` here: "amx-bf16 tiles", "avx512" or "portable".
+// What prompt attention runs on, on path `name` here: "amx-bf16 tiles", "avx512" or "portable" (for
+// GPT-Neo's head sizes: the tiles take 64 and 128, the AVX-512 path 16 to 128 in powers of two).
 NEO_EXPORT const char* neoedge_kernels_attention_path(const char* name) {
   Isa isa;
   if (!neoedge::isa_from_name(name, &isa) || !neoedge::isa_supported(isa)) return "portable";
