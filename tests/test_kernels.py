@@ -270,6 +270,24 @@ def test_batched_decode_rows_switch_paths_and_both_match_the_reference(path, m, 
     assert not np.array_equal(outputs["1"], outputs["0"])
 
 
+@pytest.mark.parametrize("m, bits, block, symmetric", [(4, 4, 128, True), (8, 4, 256, False), (16, 8, 128, False),
+                                                       (11, 8, 64, True), (13, 4, 128, False)])
+def test_batched_decode_on_amx_tiles_equals_the_vector_path_bit_for_bit(m, bits, block, symmetric, library,
+                                                                        monkeypatch):
+    """The AMX path's batched GEMV multiplies the same staged weights on tiles: its int32 sums are
+    exact and its epilogue is the vector path's, so the outputs are the same bits (not just close)."""
+    if not {"amx", "avx512vnni"} <= set(PATHS):
+        pytest.skip("no AMX path on this CPU")
+    rng = np.random.default_rng(100 + m)
+    a, packed, scales, zero_points = problem(rng, m, 4 * block, 70, bits, block, symmetric)
+    model = one_node(4 * block, 70, bits, block, packed, scales, zero_points, kernels.DOMAIN)
+    outputs = {}
+    for path in ("amx", "avx512vnni"):
+        monkeypatch.setenv(kernels.ISA_VARIABLE, path)
+        outputs[path] = session(model, library).run(None, {"A": a})[0]
+    np.testing.assert_array_equal(outputs["amx"], outputs["avx512vnni"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors: refused at session creation or at run, with what and where
 

@@ -547,7 +547,7 @@ constexpr int64_t kGemmMinRows = 12;
 
 bool run_avx512(const Problem& p, const Parallel& parallel, bool amx) {
   if (p.batched && p.m >= kBatchMinRows && p.m <= x86::kMaxBatchRows && x86::batch_gemv_applies(p))
-    return x86::batch_gemv(p, parallel);
+    return x86::batch_gemv(p, parallel, amx);
   if (p.m < kGemmMinRows) return x86::run_gemv(p, parallel);
   if (!amx) return x86::run_gemm(p, parallel);
   x86::GemmActivations act;

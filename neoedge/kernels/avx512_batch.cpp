@@ -46,6 +46,7 @@ struct BatchJob {
   const Problem* p;
   BatchActivations act;
   int64_t tiles_per_task;
+  bool amx;
 };
 
 // Unit u of 16 weight rows starting at `rows`, in VNNI order into staged[0, unit_vectors).
@@ -149,12 +150,114 @@ NEO_AVX512 void batch_tile(const Problem& p, const BatchActivations& act, int64_
   for (int64_t m = 0; m < p.m; ++m) _mm512_mask_storeu_ps(p.y + m * p.n + n0, lanes, _mm512_load_ps(acc + m * kLanes));
 }
 
+// The same tile on AMX: the staged block is already a B tile's layout (16 rows of 4 k, each row
+// the 4 bytes of every weight row) and the activations are an A tile of M rows, so one TDPBSUD per
+// 64 k does the M x 16 products that take the vector path 16 x M vpdpbusd. Why: at batch 8 those
+// vpdpbusd were most of a decode step's linear-layer time (one per cycle, on one port).
+struct alignas(64) BatchTileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0, tmm1: C (M rows of 16 int32, alternating blocks); tmm2: A (M rows of 64 activation bytes);
+// tmm3: B (16 rows of 64 staged bytes).
+BatchTileConfig batch_tile_config(int64_t m) {
+  BatchTileConfig c;
+  for (int t = 0; t < 4; ++t) c.colsb[t] = 64;
+  c.rows[0] = c.rows[1] = c.rows[2] = static_cast<uint8_t>(m);
+  c.rows[3] = 16;
+  return c;
+}
+
+template <int BITS>
+NEO_AMX void batch_tile_amx(const Problem& p, const BatchActivations& act, int64_t n0) {
+  constexpr int per_unit = unit_vectors<BITS>();
+  const int64_t blocks = p.blocks(), row_bytes = p.row_bytes(), units = p.block / unit_k<BITS>();
+  const int steps = static_cast<int>(units * per_unit / 16);  // k-steps of 64 bytes per block
+  const int valid = static_cast<int>(std::min<int64_t>(kLanes, p.n - n0));
+  const __mmask16 lanes = static_cast<__mmask16>(valid >= 16 ? 0xFFFF : (1u << valid) - 1);
+  alignas(64) __m512i staged[2][kMaxStaged];
+  alignas(64) int32_t c[2][kMaxBatchRows * kLanes];
+  alignas(64) float acc[kMaxBatchRows * kLanes];
+  __m512 w_scales[2], zpws[2];
+  for (int64_t m = 0; m < p.m; ++m) _mm512_store_ps(acc + m * kLanes, _mm512_setzero_ps());
+  const uint8_t* rows = p.b + n0 * row_bytes;
+  const __m512i scale_index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                 _mm512_set1_epi32(static_cast<int>(blocks)));
+  const float implicit_zp = static_cast<float>(1 << (BITS - 1));
+  // Block b's epilogue runs after block b + 1's products are issued: vector loads of a tile just
+  // stored wait for the store, and the tile unit would idle meanwhile.
+  auto epilogue = [&](int64_t b) NEO_AMX {
+    const int32_t* cb = c[b & 1];
+    for (int64_t m = 0; m < p.m; ++m) {
+      float* out = acc + m * kLanes;
+      const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(cb + m * kLanes)),
+                                     _mm512_set1_ps(act.scale[m * blocks + b]));
+      const __m512 y = _mm512_fmadd_ps(t, w_scales[b & 1], _mm512_load_ps(out));
+      _mm512_store_ps(out, _mm512_fnmadd_ps(zpws[b & 1], _mm512_set1_ps(act.scaled_sum[m * blocks + b]), y));
+    }
+  };
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i* st = staged[b & 1];
+    for (int64_t u = 0; u < units; ++u) stage_unit<BITS>(rows, row_bytes, valid, b * units + u, st + u * per_unit);
+    const __m512 w_scale = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, scale_index, p.scales + n0 * blocks + b, 4);
+    if (!p.zp) {
+      zpws[b & 1] = _mm512_mul_ps(w_scale, _mm512_set1_ps(implicit_zp));
+    } else {
+      alignas(64) float zp[kLanes] = {};
+      for (int i = 0; i < valid; ++i) zp[i] = static_cast<float>(p.zero_point(n0 + i, b));
+      zpws[b & 1] = _mm512_mul_ps(w_scale, _mm512_load_ps(zp));
+    }
+    w_scales[b & 1] = w_scale;
+    const int8_t* x = act.q + b * p.block;
+    if (b & 1) {
+      _tile_zero(1);
+      for (int s = 0; s < steps; ++s) {
+        _tile_loadd(2, x + 64 * s, p.k);
+        _tile_loadd(3, st + 16 * s, 64);
+        _tile_dpbsud(1, 2, 3);
+      }
+      _tile_stored(1, c[1], 64);
+    } else {
+      _tile_zero(0);
+      for (int s = 0; s < steps; ++s) {
+        _tile_loadd(2, x + 64 * s, p.k);
+        _tile_loadd(3, st + 16 * s, 64);
+        _tile_dpbsud(0, 2, 3);
+      }
+      _tile_stored(0, c[0], 64);
+    }
+    if (b > 0) epilogue(b - 1);
+  }
+  epilogue(blocks - 1);
+  for (int64_t m = 0; m < p.m; ++m) _mm512_mask_storeu_ps(p.y + m * p.n + n0, lanes, _mm512_load_ps(acc + m * kLanes));
+}
+
+NEO_AMX void batch_tiles_amx(const BatchJob& job, int64_t t0, int64_t t1) {
+  const Problem& p = *job.p;
+  const BatchTileConfig config = batch_tile_config(p.m);
+  _tile_loadconfig(&config);
+  for (int64_t t = t0; t < t1; ++t) {
+    if (p.bits == 4) batch_tile_amx<4>(p, job.act, t * kLanes);
+    else batch_tile_amx<8>(p, job.act, t * kLanes);
+  }
+  _tile_release();
+}
+
 void batch_task(void* user, size_t task) {
   const BatchJob& job = *static_cast<const BatchJob*>(user);
   const Problem& p = *job.p;
   const int64_t tiles = (p.n + kLanes - 1) / kLanes;
-  const int64_t t1 = std::min<int64_t>(tiles, (static_cast<int64_t>(task) + 1) * job.tiles_per_task);
-  for (int64_t t = static_cast<int64_t>(task) * job.tiles_per_task; t < t1; ++t) {
+  const int64_t t0 = static_cast<int64_t>(task) * job.tiles_per_task;
+  const int64_t t1 = std::min<int64_t>(tiles, t0 + job.tiles_per_task);
+  if (job.amx) {
+    batch_tiles_amx(job, t0, t1);
+    return;
+  }
+  for (int64_t t = t0; t < t1; ++t) {
     if (p.bits == 4) batch_tile<4>(p, job.act, t * kLanes);
     else batch_tile<8>(p, job.act, t * kLanes);
   }
@@ -168,7 +271,7 @@ bool batch_gemv_applies(const Problem& p) {
   return p.m <= kMaxBatchRows && p.block % (p.bits == 4 ? 128 : 64) == 0 && p.block <= 256;
 }
 
-NEO_AVX512 bool batch_gemv(const Problem& p, const Parallel& parallel) {
+NEO_AVX512 bool batch_gemv(const Problem& p, const Parallel& parallel, bool amx) {
   thread_local std::vector<int8_t> q;
   thread_local std::vector<float> scales;
   const int64_t blocks = p.blocks();
@@ -192,7 +295,7 @@ NEO_AVX512 bool batch_gemv(const Problem& p, const Parallel& parallel) {
   // Tasks of ~32 KB of weights, as the one-row GEMV's.
   const int64_t tiles = (p.n + kLanes - 1) / kLanes;
   const int64_t per_task = std::max<int64_t>(1, 32768 / (kLanes * p.row_bytes()));
-  BatchJob job{&p, act, per_task};
+  BatchJob job{&p, act, per_task, amx};
   return parallel(batch_task, static_cast<size_t>((tiles + per_task - 1) / per_task), &job);
 }
 

@@ -46,7 +46,7 @@ struct GemmActivations {
 // (8-bit) units up to 256.
 constexpr int64_t kMaxBatchRows = 16;
 bool batch_gemv_applies(const Problem& p);
-bool batch_gemv(const Problem& p, const Parallel& parallel);
+bool batch_gemv(const Problem& p, const Parallel& parallel, bool amx);
 
 // Quantizes A in parallel over groups of 16 rows, into buffers of the calling thread.
 bool prepare_gemm_activations(const Problem& p, const Parallel& parallel, GemmActivations* out);
