@@ -21,14 +21,6 @@ namespace x86 {
 
 namespace {
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // tmm0-3: C (16 x 16 int32); tmm4-5: activations (16 rows x kstep bytes); tmm6-7: weights
 // (kstep / 4 rows x 64 bytes).
 TileConfig tile_config(int kstep) {

@@ -23,20 +23,14 @@ void write_new_positions(const AttentionProblem& p, int64_t b, int64_t h) {
   const int64_t d_count = p.head_size;
   const float* ks = p.k_scale + h * d_count;
   const float* vs = p.v_scale + h * d_count;
-  for (int64_t i = 0; i < p.seq; ++i) {
-    const int64_t j = p.past(b) + i;
-    if (j < 0 || j >= p.capacity) continue;
-    const float* k = p.new_key(b, i, h);
-    const float* v = p.new_value(b, i, h);
-    int8_t* kr = p.key_row(b, h, j);
-    int8_t* vr = p.value_row(b, h, j);
+  for_each_new_position(p, b, h, [&](const float* k, const float* v, int8_t* kr, int8_t* vr) {
     // Times the scale's fp32 reciprocal, not divided by it: onnxruntime's quantizer does so, and
     // the two differ where x / s lands on a half (k / s = -104.5 where k x (1 / s) = -104.50001).
     for (int64_t d = 0; d < d_count; ++d) {
       kr[d] = quantize_cached(k[d] * (1.f / ks[d]));
       vr[d] = quantize_cached(v[d] * (1.f / vs[d]));
     }
-  }
+  });
 }
 
 void attend_portable(const AttentionProblem& p, int64_t b, int64_t h, int64_t i0, int64_t i1) {

@@ -53,6 +53,17 @@ struct AttentionProblem {
   }
 };
 
+// Calls write(k, v, key_row, value_row) for each of row b, head h's new positions that lands in the
+// cache: its new key and value, and where they go.
+template <class Write>
+void for_each_new_position(const AttentionProblem& p, int64_t b, int64_t h, Write&& write) {
+  for (int64_t i = 0; i < p.seq; ++i) {
+    const int64_t j = p.past(b) + i;
+    if (j < 0 || j >= p.capacity) continue;
+    write(p.new_key(b, i, h), p.new_value(b, i, h), p.key_row(b, h, j), p.value_row(b, h, j));
+  }
+}
+
 // Writes row b, head h's new keys and values into the cache (the AVX-512 form: head sizes that are
 // multiples of 16, the same bytes).
 void write_new_positions(const AttentionProblem& p, int64_t b, int64_t h);

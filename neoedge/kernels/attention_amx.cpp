@@ -44,17 +44,9 @@ constexpr int kMaxKSteps = 4;     // head size / 32, at most (head size 128)
 constexpr int kTileHalves = 512;  // bfloat16 values in a 16 x 64-byte tile
 constexpr int kQueryTiles = 8;    // a task's queries: up to 128, so that each block is staged once for them
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Every tile is 16 rows of 64 bytes: C tiles 16 x 16 fp32, A and B tiles 16 x 32 bfloat16.
-TileConfig tile_config() {
-  TileConfig c;
+x86::TileConfig tile_config() {
+  x86::TileConfig c;
   for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
   return c;
 }
@@ -370,7 +362,7 @@ NEO_AMX_BF16 void attend_tiles(const AttentionProblem& p, int64_t b, int64_t h, 
 
 NEO_AMX_BF16 void attend_on_tiles(const AttentionProblem& p, int64_t b, int64_t h, int64_t i0, int64_t i1,
                                   Scratch& scratch) {
-  const TileConfig config = tile_config();
+  const x86::TileConfig config = tile_config();
   _tile_loadconfig(&config);
   if (p.head_size == 64) attend_tiles<2>(p, b, h, i0, i1, scratch);
   else attend_tiles<4>(p, b, h, i0, i1, scratch);

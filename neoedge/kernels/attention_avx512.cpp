@@ -364,31 +364,25 @@ NEO_AVX512 void attend(const AttentionProblem& p, int64_t b, int64_t h, int64_t 
 // One vector of 16 channels: round half to even of k x (1 / scale), saturated, NaN as 0, as the portable loop does it
 // (its scalar nearbyintf calls were a tenth of a long prompt's attention once the attention was on
 // tiles).
+NEO_AVX512 NEO_INLINE void quantize16(const float* x, const float* scale, int8_t* out) {
+  const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x), _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_loadu_ps(scale))),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // NaN as 0, as the portable write does (max would turn it into -128).
+  const __m512 clamped = _mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(-128.f)), _mm512_set1_ps(127.f));
+  const __m512 c = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(q, q, _CMP_ORD_Q), clamped);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(c)));
+}
+
 NEO_AVX512 void write_new_positions_avx512(const AttentionProblem& p, int64_t b, int64_t h) {
   const int64_t d_count = p.head_size;
   const float* ks = p.k_scale + h * d_count;
   const float* vs = p.v_scale + h * d_count;
-  const __m512 lo = _mm512_set1_ps(-128.f), hi = _mm512_set1_ps(127.f);
-  for (int64_t i = 0; i < p.seq; ++i) {
-    const int64_t j = p.past(b) + i;
-    if (j < 0 || j >= p.capacity) continue;
-    const float* k = p.new_key(b, i, h);
-    const float* v = p.new_value(b, i, h);
-    int8_t* kr = p.key_row(b, h, j);
-    int8_t* vr = p.value_row(b, h, j);
+  for_each_new_position(p, b, h, [&](const float* k, const float* v, int8_t* kr, int8_t* vr) NEO_AVX512 {
     for (int64_t d = 0; d < d_count; d += 16) {
-      const __m512 one = _mm512_set1_ps(1.f);
-      const __m512 kq = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(k + d), _mm512_div_ps(one, _mm512_loadu_ps(ks + d))),
-                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m512 vq = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(v + d), _mm512_div_ps(one, _mm512_loadu_ps(vs + d))),
-                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      // NaN as 0, as the portable write does (max would turn it into -128).
-      const __m512 kc = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(kq, kq, _CMP_ORD_Q), _mm512_min_ps(_mm512_max_ps(kq, lo), hi));
-      const __m512 vc = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(vq, vq, _CMP_ORD_Q), _mm512_min_ps(_mm512_max_ps(vq, lo), hi));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(kr + d), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(kc)));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(vr + d), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(vc)));
+      quantize16(k + d, ks + d, kr + d);
+      quantize16(v + d, vs + d, vr + d);
     }
-  }
+  });
 }
 
 bool attend_avx512_applies(const AttentionProblem& p) {

@@ -121,6 +121,24 @@ NEO_AVX512 void block_all_rows(const Problem& p, const BatchActivations& act, co
   }
 }
 
+// Block b's scales for the 16 weight rows from n0 (`valid` of them), and zero point x scale.
+struct BlockScales {
+  __m512 w_scale, zpw;
+};
+
+template <int BITS>
+NEO_AVX512 NEO_INLINE BlockScales block_scales(const Problem& p, int64_t n0, int64_t b, int valid) {
+  const int64_t blocks = p.blocks();
+  const __mmask16 lanes = static_cast<__mmask16>(valid >= 16 ? 0xFFFF : (1u << valid) - 1);
+  const __m512i index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(static_cast<int>(blocks)));
+  const __m512 w_scale = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, index, p.scales + n0 * blocks + b, 4);
+  if (!p.zp) return {w_scale, _mm512_mul_ps(w_scale, _mm512_set1_ps(static_cast<float>(1 << (BITS - 1))))};
+  alignas(64) float zp[kLanes] = {};
+  for (int i = 0; i < valid; ++i) zp[i] = static_cast<float>(p.zero_point(n0 + i, b));
+  return {w_scale, _mm512_mul_ps(w_scale, _mm512_load_ps(zp))};
+}
+
 template <int BITS>
 NEO_AVX512 void batch_tile(const Problem& p, const BatchActivations& act, int64_t n0) {
   constexpr int per_unit = unit_vectors<BITS>();
@@ -131,21 +149,10 @@ NEO_AVX512 void batch_tile(const Problem& p, const BatchActivations& act, int64_
   alignas(64) float acc[kMaxBatchRows * kLanes];
   for (int64_t m = 0; m < p.m; ++m) _mm512_store_ps(acc + m * kLanes, _mm512_setzero_ps());
   const uint8_t* rows = p.b + n0 * row_bytes;
-  const __m512i scale_index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                 _mm512_set1_epi32(static_cast<int>(blocks)));
-  const float implicit_zp = static_cast<float>(1 << (BITS - 1));
   for (int64_t b = 0; b < blocks; ++b) {
     for (int64_t u = 0; u < units; ++u) stage_unit<BITS>(rows, row_bytes, valid, b * units + u, staged + u * per_unit);
-    const __m512 w_scale = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, scale_index, p.scales + n0 * blocks + b, 4);
-    __m512 zpw;
-    if (!p.zp) {
-      zpw = _mm512_mul_ps(w_scale, _mm512_set1_ps(implicit_zp));
-    } else {
-      alignas(64) float zp[kLanes] = {};
-      for (int i = 0; i < valid; ++i) zp[i] = static_cast<float>(p.zero_point(n0 + i, b));
-      zpw = _mm512_mul_ps(w_scale, _mm512_load_ps(zp));
-    }
-    block_all_rows(p, act, staged, static_cast<int>(units * per_unit), b, w_scale, zpw, acc);
+    const BlockScales scales = block_scales<BITS>(p, n0, b, valid);
+    block_all_rows(p, act, staged, static_cast<int>(units * per_unit), b, scales.w_scale, scales.zpw, acc);
   }
   for (int64_t m = 0; m < p.m; ++m) _mm512_mask_storeu_ps(p.y + m * p.n + n0, lanes, _mm512_load_ps(acc + m * kLanes));
 }
@@ -154,22 +161,26 @@ NEO_AVX512 void batch_tile(const Problem& p, const BatchActivations& act, int64_
 // the 4 bytes of every weight row) and the activations are an A tile of M rows, so one TDPBSUD per
 // 64 k does the M x 16 products that take the vector path 16 x M vpdpbusd. Why: at batch 8 those
 // vpdpbusd were most of a decode step's linear-layer time (one per cycle, on one port).
-struct alignas(64) BatchTileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // tmm0, tmm1: C (M rows of 16 int32, alternating blocks); tmm2: A (M rows of 64 activation bytes);
 // tmm3: B (16 rows of 64 staged bytes).
-BatchTileConfig batch_tile_config(int64_t m) {
-  BatchTileConfig c;
+TileConfig batch_tile_config(int64_t m) {
+  TileConfig c;
   for (int t = 0; t < 4; ++t) c.colsb[t] = 64;
   c.rows[0] = c.rows[1] = c.rows[2] = static_cast<uint8_t>(m);
   c.rows[3] = 16;
   return c;
+}
+
+// One block's M x 16 int32 sums in C tile `C` (a template argument: tile numbers are immediates).
+template <int C>
+NEO_AMX NEO_INLINE void block_products(const int8_t* x, int64_t stride, const __m512i* staged, int steps, int32_t* out) {
+  _tile_zero(C);
+  for (int s = 0; s < steps; ++s) {
+    _tile_loadd(2, x + 64 * s, stride);
+    _tile_loadd(3, staged + 16 * s, 64);
+    _tile_dpbsud(C, 2, 3);
+  }
+  _tile_stored(C, out, 64);
 }
 
 template <int BITS>
@@ -182,12 +193,9 @@ NEO_AMX void batch_tile_amx(const Problem& p, const BatchActivations& act, int64
   alignas(64) __m512i staged[2][kMaxStaged];
   alignas(64) int32_t c[2][kMaxBatchRows * kLanes];
   alignas(64) float acc[kMaxBatchRows * kLanes];
-  __m512 w_scales[2], zpws[2];
+  BlockScales scales[2];
   for (int64_t m = 0; m < p.m; ++m) _mm512_store_ps(acc + m * kLanes, _mm512_setzero_ps());
   const uint8_t* rows = p.b + n0 * row_bytes;
-  const __m512i scale_index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                 _mm512_set1_epi32(static_cast<int>(blocks)));
-  const float implicit_zp = static_cast<float>(1 << (BITS - 1));
   // Block b's epilogue runs after block b + 1's products are issued: vector loads of a tile just
   // stored wait for the store, and the tile unit would idle meanwhile.
   auto epilogue = [&](int64_t b) NEO_AMX {
@@ -196,40 +204,17 @@ NEO_AMX void batch_tile_amx(const Problem& p, const BatchActivations& act, int64
       float* out = acc + m * kLanes;
       const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(cb + m * kLanes)),
                                      _mm512_set1_ps(act.scale[m * blocks + b]));
-      const __m512 y = _mm512_fmadd_ps(t, w_scales[b & 1], _mm512_load_ps(out));
-      _mm512_store_ps(out, _mm512_fnmadd_ps(zpws[b & 1], _mm512_set1_ps(act.scaled_sum[m * blocks + b]), y));
+      const __m512 y = _mm512_fmadd_ps(t, scales[b & 1].w_scale, _mm512_load_ps(out));
+      _mm512_store_ps(out, _mm512_fnmadd_ps(scales[b & 1].zpw, _mm512_set1_ps(act.scaled_sum[m * blocks + b]), y));
     }
   };
   for (int64_t b = 0; b < blocks; ++b) {
     __m512i* st = staged[b & 1];
     for (int64_t u = 0; u < units; ++u) stage_unit<BITS>(rows, row_bytes, valid, b * units + u, st + u * per_unit);
-    const __m512 w_scale = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, scale_index, p.scales + n0 * blocks + b, 4);
-    if (!p.zp) {
-      zpws[b & 1] = _mm512_mul_ps(w_scale, _mm512_set1_ps(implicit_zp));
-    } else {
-      alignas(64) float zp[kLanes] = {};
-      for (int i = 0; i < valid; ++i) zp[i] = static_cast<float>(p.zero_point(n0 + i, b));
-      zpws[b & 1] = _mm512_mul_ps(w_scale, _mm512_load_ps(zp));
-    }
-    w_scales[b & 1] = w_scale;
+    scales[b & 1] = block_scales<BITS>(p, n0, b, valid);
     const int8_t* x = act.q + b * p.block;
-    if (b & 1) {
-      _tile_zero(1);
-      for (int s = 0; s < steps; ++s) {
-        _tile_loadd(2, x + 64 * s, p.k);
-        _tile_loadd(3, st + 16 * s, 64);
-        _tile_dpbsud(1, 2, 3);
-      }
-      _tile_stored(1, c[1], 64);
-    } else {
-      _tile_zero(0);
-      for (int s = 0; s < steps; ++s) {
-        _tile_loadd(2, x + 64 * s, p.k);
-        _tile_loadd(3, st + 16 * s, 64);
-        _tile_dpbsud(0, 2, 3);
-      }
-      _tile_stored(0, c[0], 64);
-    }
+    if (b & 1) block_products<1>(x, p.k, st, steps, c[1]);
+    else block_products<0>(x, p.k, st, steps, c[0]);
     if (b > 0) epilogue(b - 1);
   }
   epilogue(blocks - 1);
@@ -238,7 +223,7 @@ NEO_AMX void batch_tile_amx(const Problem& p, const BatchActivations& act, int64
 
 NEO_AMX void batch_tiles_amx(const BatchJob& job, int64_t t0, int64_t t1) {
   const Problem& p = *job.p;
-  const BatchTileConfig config = batch_tile_config(p.m);
+  const TileConfig config = batch_tile_config(p.m);
   _tile_loadconfig(&config);
   for (int64_t t = t0; t < t1; ++t) {
     if (p.bits == 4) batch_tile_amx<4>(p, job.act, t * kLanes);

@@ -26,6 +26,15 @@
 namespace neoedge {
 namespace x86 {
 
+// The AMX tile configuration LDTILECFG reads (palette 1): bytes per row and rows of each tile.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
 constexpr int kTileRows = 32;     // weight rows per GEMM task
 constexpr int64_t kMChunk = 256;  // activation rows per GEMM task, at most
 
