@@ -171,17 +171,18 @@ TileConfig batch_tile_config(int64_t m) {
   return c;
 }
 
-// One block's M x 16 int32 sums in C tile `C` (a template argument: tile numbers are immediates).
-template <int C>
-NEO_AMX NEO_INLINE void block_products(const int8_t* x, int64_t stride, const __m512i* staged, int steps, int32_t* out) {
-  _tile_zero(C);
-  for (int s = 0; s < steps; ++s) {
-    _tile_loadd(2, x + 64 * s, stride);
-    _tile_loadd(3, staged + 16 * s, 64);
-    _tile_dpbsud(C, 2, 3);
-  }
-  _tile_stored(C, out, 64);
-}
+// One block's M x 16 int32 sums in C tile `C`, stored to `out`. A macro: the tile intrinsics take
+// their tile numbers as literals (they are spelled into the instruction's text).
+#define NEO_BLOCK_PRODUCTS(C, x, stride, staged, steps, out) \
+  do {                                                       \
+    _tile_zero(C);                                           \
+    for (int s_ = 0; s_ < (steps); ++s_) {                   \
+      _tile_loadd(2, (x) + 64 * s_, (stride));               \
+      _tile_loadd(3, (staged) + 16 * s_, 64);                \
+      _tile_dpbsud(C, 2, 3);                                 \
+    }                                                        \
+    _tile_stored(C, (out), 64);                              \
+  } while (0)
 
 template <int BITS>
 NEO_AMX void batch_tile_amx(const Problem& p, const BatchActivations& act, int64_t n0) {
@@ -213,13 +214,15 @@ NEO_AMX void batch_tile_amx(const Problem& p, const BatchActivations& act, int64
     for (int64_t u = 0; u < units; ++u) stage_unit<BITS>(rows, row_bytes, valid, b * units + u, st + u * per_unit);
     scales[b & 1] = block_scales<BITS>(p, n0, b, valid);
     const int8_t* x = act.q + b * p.block;
-    if (b & 1) block_products<1>(x, p.k, st, steps, c[1]);
-    else block_products<0>(x, p.k, st, steps, c[0]);
+    if (b & 1) NEO_BLOCK_PRODUCTS(1, x, p.k, st, steps, c[1]);
+    else NEO_BLOCK_PRODUCTS(0, x, p.k, st, steps, c[0]);
     if (b > 0) epilogue(b - 1);
   }
   epilogue(blocks - 1);
   for (int64_t m = 0; m < p.m; ++m) _mm512_mask_storeu_ps(p.y + m * p.n + n0, lanes, _mm512_load_ps(acc + m * kLanes));
 }
+
+#undef NEO_BLOCK_PRODUCTS
 
 NEO_AMX void batch_tiles_amx(const BatchJob& job, int64_t t0, int64_t t1) {
   const Problem& p = *job.p;
