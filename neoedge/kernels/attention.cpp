@@ -112,12 +112,11 @@ void write_task(void* user, size_t index) {
 void attend(const Job& job, int64_t b, int64_t h, int64_t i0, int64_t i1) {
   const AttentionProblem& p = *job.p;
 #if defined(__x86_64__) || defined(_M_X64)
-  if (tile_path(p, job.isa, i1 - i0)) {
-    attend_amx(p, b, h, i0, i1);
-    return;
-  }
-  if (job.isa >= Isa::avx512vnni && attend_avx512_applies(p)) {
-    attend_avx512(p, b, h, i0, i1);
+  const bool tiles = tile_path(p, job.isa, i1 - i0);
+  if (tiles || (job.isa >= Isa::avx512vnni && attend_avx512_applies(p))) {
+    if (tiles) attend_amx(p, b, h, i0, i1);
+    else attend_avx512(p, b, h, i0, i1);
+    nan_for_nonfinite_queries(p, b, h, i0, i1);
     return;
   }
 #endif

@@ -76,6 +76,10 @@ void attend_avx512(const AttentionProblem& p, int64_t b, int64_t h, int64_t i0, 
 // on CPUs where amx_bf16_supported().
 bool attend_amx_applies(const AttentionProblem& p, int64_t queries);
 void attend_amx(const AttentionProblem& p, int64_t b, int64_t h, int64_t i0, int64_t i1);
+// NaN outputs for queries [i0, i1) with a NaN or infinite value (AVX-512; head size a multiple of 16),
+// as the fp32 loop gives them: the vector paths' masked maxima and clamped exp turn them into zeros
+// or finite values.
+void nan_for_nonfinite_queries(const AttentionProblem& p, int64_t b, int64_t h, int64_t i0, int64_t i1);
 
 // The whole call on the pool: the cache writes, then the attention. False if the pool failed.
 bool run_attention(const AttentionProblem& p, const Parallel& parallel, Isa isa);

@@ -75,10 +75,6 @@ struct alignas(64) Scratch {
   alignas(64) float rescale[kQueryTiles][kRows];
   alignas(64) int32_t first[kQueryTiles][kRows];  // each query's first visible key
   alignas(64) int32_t span[kQueryTiles][kRows];   // and how many it sees (0: none, or padding)
-  // Queries with a NaN or infinite value, or that saw a NaN or +inf score: their output is NaN, as
-  // the fp32 loop gives (masked maxima and the clamped exp would turn them into zeros or finite
-  // values).
-  __mmask16 unordered[kQueryTiles];
 };
 
 NEO_AMX_BF16 NEO_INLINE __m512i bits(__m512 x) { return _mm512_castps_si512(x); }
@@ -138,14 +134,12 @@ NEO_AMX_BF16 void stage_queries(const AttentionProblem& p, int64_t b, int64_t h,
   const float* ks = p.k_scale + h * p.head_size;
   const int tiles = static_cast<int>((i1 - i0 + 2 * kRows - 1) / (2 * kRows)) * 2;
   for (int t = 0; t < tiles; ++t) {
-    s.unordered[t] = 0;
     for (int r = 0; r < kRows; ++r) {
       const int64_t i = i0 + t * kRows + r;
       int64_t first = 0, last = -1;
       if (i < i1) p.key_range(b, i, &first, &last);
       s.first[t][r] = static_cast<int32_t>(first);
       s.span[t][r] = last >= first ? static_cast<int32_t>(last - first + 1) : 0;
-      if (i < i1 && !x86::finite_vector(p.query(b, i, h), p.head_size)) s.unordered[t] |= static_cast<__mmask16>(1u << r);
     }
     for (int step = 0; step < KS; ++step) {
       __m512i rows[kParts][16];
@@ -269,9 +263,7 @@ NEO_AMX_BF16 void softmax_step(int64_t j0, int count, Scratch& s, int t) {
   for (int r = 0; r < count; ++r) {
     // key - first in [0, span): below zero reads as a large unsigned value
     valid[r] = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(_mm512_set1_epi32(static_cast<int>(j0 + r)), first), span);
-    const __m512 score = _mm512_load_ps(s.scores[slot][r]);
-    top = _mm512_mask_max_ps(top, valid[r], top, score);
-    s.unordered[t] |= _mm512_mask_fpclass_ps_mask(valid[r], score, 0x89);  // QNaN, +inf, SNaN
+    top = _mm512_mask_max_ps(top, valid[r], top, _mm512_load_ps(s.scores[slot][r]));
   }
   for (int r = count; r < kKeys; ++r) valid[r] = 0;
   const __m512 old_max = _mm512_load_ps(s.max[t]);
@@ -343,10 +335,7 @@ NEO_AMX_BF16 void attend_tiles(const AttentionProblem& p, int64_t b, int64_t h, 
   const float* vs = p.v_scale + h * D;
   for (int t = 0; t < tiles; ++t) {
     alignas(64) float inverse[kRows];
-    for (int r = 0; r < kRows; ++r) {
-      inverse[r] = s.sum[t][r] > 0.f ? 1.f / s.sum[t][r] : 0.f;
-      if ((s.unordered[t] >> r) & 1) inverse[r] = std::numeric_limits<float>::quiet_NaN();
-    }
+    for (int r = 0; r < kRows; ++r) inverse[r] = s.sum[t][r] > 0.f ? 1.f / s.sum[t][r] : 0.f;
     for (int ct = 0; ct < D / 16; ++ct) {
       __m512i rows[16];
       for (int c = 0; c < 16; ++c) rows[c] = _mm512_load_si512(s.out[t][16 * ct + c]);

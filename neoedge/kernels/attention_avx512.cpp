@@ -224,16 +224,12 @@ NEO_AVX512 NEO_INLINE void scaled_query(const AttentionProblem& p, int64_t b, in
   for (int c = 0; c < ND; ++c) qs[c] = _mm512_mul_ps(_mm512_loadu_ps(q + c * 16), _mm512_loadu_ps(ks + c * 16));
 }
 
-// out = o / sum * v_scale, the A sets added up first; zeros for a query without keys, NaN for a
-// query with a NaN or infinite value (as the fp32 loop gives; the clamped exp would hide it).
+// out = o / sum * v_scale, the A sets added up first; zeros for a query without keys.
 template <int ND, int A>
-NEO_AVX512 NEO_INLINE void finish(__m512 (&o)[A * ND], float sum, const float* vs, float* out, const float* query) {
+NEO_AVX512 NEO_INLINE void finish(__m512 (&o)[A * ND], float sum, const float* vs, float* out) {
   for (int a = 1; a < A; ++a)
     for (int c = 0; c < ND; ++c) o[c] = _mm512_add_ps(o[c], o[a * ND + c]);
-  const float scale = !x86::finite_vector(query, ND * 16) ? std::numeric_limits<float>::quiet_NaN()
-                      : sum > 0.f                         ? 1.f / sum
-                                                          : 0.f;
-  const __m512 inverse = _mm512_set1_ps(scale);
+  const __m512 inverse = _mm512_set1_ps(sum > 0.f ? 1.f / sum : 0.f);
   for (int c = 0; c < ND; ++c)
     _mm512_storeu_ps(out + c * 16, _mm512_mul_ps(_mm512_mul_ps(o[c], inverse), _mm512_loadu_ps(vs + c * 16)));
 }
@@ -282,7 +278,7 @@ NEO_AVX512 void attend_direct(const AttentionProblem& p, int64_t b, int64_t h, i
         key_block<ND, A, false>(qs, o, max, sum, nullptr, p.key_row(b, h, j0), nullptr, p.value_row(b, h, j0), count);
       }
     }
-    finish<ND, A>(o, sum, p.v_scale + h * D, p.out + (b * p.seq + i) * p.heads * D + h * D, p.query(b, i, h));
+    finish<ND, A>(o, sum, p.v_scale + h * D, p.out + (b * p.seq + i) * p.heads * D + h * D);
   }
 }
 
@@ -347,7 +343,7 @@ NEO_AVX512 void attend_tiled(const AttentionProblem& p, int64_t b, int64_t h, in
     __m512 o[A * ND];
     for (int c = 0; c < ND; ++c) o[c] = _mm512_loadu_ps(st + c * 16);
     for (int c = ND; c < A * ND; ++c) o[c] = _mm512_setzero_ps();
-    finish<ND, A>(o, st[D + 1], p.v_scale + h * D, p.out + (b * p.seq + i) * p.heads * D + h * D, p.query(b, i, h));
+    finish<ND, A>(o, st[D + 1], p.v_scale + h * D, p.out + (b * p.seq + i) * p.heads * D + h * D);
   }
 }
 
@@ -383,6 +379,15 @@ NEO_AVX512 void write_new_positions_avx512(const AttentionProblem& p, int64_t b,
       quantize16(v + d, vs + d, vr + d);
     }
   });
+}
+
+NEO_AVX512 void nan_for_nonfinite_queries(const AttentionProblem& p, int64_t b, int64_t h, int64_t i0, int64_t i1) {
+  const int64_t d = p.head_size;
+  for (int64_t i = i0; i < i1; ++i) {
+    if (x86::finite_vector(p.query(b, i, h), d)) continue;
+    float* out = p.out + (b * p.seq + i) * p.heads * d + h * d;
+    std::fill(out, out + d, std::numeric_limits<float>::quiet_NaN());
+  }
 }
 
 bool attend_avx512_applies(const AttentionProblem& p) {
