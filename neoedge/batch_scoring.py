@@ -48,20 +48,17 @@ class ContextBatch:
         self._arrays = [lazy_zeros((rows, model.num_heads, width, model.head_size), dtype)
                         for _ in range(2 * model.num_layers)]
         self._names = [pair for layer in range(model.num_layers) for pair in graph.cache_pairs(layer)]
-        # Logits of the first pass (kept through the later rounds: a row's first logits) and of the
-        # later rounds, each grown as needed and reused: a fresh array of tens of MB per pass cost a
-        # page fault per 4 KB when onnxruntime first wrote it (the kernel zeroing pages was 4% of
-        # a multiple-choice task's time). Every element is written by the pass.
-        self._first_logits = np.empty(0, np.float32)
-        self._round_logits = np.empty(0, np.float32)
+        # Every pass's logits, grown as needed and reused: a fresh array of tens of MB per pass cost
+        # a page fault per 4 KB when onnxruntime first wrote it (the kernel zeroing pages was 4% of a
+        # multiple-choice task's time). Every element is written by the pass, and what a later pass
+        # needs (a row's first logits) is taken out by indexing, a copy, before it runs.
+        self._logits_buffer = np.empty(0, np.float32)
 
-    def _logits(self, which: str, shape: tuple[int, int, int]) -> np.ndarray:
+    def _logits(self, shape: tuple[int, int, int]) -> np.ndarray:
         size = shape[0] * shape[1] * shape[2]
-        buffer = getattr(self, which)
-        if buffer.size < size:
-            buffer = np.empty(size, np.float32)
-            setattr(self, which, buffer)
-        return buffer[:size].reshape(shape)
+        if self._logits_buffer.size < size:
+            self._logits_buffer = np.empty(size, np.float32)
+        return self._logits_buffer[:size].reshape(shape)
 
     def _bind(self, rows: slice, ids: np.ndarray, positions: np.ndarray, logits_positions: np.ndarray,
               seqlens: np.ndarray, total: np.ndarray, logits: np.ndarray) -> ort.IOBinding:
@@ -91,7 +88,7 @@ class ContextBatch:
         # Row i needs logits at positions lengths[i]-1 ... len(rows[i])-1 (each predicts the next token).
         needed = sorted({p for n, row in zip(lengths, rows) for p in range(n - 1, len(row))})
         column = {p: k for k, p in enumerate(needed)}
-        logits = self._logits("_first_logits", (count, len(needed), self.vocab))
+        logits = self._logits((count, len(needed), self.vocab))
         seqlens = np.array([len(r) - 1 for r in rows], np.int32)
         _run(self._session, self._bind(slice(0, count), ids, positions, np.asarray(needed, np.int64), seqlens,
                                        np.array(width, np.int32), logits), run_options)
@@ -133,7 +130,7 @@ class ContextBatch:
         for i, tokens in ids.items():
             batch[i, : len(tokens)] = tokens
         positions = np.asarray(starts, np.int64)[:, None] + np.arange(new, dtype=np.int64)
-        logits = self._logits("_round_logits", (count, new, self.vocab))
+        logits = self._logits((count, new, self.vocab))
         seqlens = np.asarray(starts, np.int32) + (new - 1)
         _run(self._session, self._bind(slice(0, count), batch, positions, np.arange(new, dtype=np.int64), seqlens,
                                        np.array(int(seqlens.max()) + 1, np.int32), logits), run_options)
