@@ -133,13 +133,15 @@ def info() -> KernelInfo:
             return KernelInfo(False, STOCK, f"{ISA_VARIABLE}={forced} is not one of {', '.join(PATHS)}")
         if not _supported(str(path), forced):
             return KernelInfo(False, STOCK, f"{ISA_VARIABLE}={forced} but this CPU cannot run it (best: {best})")
-        return KernelInfo(True, forced, f"forced by {ISA_VARIABLE}", str(path), preferred=True,
-                          attention=_attention(str(path), forced))
+        return _runs(path, forced, f"forced by {ISA_VARIABLE}", preferred=True)
     if best not in FASTER_THAN_STOCK:
-        return KernelInfo(True, best, "not faster than onnxruntime's own kernels on this CPU; "
-                                      f"{ISA_VARIABLE}={best} uses it anyway", str(path), preferred=False,
-                          attention=_attention(str(path), best))
-    return KernelInfo(True, best, "", str(path), preferred=True, attention=_attention(str(path), best))
+        return _runs(path, best, "not faster than onnxruntime's own kernels on this CPU; "
+                                 f"{ISA_VARIABLE}={best} uses it anyway", preferred=False)
+    return _runs(path, best, "", preferred=True)
+
+
+def _runs(path: Path, isa: str, reason: str, preferred: bool) -> KernelInfo:
+    return KernelInfo(True, isa, reason, str(path), preferred=preferred, attention=_attention(str(path), isa))
 
 
 _reported: set[str] = set()
