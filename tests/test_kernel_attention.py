@@ -212,7 +212,7 @@ def test_the_tile_path_runs_where_the_cpu_has_amx_bf16():
             break
     if "amx" not in PATHS:
         pytest.skip("no AMX path on this CPU")
-    expected = "amx-bf16 tiles" if {"amx_bf16", "avx512_bf16"} <= flags else "avx512"
+    expected = "amx-bf16 tiles" if "amx_bf16" in flags else "avx512"
     os.environ[kernels.ISA_VARIABLE] = "amx"
     try:
         assert kernels.info().attention == expected

@@ -30,7 +30,7 @@
 #include <memory>
 
 #define NEO_AMX_BF16                                                                                       \
-  NEO_TARGET("avx2,fma,f16c,bmi,bmi2,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,amx-tile," \
+  NEO_TARGET("avx2,fma,f16c,bmi,bmi2,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile," \
              "amx-bf16")
 
 namespace neoedge {

@@ -96,7 +96,7 @@ Features detect() {
   // AMX path: tiles and int8 tile products, with the AVX-512 VNNI path around them.
   const bool amx = bit(leaf7.edx, 24) && bit(leaf7.edx, 25);
   f.amx = f.avx512vnni && amx && tile_state && request_amx_permission();
-  f.amx_bf16 = f.amx && bit(leaf7.edx, 22) && bit(leaf7_1.eax, 5);
+  f.amx_bf16 = f.amx && bit(leaf7.edx, 22);  // the bfloat16 tile products (prompt attention)
   return f;
 }
 #endif

@@ -26,7 +26,7 @@ bool isa_from_name(const char* name, Isa* out);
 // Paths this CPU and OS can run (AMX also needs the kernel's permission for tile data, asked once).
 bool isa_supported(Isa isa);
 Isa best_isa();
-// The AMX path's bfloat16 tiles and conversions (AMX-BF16, AVX512-BF16), which prompt attention uses.
+// The AMX path's bfloat16 tile products (AMX-BF16), which prompt attention uses.
 bool amx_bf16_supported();
 
 struct Problem {
