@@ -75,7 +75,16 @@ NEO_AVX512 NEO_INLINE void stage_unit(const uint8_t* rows, int64_t row_bytes, in
   }
 }
 
-// MR activation rows against one staged block: acc[m] += w_scale * a_scale * sum - zpw * scaled_sum.
+// One activation row's block epilogue, for both the vector and the tile path (the same bits from
+// the same exact int32 sums): out += w_scale * a_scale * sum - zpw * scaled_sum.
+NEO_AVX512 NEO_INLINE void add_block(float* out, __m512i sum, float a_scale, float scaled_sum, __m512 w_scale,
+                                     __m512 zpw) {
+  const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a_scale));
+  const __m512 y = _mm512_fmadd_ps(t, w_scale, _mm512_load_ps(out));
+  _mm512_store_ps(out, _mm512_fnmadd_ps(zpw, _mm512_set1_ps(scaled_sum), y));
+}
+
+// MR activation rows against one staged block (add_block for each).
 // One named accumulator per row: with an array of them GCC 12 put two register copies around every
 // vpdpbusd (objdump: 17 vmovdqa per 8 products), or with the asm form kept the array on the stack.
 template <int MR>
@@ -92,12 +101,8 @@ NEO_AVX512 void block_rows(const __m512i* staged, int vectors, const int8_t* q, 
 #undef NEO_ROW
   }
   const __m512i sums[kMaxRows] = {s0, s1, s2, s3, s4, s5, s6, s7};
-  for (int m = 0; m < MR; ++m) {
-    float* out = acc + m * kLanes;
-    const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[m]), _mm512_set1_ps(a_scale[m * blocks]));
-    const __m512 y = _mm512_fmadd_ps(t, w_scale, _mm512_load_ps(out));
-    _mm512_store_ps(out, _mm512_fnmadd_ps(zpw, _mm512_set1_ps(scaled_sum[m * blocks]), y));
-  }
+  for (int m = 0; m < MR; ++m)
+    add_block(acc + m * kLanes, sums[m], a_scale[m * blocks], scaled_sum[m * blocks], w_scale, zpw);
 }
 
 NEO_AVX512 void block_all_rows(const Problem& p, const BatchActivations& act, const __m512i* staged, int vectors,
@@ -200,14 +205,9 @@ NEO_AMX void batch_tile_amx(const Problem& p, const BatchActivations& act, int64
   // Block b's epilogue runs after block b + 1's products are issued: vector loads of a tile just
   // stored wait for the store, and the tile unit would idle meanwhile.
   auto epilogue = [&](int64_t b) NEO_AMX {
-    const int32_t* cb = c[b & 1];
-    for (int64_t m = 0; m < p.m; ++m) {
-      float* out = acc + m * kLanes;
-      const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(cb + m * kLanes)),
-                                     _mm512_set1_ps(act.scale[m * blocks + b]));
-      const __m512 y = _mm512_fmadd_ps(t, scales[b & 1].w_scale, _mm512_load_ps(out));
-      _mm512_store_ps(out, _mm512_fnmadd_ps(scales[b & 1].zpw, _mm512_set1_ps(act.scaled_sum[m * blocks + b]), y));
-    }
+    for (int64_t m = 0; m < p.m; ++m)
+      add_block(acc + m * kLanes, _mm512_load_si512(c[b & 1] + m * kLanes), act.scale[m * blocks + b],
+                act.scaled_sum[m * blocks + b], scales[b & 1].w_scale, scales[b & 1].zpw);
   };
   for (int64_t b = 0; b < blocks; ++b) {
     __m512i* st = staged[b & 1];
