@@ -388,6 +388,18 @@ def test_a_broken_library_falls_back_to_stock(monkeypatch, caplog, tmp_path):
     assert len(caplog.records) == 1
 
 
+def test_a_library_without_the_attention_report_leaves_it_out():
+    """A library of this interface version built before the attention report (the symbol missing)
+    still loads: `info` just says nothing about prompt attention instead of failing."""
+    import ctypes.util
+
+    libc = ctypes.util.find_library("c")
+    if libc is None:
+        pytest.skip("no C library to stand in for an older kernel library")
+    assert kernels._attention(libc, "amx") == ""
+    assert "prompt attention" not in kernels.KernelInfo(True, "amx", "", libc, attention="").describe()
+
+
 def test_info_matches_the_installation(monkeypatch):
     """Built: the kernels are available. Not built (no compiler): stock, saying why. Either way the
     package imports and reports, which is what the runtime relies on."""
