@@ -24,16 +24,17 @@ class PackageShape:
     head_size: int
     layers: tuple[str, ...]  # "global" / "local" per layer
     window: int
-    int8_cache: bool
+    cache: str  # "float32", "int8", or "int4" (onnxruntime's: uint8, two channels per byte)
 
     @classmethod
-    def read(cls, package: Path) -> PackageShape:
+    def read(cls, package: Path, cache: str | None = None) -> PackageShape:
+        """The package's shape; `cache` overrides its manifest's KV cache type."""
         manifest = json.loads((package / "neoedge.json").read_text())
         model, graph = manifest["model"], manifest["graph"]
         if graph["attention"] != "gqa":
             raise SystemExit(f"{package}: only gqa packages are driven here")
         return cls(model["vocab_size"], model["num_heads"], model["hidden_size"] // model["num_heads"],
-                   tuple(model["attention_layers"]), model["window_size"], graph.get("kv_cache") == "int8")
+                   tuple(model["attention_layers"]), model["window_size"], cache or graph.get("kv_cache", "float32"))
 
 
 def session_options(threads: int = 0, kernels_library: str | None = None,
@@ -60,13 +61,14 @@ class GqaDriver:
         self.keep = shape.window - 1
         self.capacity = capacity
         self.local_capacity = min(capacity, self.keep + self.chunk)
-        dtype = np.int8 if shape.int8_cache else np.float32
+        dtype = {"float32": np.float32, "int8": np.int8, "int4": np.uint8}[shape.cache]
+        last = shape.head_size // 2 if shape.cache == "int4" else shape.head_size
         self._caches = []
         self._local = []
         for layer, kind in enumerate(shape.layers):
             positions = self.local_capacity if kind == "local" else capacity
             for kv in ("key", "value"):
-                buffer = np.zeros((1, shape.heads, positions, shape.head_size), dtype)
+                buffer = np.zeros((1, shape.heads, positions, last), dtype)
                 if kind == "local":
                     self._local.append(buffer)
                 self._caches.append((f"past_{kv}.{layer}", f"present_{kv}.{layer}",
