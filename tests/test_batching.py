@@ -183,3 +183,59 @@ def test_ragged_prompts_prefilled_together_equal_batch_one(model, monkeypatch):
     assert [b.logprobs for b in together] == [a.logprobs for a in alone]
     if model.manifest.graph.attention == "gqa":
         assert passes == [[3, 2, 5, 1, 4]]
+
+
+def test_asyncio_listeners_are_woken_once_per_engine_turn(packages):
+    """Several requests followed on one asyncio loop get every event, in order, while the engine
+    wakes the loop once per turn (a decode step's events together), not once per event."""
+    import asyncio
+
+    model = Model(packages[("window8", "gqa")])
+    prompts = _prompts(model, [3, 5, 2, 7], seed=3)
+    options = dict(max_new_tokens=10, stop_at_eos=False)
+    alone = [list(model.sequence(tokens=p).generate(**options).tokens) for p in prompts]
+
+    async def follow(engine: Engine) -> tuple[list[list[int]], int]:
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        original = loop.call_soon_threadsafe
+
+        def counting(*args, **kwargs):
+            nonlocal wakeups
+            wakeups += 1
+            return original(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+
+        async def tokens(request) -> list[int]:
+            return [event.token async for event in request.events() if event.token is not None]
+
+        with engine._cond:  # queued together: they run in the same steps
+            requests = [engine.submit(p, **options) for p in prompts]
+        return list(await asyncio.gather(*(tokens(r) for r in requests))), wakeups
+
+    with Engine(model, EngineSettings(max_batch=len(prompts))) as engine:
+        streamed, wakeups = asyncio.run(follow(engine))
+        turns = engine.stats().steps + len(prompts)  # decode steps, plus at most a prefill turn each
+    assert streamed == alone
+    events = sum(len(t) for t in streamed) + len(prompts)  # tokens and each request's end
+    assert wakeups <= turns < events
+
+
+def test_a_listener_whose_loop_closed_cancels_its_request(model):
+    """A consumer's loop closed without finishing its events: the engine stops that generation
+    instead of generating for nobody."""
+    import asyncio
+
+    engine = Engine(model, EngineSettings(max_batch=1))
+    try:
+        request = engine.submit("x", max_new_tokens=100_000, stop_at_eos=False)
+        loop = asyncio.new_event_loop()
+        events = request.events()
+        loop.run_until_complete(events.__anext__())
+        loop.close()  # the generator stays suspended: nothing runs its finally
+        completion = request.result(timeout=30)
+        assert completion.finish_reason is FinishReason.CANCELLED
+        assert len(completion.tokens) < 100_000
+    finally:
+        engine.close()
