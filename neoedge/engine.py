@@ -34,7 +34,7 @@ import numpy as np
 
 from .batch import RowPool, make_pool
 from .cancel import CancelToken
-from .errors import ContextFullError, EngineClosedError, NeoedgeError, QueueFullError, RunError
+from .errors import ContextFullError, EngineClosedError, NeoedgeError, QueueFullError, RequestBusyError, RunError
 from .events import Completion, FinishReason, TokenEvent
 from .generation import Decoder
 from .model import Model
@@ -132,8 +132,9 @@ class _Mailbox:
 
 
 class Request:
-    """One generation submitted to an engine. Iterate it (from one thread) for its events, or take
-    `result()`; `cancel()` from any thread. Events are produced by the engine's thread."""
+    """One generation submitted to an engine. Read its events once, by iterating it or through
+    `events()` (a second reader gets RequestBusyError), and/or take `result()` / `result_async()`;
+    `cancel()` from any thread. Events are produced by the engine's thread."""
 
     def __init__(self, request_id: int, prompt: list[int], options: GenerationOptions, cancel: CancelToken) -> None:
         self.id = request_id
@@ -145,6 +146,9 @@ class Request:
         self._listener: Callable[[Any], _Mailbox] | None = None
         self._listener_lock = threading.Lock()
         self._done = threading.Event()
+        self._reader: str | None = None  # who reads the events: "iteration" or "events()"
+        self._when_done: list[Callable[[], None]] = []
+        self._unregister: Callable[[], None] = lambda: None  # the engine's cancel callback
         self.completion: Completion | None = None
         self.error: BaseException | None = None
 
@@ -160,8 +164,13 @@ class Request:
 
     def _finish(self, completion: Completion | None, error: BaseException | None = None) -> _Mailbox | None:
         self.completion, self.error = completion, error
+        self._unregister()
         # Done before the end is sent: a consumer that sees the end may take result(timeout=0) at once.
-        self._done.set()
+        with self._listener_lock:
+            self._done.set()
+            callbacks, self._when_done = self._when_done, []
+        for callback in callbacks:
+            callback()
         return self._send(error if error is not None else _END)
 
     # -- the caller's side --------------------------------------------------------------------------
@@ -172,7 +181,20 @@ class Request:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def _claim(self, reader: str) -> None:
+        """Become the events' one reader (with the listener lock held)."""
+        if self._reader is not None:
+            raise RequestBusyError(f"request {self.id}'s events are already read through {self._reader}: "
+                                   "a request has one reader of its events (result() and result_async() "
+                                   "need none)")
+        self._reader = reader
+
     def __iter__(self) -> Iterator[TokenEvent]:
+        with self._listener_lock:
+            self._claim("iteration")
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[TokenEvent]:
         while True:
             item = self._events.get()
             if item is _END:
@@ -200,6 +222,7 @@ class Request:
             return mailbox
 
         with self._listener_lock:
+            self._claim("events()")
             while True:  # what arrived before we listened, then everything else straight to the loop
                 try:
                     inbox.put_nowait(self._events.get_nowait())
@@ -219,8 +242,27 @@ class Request:
                 self.cancel()
 
     async def result_async(self) -> Completion:
-        async for _ in self.events():
-            pass
+        """The whole result, awaited without blocking the loop (whoever reads the events, if anyone).
+        Cancelling the awaiting task cancels the generation."""
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+
+        def wake() -> None:  # on the engine's thread
+            try:
+                loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+            except RuntimeError:  # the loop closed: nobody awaits any more
+                self.cancel()
+
+        with self._listener_lock:
+            if not self._done.is_set():
+                self._when_done.append(wake)
+            else:
+                finished.set_result(None)
+        try:
+            await finished
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
         return self.result(timeout=0)
 
 
@@ -266,16 +308,24 @@ class Engine:
         if len(ids) > self.model.info.context_length:
             raise ContextFullError(f"the prompt is {len(ids)} tokens but the model's context is "
                                    f"{self.model.info.context_length}")
+        request = Request(next(self._ids), ids, opts, cancel or CancelToken())
         with self._cond:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
-            if len(self._waiting) >= self.settings.max_queue:
-                raise QueueFullError(f"the engine's queue is full ({self.settings.max_queue} requests waiting)")
-            request = Request(next(self._ids), ids, opts, cancel or CancelToken())
-            self._waiting.append(request)
-            self._submitted += 1
-            self._cond.notify()
-        request.cancel_token.on_cancel(self._wake)
+            # Cancelled requests give up their places in the queue at once.
+            dropped = self._take_cancelled_waiting()
+            full = len(self._waiting) >= self.settings.max_queue
+            if not full:
+                request._unregister = request.cancel_token.on_cancel(self._wake)
+                self._waiting.append(request)
+                self._submitted += 1
+                self._cond.notify()
+        for waiting in dropped:
+            mailbox = waiting._finish(self._cancelled_unadmitted(waiting))
+            if mailbox is not None:
+                mailbox.wake()
+        if full:
+            raise QueueFullError(f"the engine's queue is full ({self.settings.max_queue} requests waiting)")
         return request
 
     def generate(self, prompt: str | Tokens = "", options: GenerationOptions | None = None, *,
@@ -312,8 +362,11 @@ class Engine:
                     self._cond.wait()
                 if self._closed:
                     break
+                dropped = self._take_cancelled_waiting()
                 fresh = self._admit()
             try:
+                for request in dropped:
+                    self._woken(request._finish(self._cancelled_unadmitted(request)))
                 self._drop_cancelled()
                 self._prefill(fresh)
                 self._decode()
@@ -342,16 +395,32 @@ class Engine:
             mailbox.wake()
         self._to_wake.clear()
 
+    def _decoder(self, request: Request) -> Decoder:
+        return Decoder(self.model.tokenizer, request.options, self.model.info.vocab_size,
+                       self.model.info.eos_token_id, np.asarray(request.prompt, np.int64), len(request.prompt), 0)
+
+    def _take_cancelled_waiting(self) -> list[Request]:
+        """Remove the cancelled requests from the queue (called with the lock held); they are counted
+        as finished, and the caller finishes them."""
+        dropped = [r for r in self._waiting if r.cancel_token.cancelled]
+        if dropped:
+            self._waiting = deque(r for r in self._waiting if not r.cancel_token.cancelled)
+            self._finished += len(dropped)
+        return dropped
+
+    def _cancelled_unadmitted(self, request: Request) -> Completion:
+        """The completion of a request cancelled before it got a row: no tokens."""
+        decoder = self._decoder(request)
+        decoder.finish(FinishReason.CANCELLED)
+        return decoder.completion()
+
     def _admit(self) -> list[int]:
         """Move waiting requests into free rows (called with the lock held); the new rows."""
         fresh = []
         while self._waiting and self._pool.active < self._pool.rows:
             request = self._waiting.popleft()
             row = self._pool.add()
-            decoder = Decoder(self.model.tokenizer, request.options, self.model.info.vocab_size,
-                              self.model.info.eos_token_id, np.asarray(request.prompt, np.int64),
-                              len(request.prompt), 0)
-            self._rows.append(_Row(request, decoder))
+            self._rows.append(_Row(request, self._decoder(request)))
             fresh.append(row)
         return fresh
 

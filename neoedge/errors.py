@@ -67,6 +67,11 @@ class SequenceBusyError(NeoedgeError, RuntimeError):
     """
 
 
+class RequestBusyError(NeoedgeError, RuntimeError):
+    """An engine request's events were asked for by a second reader. A request has one reader of
+    its events (iterating it, or `events()`); `result()` and `result_async()` need none."""
+
+
 class QueueFullError(NeoedgeError):
     """The engine's request queue is full: try again later (a server answers 503)."""
 

@@ -239,3 +239,72 @@ def test_a_listener_whose_loop_closed_cancels_its_request(model):
         assert len(completion.tokens) < 100_000
     finally:
         engine.close()
+
+
+def test_a_request_has_one_reader_of_its_events(model):
+    """A second reader (iterating again, or events() beside an iteration) is refused clearly instead
+    of hanging or splitting the events; result() and result_async() work whoever read them."""
+    import asyncio
+
+    from neoedge.errors import RequestBusyError
+
+    with Engine(model) as engine:
+        request = engine.submit("hello", max_new_tokens=3, stop_at_eos=False)
+        tokens = [e.token for e in request if e.token is not None]
+        with pytest.raises(RequestBusyError, match="one reader"):
+            iter(request)
+
+        async def second():
+            async for _ in request.events():
+                pass
+
+        with pytest.raises(RequestBusyError, match="one reader"):
+            asyncio.run(second())
+        assert asyncio.run(asyncio.wait_for(request.result_async(), 10)).tokens == tuple(tokens)
+        assert request.result(timeout=0).tokens == tuple(tokens)
+
+        async def read_then_await():
+            other = engine.submit("hello", max_new_tokens=3, stop_at_eos=False)
+            streamed = [e.token async for e in other.events() if e.token is not None]
+            return streamed, await asyncio.wait_for(other.result_async(), 10)
+
+        streamed, completion = asyncio.run(read_then_await())
+        assert completion.tokens == tuple(streamed) == tuple(tokens)
+
+
+def test_cancelling_a_waiting_request_ends_it_and_frees_its_place(model):
+    """A request cancelled while it waits for a row ends at once (no tokens) and no longer counts
+    against the queue's bound: a server's disconnected clients do not turn new ones away."""
+    with Engine(model, EngineSettings(max_batch=1, max_queue=2)) as engine:
+        running = engine.submit("a", max_new_tokens=100_000, stop_at_eos=False)
+        try:
+            _wait_until(lambda: engine.stats().active == 1)
+            waiting = [engine.submit("b", max_new_tokens=5), engine.submit("c", max_new_tokens=5)]
+            with pytest.raises(QueueFullError):
+                engine.submit("d", max_new_tokens=5)
+            for request in waiting:
+                request.cancel()
+            for request in waiting:
+                completion = request.result(timeout=10)
+                assert completion.finish_reason is FinishReason.CANCELLED and completion.tokens == ()
+            engine.submit("e", max_new_tokens=5).cancel()  # the places are free again
+            assert not running.done
+        finally:
+            running.cancel()
+
+
+def test_a_cancel_token_shared_by_many_requests_holds_nothing_of_finished_ones(model):
+    from neoedge import CancelToken
+
+    token = CancelToken()
+    with Engine(model) as engine:
+        for _ in range(5):
+            engine.submit("x", max_new_tokens=1, cancel=token).result(timeout=30)
+    assert token._callbacks == []
+
+
+def _wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
