@@ -28,6 +28,8 @@ class AsyncStream:
         self._queue: asyncio.Queue[Any] | None = None
         self._done: asyncio.Future[None] | None = None
         self._room = threading.Semaphore(AHEAD)
+        self._ended = False  # the end (or the error) was handed out: iterating again ends at once
+        self._error: BaseException | None = None
 
     @property
     def completion(self) -> Completion | None:
@@ -47,6 +49,10 @@ class AsyncStream:
         await self.aclose()
 
     async def __anext__(self) -> TokenEvent:
+        if self._ended:
+            if self._error is not None:
+                raise self._error
+            raise StopAsyncIteration
         if self._queue is None:
             self._start()
         assert self._queue is not None
@@ -60,8 +66,10 @@ class AsyncStream:
             raise
         self._room.release()
         if item is _END:
+            self._ended = True
             raise StopAsyncIteration
         if isinstance(item, BaseException):
+            self._ended, self._error = True, item
             raise item
         return item
 
@@ -85,11 +93,24 @@ class AsyncStream:
         self._queue = asyncio.Queue()
         self._done = loop.create_future()
         task = asyncio.current_task()
+        token = self._stream.cancel_token
+
+        def cancel_with_task(_: Any) -> None:
+            token.cancel()
+
         if task is not None:
             # However the consuming task ends (cancelled in its own body, an exception, abandoned),
-            # the generation does not outlive it.
-            task.add_done_callback(lambda _: self._stream.cancel())
+            # the generation does not outlive it. The callback holds the token only, and is removed
+            # when the generation ends: a long-lived task would otherwise keep every stream it
+            # awaited, with its sequence and KV cache, alive.
+            task.add_done_callback(cancel_with_task)
         queue, done, stream, room = self._queue, self._done, self._stream, self._room
+
+        def finished() -> None:  # on the loop
+            if task is not None:
+                task.remove_done_callback(cancel_with_task)
+            if not done.done():
+                done.set_result(None)
 
         def send(item: Any) -> None:
             while not room.acquire(timeout=0.05):
@@ -109,7 +130,7 @@ class AsyncStream:
                 send(exc)
             finally:
                 try:
-                    loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+                    loop.call_soon_threadsafe(finished)
                 except RuntimeError:
                     pass
 

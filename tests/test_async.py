@@ -99,3 +99,35 @@ def test_a_task_cancelled_in_its_own_body_still_stops_the_generation(model):
 
     asyncio.run(main())
     assert len(seq) < len(model.encode("Open the file")) + 500
+
+
+def test_a_long_lived_task_keeps_none_of_the_generations_it_awaited(model):
+    """A task (a server's, an app's main loop) that awaits generation after generation holds none
+    of their sequences or KV caches once they are done."""
+    import gc
+
+    from neoedge.sequence import Sequence
+
+    async def alive_after(count: int) -> int:
+        for _ in range(count):
+            await model.agenerate("Open the", max_new_tokens=2, stop_at_eos=False)
+        await asyncio.sleep(0.05)  # the last worker thread hands back its sequence
+        gc.collect()
+        return sum(isinstance(o, Sequence) for o in gc.get_objects())
+
+    async def main():
+        return await alive_after(2), await alive_after(10)
+
+    few, many = asyncio.run(main())
+    assert many <= few
+
+
+def test_a_finished_stream_iterated_again_ends_at_once(model):
+    async def main():
+        stream = model.astream("Open the", max_new_tokens=3, stop_at_eos=False)
+        events = [e async for e in stream]
+        again = [e async for e in stream]
+        return events, again, await asyncio.wait_for(stream.run(), 10)
+
+    events, again, completion = asyncio.run(main())
+    assert again == [] and len(completion.tokens) == 3 == len([e for e in events if e.token is not None])
