@@ -315,7 +315,8 @@ class Decoder:
 
 def _events(cursor: Cursor, decoder: Decoder, cancel: CancelToken) -> Iterator[TokenEvent]:
     """Drive a decoder over one sequence: one forward pass per token."""
-    start = cursor.length
+    # Counted, not found from the start length: a context shift drops tokens from the front.
+    pushed = 0
     step, next_logits, push = decoder.step, cursor.next_logits, cursor.push
     try:
         while True:
@@ -328,9 +329,10 @@ def _events(cursor: Cursor, decoder: Decoder, cancel: CancelToken) -> Iterator[T
             event = step(next_logits())
             if decoder.token is not None:
                 push(decoder.token)
+                pushed += 1
             if decoder.cut is not None:
                 keep, text = decoder.cut
-                cursor.truncate(start + keep, text)
+                cursor.truncate(cursor.length - (pushed - keep), text)
             yield event
             if decoder.finished:
                 return

@@ -121,6 +121,28 @@ def test_context_shift_keeps_the_pinned_start_and_the_recent_tokens(model):
     np.testing.assert_allclose(fresh.score(last)[0].logprobs, seq.score(last)[0].logprobs, atol=1e-5)
 
 
+def test_a_stop_string_after_a_context_shift_is_cut_out(model):
+    """A shift drops tokens from the front while generating; the stop string found after it is still
+    cut from the right place (the rewind counts the generated tokens, not the length at the start)."""
+    context = model.info.context_length
+    prompt = np.random.default_rng(0).integers(1, model.info.vocab_size, size=context - 4).tolist()
+    policy = ContextPolicy(on_full="shift")
+    free = model.sequence(tokens=prompt, policy=policy).generate(max_new_tokens=30, stop_at_eos=False)
+    pieces = [model.decode([t]) for t in free.tokens]
+    for token in range(6, len(pieces) - 1):  # the shift happens at token 4
+        start = len("".join(pieces[:token]))
+        stop = free.text[start:start + 3]
+        if len(stop) == 3 and free.text.find(stop) == start:
+            break
+    else:
+        pytest.skip("no stop string found that first appears after the shift")
+    seq = model.sequence(tokens=prompt, policy=policy)
+    completion = seq.generate(max_new_tokens=30, stop_at_eos=False, stop=[stop])
+    assert completion.finish_reason == FinishReason.STOP
+    assert completion.text == free.text[:start]
+    assert seq.text.endswith(completion.text) and not seq.text.endswith(stop)
+
+
 def test_package_generation_defaults_apply(model):
     assert model.options().max_new_tokens == model.manifest.generation.max_new_tokens
     assert model.options(max_new_tokens=3).max_new_tokens == 3
