@@ -23,7 +23,9 @@ import numpy as np
 from .errors import StateFileError
 
 MAGIC = b"NEOEDGE-SEQUENCE\n"
-VERSION = 1
+# 2: the checksum covers the header's fields (tokens, lengths, meta) as well as the cache arrays.
+VERSION = 2
+_VERSIONS = (1, 2)
 _DTYPES = {"float32": np.float32, "int8": np.int8}
 # A header larger than this is not one neoedge wrote (tokens of a 2,048 context fit in ~20 KB).
 _MAX_HEADER = 1 << 22
@@ -48,13 +50,15 @@ def write_state(path: str | os.PathLike[str], state: SavedState) -> None:
         entries.append({"shape": list(array.shape), "dtype": array.dtype.name, "offset": offset,
                         "nbytes": int(array.nbytes)})
         offset += array.nbytes
-    for array in state.arrays:
-        digest.update(np.ascontiguousarray(array).data)
-    header = json.dumps({
+    fields = {
         "format_version": VERSION, "package": state.package, "tokens": state.tokens,
         "processed": state.processed, "length": state.length, "local_length": state.local_length,
-        "arrays": entries, "sha256": digest.hexdigest(), "meta": state.meta,
-    }).encode("utf-8")
+        "arrays": entries, "meta": state.meta,
+    }
+    digest.update(_canonical(fields))
+    for array in state.arrays:
+        digest.update(np.ascontiguousarray(array).data)
+    header = json.dumps({**fields, "sha256": digest.hexdigest()}).encode("utf-8")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -81,7 +85,7 @@ def read_state(path: str | os.PathLike[str], package: str) -> SavedState:
         header: dict[str, Any] = json.loads(data[start:start + size].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise StateFileError(f"sequence state {path} is corrupt (header: {exc})") from exc
-    if not isinstance(header, dict) or header.get("format_version") != VERSION:
+    if not isinstance(header, dict) or header.get("format_version") not in _VERSIONS:
         raise StateFileError(f"sequence state {path} has an unsupported format version "
                              f"{header.get('format_version') if isinstance(header, dict) else '?'!r}")
     if header.get("package") != package:
@@ -107,8 +111,15 @@ def read_state(path: str | os.PathLike[str], package: str) -> SavedState:
     except (KeyError, TypeError, ValueError) as exc:
         raise StateFileError(f"sequence state {path} is corrupt ({exc})") from exc
     digest = hashlib.sha256()
+    if header["format_version"] >= 2:
+        digest.update(_canonical({k: v for k, v in header.items() if k != "sha256"}))
     for array in arrays:
         digest.update(array.data)
     if digest.hexdigest() != header.get("sha256"):
-        raise StateFileError(f"sequence state {path} is corrupt: its cache does not match its checksum")
+        raise StateFileError(f"sequence state {path} is corrupt: its tokens or cache do not match its checksum")
     return saved
+
+
+def _canonical(fields: dict[str, Any]) -> bytes:
+    """The header's fields as the checksum covers them (independent of key order and spacing)."""
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")

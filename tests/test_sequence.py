@@ -93,7 +93,7 @@ def test_a_saved_state_is_refused_by_another_package(model, packages, tmp_path):
 @pytest.mark.parametrize("damage,message", [
     (lambda b: b"not a state" + b, "not a neoedge sequence state"),
     (lambda b: b[:-10], "truncated or corrupt"),
-    (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "does not match its checksum"),
+    (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "do not match its checksum"),
 ])
 def test_a_damaged_state_file_is_refused(model, tmp_path, damage, message):
     seq = model.sequence("Open the file")
@@ -103,6 +103,55 @@ def test_a_damaged_state_file_is_refused(model, tmp_path, damage, message):
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(StateFileError, match=message):
         model.load_sequence(path)
+
+
+def test_a_state_file_with_an_altered_header_is_refused(model, tmp_path):
+    """The checksum covers the header too: a token id changed in it (the cache no longer matches
+    the tokens it reports) is refused, not loaded."""
+    import json
+    import struct
+
+    from neoedge.state_file import MAGIC
+
+    seq = model.sequence("Open the file and read it")
+    seq.process()
+    path = tmp_path / "s"
+    seq.save(path)
+    data = path.read_bytes()
+    (size,) = struct.unpack_from("<Q", data, len(MAGIC))
+    start = len(MAGIC) + 8
+    header = json.loads(data[start:start + size])
+    header["tokens"][2] = (header["tokens"][2] + 1) % model.info.vocab_size
+    raw = json.dumps(header).encode()
+    path.write_bytes(MAGIC + struct.pack("<Q", len(raw)) + raw + data[start + size:])
+    with pytest.raises(StateFileError, match="do not match its checksum"):
+        model.load_sequence(path)
+
+
+def test_a_state_saved_by_the_previous_format_still_loads(model, tmp_path):
+    """Version 1 files (checksum over the cache only) keep loading, as they were checked before."""
+    import hashlib
+    import json
+    import struct
+
+    from neoedge.state_file import MAGIC
+
+    seq = model.sequence("Open the file and read it")
+    seq.process()
+    path = tmp_path / "s"
+    seq.save(path)
+    data = path.read_bytes()
+    (size,) = struct.unpack_from("<Q", data, len(MAGIC))
+    start = len(MAGIC) + 8
+    header = json.loads(data[start:start + size])
+    body = data[start + size:]
+    header.update(format_version=1, sha256=hashlib.sha256(body).hexdigest())
+    raw = json.dumps(header).encode()
+    path.write_bytes(MAGIC + struct.pack("<Q", len(raw)) + raw + body)
+    loaded = model.load_sequence(path)
+    assert loaded.tokens == seq.tokens
+    assert loaded.generate(max_new_tokens=4, stop_at_eos=False).tokens == \
+        seq.generate(max_new_tokens=4, stop_at_eos=False).tokens
 
 
 def test_a_sequence_refuses_a_second_call_while_a_stream_is_open(model):
