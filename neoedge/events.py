@@ -80,6 +80,9 @@ class Completion:
 
     text: str
     tokens: tuple[int, ...]
+    """The generated tokens the sequence kept. After a stop string these end at the last token that
+    ended before the stop began, so `text` can end with a few characters that no token here spells:
+    the part before the stop of the token it began inside (the sequence holds them re-encoded)."""
     finish_reason: FinishReason
     usage: Usage
     logprobs: tuple[float, ...] | None = None

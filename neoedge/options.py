@@ -150,6 +150,12 @@ def _check_stop(stop: Any) -> tuple[str, ...]:
         if len(text) > MAX_STOP_CHARS:
             raise OptionsError(f"stop strings must be at most {MAX_STOP_CHARS} characters, got one of "
                                f"{len(text)}")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate: generated text can never contain it
+                raise OptionsError(f"stop string {text!r} is not valid text: character {exc.start} is not "
+                                   "Unicode") from None
         result.append(text)
         if len(result) > MAX_STOP_STRINGS:
             raise OptionsError(f"at most {MAX_STOP_STRINGS} stop strings, got more")

@@ -409,6 +409,7 @@ def test_a_client_leaving_a_whole_response_cancels_its_generation(long_model):
     ({"prompt": "x", "stop": 3}, "stop", "string or an array of strings"),
     ({"prompt": "x", "stop": ["a", ""]}, "stop", "must not be empty"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+    ({"prompt": "x", "stop": "\ud800"}, "stop", "not valid Unicode"),
     ({"prompt": "x", "stream": "yes"}, "stream", "must be a boolean"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", "only allowed when 'stream'"),
     ({"prompt": "x", "logprobs": True}, "logprobs", "must be an integer"),
@@ -511,6 +512,22 @@ def test_more_requests_than_the_queue_holds_get_503(long_model):
         holder.close()
         _wait_for(lambda: server.engine.stats().active == 0 and server.engine.stats().waiting == 0, 10, "idle")
         assert server.engine.stats().tokens < 1000
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),  # 100 KB: under the size limit
+    (b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", "could not parse"),  # past int's digit limit
+])
+def test_json_that_python_cannot_parse_is_a_400(server, body, fragment):
+    status, _, data = _post(server, "/v1/completions", body)
+    assert status == 400, data
+    assert fragment in data["error"]["message"]
+
+
+@pytest.mark.parametrize("key", ["clé", " padded ", "tab\there"])
+def test_an_api_key_no_client_can_send_is_refused_at_start(key):
+    with pytest.raises(ValueError, match="printable ASCII"):
+        ServeSettings(api_key=key)
 
 
 def test_api_key(model):

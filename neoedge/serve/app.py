@@ -110,6 +110,10 @@ class Service:
             return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise bad(None, f"We could not parse the JSON body of your request ({exc}).") from None
+        except RecursionError:
+            raise bad(None, "The JSON body of your request is nested too deeply to parse.") from None
+        except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+            raise bad(None, f"We could not parse the JSON body of your request ({exc}).") from None
 
     def encode(self, prompts: tuple[Prompt, ...], param: str = "prompt") -> list[list[int]]:
         """Token ids of each prompt (runs in a worker thread: a long text takes a while)."""

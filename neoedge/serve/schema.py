@@ -195,6 +195,11 @@ def _stop(value: Any, most: int) -> tuple[str, ...]:
         raise bad("stop", f"'stop' has {len(stops)} strings; at most {most} are allowed")
     if any(not s for s in stops):
         raise bad("stop", "'stop' strings must not be empty")
+    for s in stops:
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: no generated text can contain it
+            raise bad("stop", f"'stop' holds a string that is not valid Unicode (character {exc.start})") from None
     return tuple(stops)
 
 

@@ -58,6 +58,12 @@ class ServeSettings:
             raise ValueError(f"port must be an integer in [0, 65535], got {self.port!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
             raise ValueError("api_key must be a non-empty string (or unset)")
+        # HTTP header values are bytes that clients send as ASCII (httpx refuses anything else), and
+        # a key with spaces at its ends would be compared after the header's are stripped.
+        if self.api_key is not None and (not self.api_key.isascii() or not self.api_key.isprintable()
+                                         or self.api_key != self.api_key.strip()):
+            raise ValueError("api_key must be printable ASCII without surrounding spaces: an HTTP client "
+                             "cannot send other characters in a header")
         if self.model_name is not None and (not isinstance(self.model_name, str) or not self.model_name):
             raise ValueError("model_name must be a non-empty string (or unset)")
         if not self.graceful_shutdown_s >= 0:
