@@ -15,7 +15,7 @@ import logging
 from .cancel import CancelToken
 from .errors import (ContextFullError, EngineClosedError, ExportError, FormatVersionError, GraphMismatchError,
                      IntegrityError, ManifestError, NeoedgeError, OptionsError, PackageError, PackagePathError,
-                     PromptError, QueueFullError, RunError, SequenceBusyError, StateFileError,
+                     PromptError, QueueFullError, RequestBusyError, RunError, SequenceBusyError, StateFileError,
                      TokenizerMismatchError)
 from .events import Completion, ContinuationScore, FinishReason, TokenEvent, TopLogprob, Usage
 from .generation import Stream
@@ -53,6 +53,7 @@ __all__ = [
     "NeoedgeError",
     "PackageError",
     "PromptError",
+    "RequestBusyError",
     "RunError",
     "Sequence",
     "SequenceBusyError",
