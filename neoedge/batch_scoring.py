@@ -13,7 +13,9 @@ context as past, writing over the previous continuation's positions, which nothi
 Rows hold every position in every layer (no bounded local window, no sliding): the local layers'
 window is the op's `local_window_size` either way, and a batch's rows are short.
 
-fp32 packages score exactly as one context at a time does. With an int8 KV cache (quantized
+fp32 packages score as one context at a time does up to fp32 rounding: a pass over several rows
+sums in another order than a one-row pass (≤ 2e-7 per token measured on the tiny models), so
+accuracies and greedy checks agree but the logprobs are not bit-equal. With an int8 KV cache (quantized
 packages) attention reads the exact keys of a pass's own positions and the int8 ones of earlier
 passes, so scores depend on how the work is split into passes, by the cache's rounding (on the
 trained tiny model ≤ 1.4e-6 per token between the two paths).

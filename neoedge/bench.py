@@ -95,6 +95,8 @@ class BenchSettings:
         needs.update({f"--context {c} + {self.sweep_tokens} tokens": c + self.sweep_tokens for c in self.contexts})
         if self.chat_turns:
             needs["the chat turns"] = self.chat_turns * (self.chat_message_tokens + self.chat_reply_tokens)
+        if self.cancel:
+            needs[f"--prompt-tokens + the cancel measurement's {CANCEL_ROOM} tokens"] = self.prompt_tokens + CANCEL_ROOM
         for what, length in needs.items():
             if length > context:
                 raise ValueError(f"{what} = {length} tokens does not fit the model's context ({context})")
@@ -482,13 +484,17 @@ print(json.dumps({{"base": base, "rss": current_rss_mb(), "cache": seqs[0].cache
                   cache_mb_per_sequence=data["cache"])
 
 
+# Tokens the cancel measurement generates at most: 9 timed steps, then the cancel lands within one.
+CANCEL_ROOM = 32
+
+
 def measure_cancel(model: Model, settings: BenchSettings, repeats: int = 7) -> CancelLatency:
     """cancel() from another thread at a random moment; time until the stream has ended."""
     rng = np.random.default_rng(settings.seed)
     prompt = random_prompt(model, settings.prompt_tokens, settings.seed)
     decode, steps = [], []
     for _ in range(repeats):
-        stream = model.sequence(tokens=prompt, policy=STOP).stream(options=settings.options(400))
+        stream = model.sequence(tokens=prompt, policy=STOP).stream(options=settings.options(CANCEL_ROOM))
         events = iter(stream)
         next(events)
         stamps = [time.perf_counter()]

@@ -121,10 +121,11 @@ class Conversation:
         """Append the user's message and stream the assistant's reply."""
         if options is None:
             overrides.setdefault("stop", self.format.stop)
-        start = len(self.sequence)
+        # Shifts counted before the message goes in: appending it may shift the context too.
+        start, shifts = len(self.sequence), self.sequence.shifts
         stream = self.sequence.stream(self.format.turn(message, first=start == 0), options,
                                       cancel=cancel, **overrides)
-        self._turns.append((start, self.sequence.shifts))
+        self._turns.append((start, shifts))
         return stream
 
     def reply(self, message: str, options: GenerationOptions | None = None, *,

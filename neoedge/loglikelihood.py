@@ -103,6 +103,8 @@ def score_pairs(model: Model, pairs: Seq[Pair], *, max_length: int | None = None
     # costs no new cache or input buffers.
     seq = model.sequence()
     for context, members in sequential:
+        if cancel is not None and cancel.cancelled:
+            raise PromptError("scoring was cancelled")
         seq.reset()
         seq.append(tokens=list(context))
         done(members, seq.score([continuations[i] for i in members], cancel=cancel))

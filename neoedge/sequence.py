@@ -182,7 +182,9 @@ class Sequence:
                 raise ContextFullError(f"a continuation of {len(ids)} tokens does not fit after the "
                                        f"sequence's {len(self._tokens)} tokens (context {self._context})")
         with self._use("score"), _RunLink(cancel) as link:
-            if not self._tokens:
+            # An empty sequence scores after bos, which it then gives back: scoring leaves it unchanged.
+            lent_bos = not self._tokens
+            if lent_bos:
                 self._append([model.info.bos_token_id])
             try:
                 first = self._next_logits(link.run_options).copy()
@@ -196,8 +198,11 @@ class Sequence:
                             self._runner.chunk))
                     finally:
                         self._state.cache.restore(checkpoint)
-            except Terminated as exc:
+            except (Terminated, Cancelled) as exc:
                 raise PromptError("scoring was cancelled") from exc
+            finally:
+                if lent_bos:
+                    self._rewind(0)
             # The next-token logits buffer was not touched by all-logits passes, and the cache is back.
             return scores
 

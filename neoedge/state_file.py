@@ -61,11 +61,18 @@ def write_state(path: str | os.PathLike[str], state: SavedState) -> None:
     header = json.dumps({**fields, "sha256": digest.hexdigest()}).encode("utf-8")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + struct.pack("<Q", len(header)) + header)
-        for array in state.arrays:
-            f.write(np.ascontiguousarray(array).data)
-    os.replace(tmp, path)  # a crash while saving never leaves a half-written state under the name
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + struct.pack("<Q", len(header)) + header)
+            for array in state.arrays:
+                f.write(np.ascontiguousarray(array).data)
+        os.replace(tmp, path)  # a crash while saving never leaves a half-written state under the name
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StateFileError(f"cannot save the sequence state to {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_state(path: str | os.PathLike[str], package: str) -> SavedState:

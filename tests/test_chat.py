@@ -27,6 +27,23 @@ def test_the_transcript_format():
         fmt.render([{"role": "tool", "content": "x"}])
 
 
+@pytest.mark.parametrize("reply_tokens", ["short", "long"])
+def test_undo_after_the_message_itself_shifted_the_context_starts_over(package, reply_tokens):
+    """The message's own append can shift the context: undo then cannot restore the exchange's
+    start, and starts over (before, it rewound to a stale length: an error, or a half-kept exchange)."""
+    model = Model(package)
+    context = model.info.context_length
+    message = "open the file and read the lines of text " * 3
+    length = len(model.encode("\nUser: " + message + "\nAssistant:"))
+    chat = Conversation(model)
+    chat.sequence.append(tokens=[5] * (context - length + 1))
+    new_tokens = 2 if reply_tokens == "short" else context // 2 - length
+    chat.reply(message, max_new_tokens=new_tokens, stop_at_eos=False, stop=())
+    assert chat.sequence.shifts == 1
+    assert chat.undo()
+    assert chat.sequence.tokens == ()
+
+
 def test_a_conversation_undoes_and_saves(package, tmp_path):
     model = Model(package)
     chat = Conversation(model)

@@ -158,6 +158,25 @@ def test_bench_rejects_a_prompt_longer_than_the_context(cli, package):
     assert len(result.stderr.strip().splitlines()) == 1  # refused before any run, no progress bar
 
 
+def test_bench_cancel_needs_room_after_the_prompt(cli, package):
+    result = cli("bench", package, "--prompt-tokens", "250", "--new-tokens", "1", "--cancel", "--no-cold-start")
+    assert result.exit_code != 0
+    assert "the cancel measurement's 32 tokens = 282 tokens does not fit the model's context (256)" in result.stderr
+
+
+def test_chat_says_how_many_stop_strings_it_takes(cli, package):
+    stops = [arg for i in range(16) for arg in ("--stop", f"s{i}")]
+    result = cli("chat", package, *stops)
+    assert result.exit_code != 0
+    assert "--stop" in result.stderr and "at most 15 in a chat" in result.stderr
+
+
+def test_eval_refuses_a_limit_below_one_document(cli, package):
+    for limit in ("0", "-2"):
+        result = cli("eval", package, "--tasks", "stdlib_cloze", "--limit", limit)
+        assert result.exit_code != 0 and "--limit" in result.stderr and "must be above 0" in result.stderr
+
+
 def test_bench_rejects_a_context_sweep_beyond_the_model(cli, package):
     result = cli("bench", package, "--prompt-tokens", "8", "--new-tokens", "4", "--context", "64,300",
                  "--no-cold-start")

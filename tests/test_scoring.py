@@ -120,3 +120,29 @@ def test_native_helpers_say_why_they_are_off(monkeypatch):
         pytest.skip("the native kernel library is not built here")
     function, why = kernels.avx512_function("neoedge_no_such_function", None, [])
     assert function is None and ("lacks neoedge_no_such_function" in why or "AVX-512" in why)
+
+
+def test_scoring_an_empty_sequence_leaves_it_empty(package):
+    """An empty sequence scores after bos, and gives the bos back: what it generates afterwards is
+    what a fresh sequence generates."""
+    model = Model(package)
+    seq = model.sequence()
+    seq.score([" it"])
+    assert seq.tokens == ()
+    assert seq.generate("Open", max_new_tokens=5, stop_at_eos=False).tokens == \
+        model.sequence().generate("Open", max_new_tokens=5, stop_at_eos=False).tokens
+
+
+def test_cancelled_scoring_is_a_clear_error(package):
+    from neoedge import CancelToken
+    from neoedge.loglikelihood import score_pairs
+
+    model = Model(package)
+    token = CancelToken()
+    token.cancel()
+    seq = model.sequence("Open the file and read every line of it")
+    with pytest.raises(PromptError, match="scoring was cancelled"):
+        seq.score([" it now"], cancel=token)
+    assert seq.tokens == tuple(model.encode("Open the file and read every line of it"))
+    with pytest.raises(PromptError, match="scoring was cancelled"):
+        score_pairs(model, [(model.encode("Open the file"), model.encode(" and read"))], cancel=token)

@@ -128,6 +128,15 @@ def test_a_state_file_with_an_altered_header_is_refused(model, tmp_path):
         model.load_sequence(path)
 
 
+def test_a_failed_save_is_a_state_file_error_and_leaves_nothing_behind(model, tmp_path):
+    seq = model.sequence("Open the file")
+    target = tmp_path / "state"
+    target.mkdir()  # replacing a directory fails after the temporary file was written
+    with pytest.raises(StateFileError, match="cannot save the sequence state to"):
+        seq.save(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
+
+
 def test_a_state_saved_by_the_previous_format_still_loads(model, tmp_path):
     """Version 1 files (checksum over the cache only) keep loading, as they were checked before."""
     import hashlib

@@ -17,6 +17,7 @@ from ..cancel import CancelToken
 from ..chat import ChatFormat, Conversation
 from ..errors import NeoedgeError
 from ..events import FinishReason
+from ..options import MAX_STOP_STRINGS
 from ..session import SessionSettings
 from ..tokenizer import check_text
 from .common import friendly_errors, session_options
@@ -47,6 +48,10 @@ def chat(package: Path, system: str | None, user_name: str | None, assistant_nam
     chat_format = chat_format_from_options(format_file, system, user_name, assistant_name)
     model = Model(package, settings=settings)
     overrides = option_overrides(stop, ignore_eos, **options)
+    if len(overrides["stop"] or ()) + len(chat_format.stop) > MAX_STOP_STRINGS:
+        raise click.BadParameter(f"at most {MAX_STOP_STRINGS - len(chat_format.stop)} in a chat: the chat "
+                                 f"stops at the next turn's marker ({chat_format.stop[0]!r}) too",
+                                 param_hint="--stop")
     overrides["stop"] = tuple(overrides["stop"] or ()) + chat_format.stop
     model.options(**overrides)  # bad options fail now, not at the first message
     conversation = Conversation(model, chat_format)

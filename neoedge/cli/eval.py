@@ -73,6 +73,8 @@ def _run_tasks(package: Path, tasks: str, include_paths: tuple[Path, ...], limit
     from ..model import Model
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if limit is not None and not limit > 0:
+        raise click.BadParameter(f"must be above 0, got {limit:g}", param_hint="--limit")
     if limit is not None and limit >= 1:
         if limit != int(limit):
             raise click.BadParameter("a limit of 1 or more is a number of documents: give an integer",
