@@ -61,9 +61,16 @@ class OutputExistsError(ExportError):
 
 
 def output_path(output: str | os.PathLike[str]) -> Path:
-    """OUT made absolute without following symbolic links (OUT itself must not be one)."""
-    path = Path(os.path.abspath(os.fspath(output)))
-    if not path.name or path == path.parent:
+    """OUT made absolute: its parent resolved as the OS resolves it (`link/../pkg` is beside the
+    link's target, not beside the link), OUT itself not followed (it must not be a link)."""
+    text = os.fsdecode(os.fspath(output))
+    if "\0" in text:
+        raise ExportError(f"{text!r} cannot hold a package: a path cannot contain a NUL character")
+    given = Path(text)
+    if given.name in ("", ".", ".."):
+        raise ExportError(f"{output!s} cannot hold a package: choose a directory path to create")
+    path = Path(os.path.realpath(given.parent)) / given.name
+    if path == path.parent:
         raise ExportError(f"{output!s} cannot hold a package: choose a directory path to create")
     return path
 
@@ -161,6 +168,9 @@ class Staging:
                 break
             except FileExistsError:
                 continue
+            except OSError as exc:  # e.g. a name too long for the staging directory's suffix
+                raise ExportError(f"cannot create a staging directory beside {output}: "
+                                  f"{exc.strerror or exc}") from exc
         else:
             raise ExportError(f"cannot create a staging directory beside {output}")
         staging = cls(root, output)
@@ -174,8 +184,11 @@ class Staging:
         return staging
 
     def marker(self) -> dict | None:
+        # An export killed between writing its first marker and renaming it into place leaves only
+        # the ".new" one (a complete file, or none this can parse).
+        name = MARKER if os.path.lexists(self.root / MARKER) else MARKER + ".new"
         try:
-            data = json.loads((self.root / MARKER).read_text(encoding="utf-8"))
+            data = json.loads((self.root / name).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         if not isinstance(data, dict) or data.get("staging_for") != self.output.name:
@@ -207,23 +220,31 @@ class Staging:
                 continue
             problem = package_problem(path) if path.is_dir() and not path.is_symlink() else "not a directory"
             if problem is not None or not _remove_package(path):
-                os.unlink(self.root / MARKER)
+                for name in (MARKER + ".new", MARKER):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.root / name)
                 log.warning("kept %s (what was at %s before it was replaced): %s", path, self.output,
                             problem or "it gained files while it was being removed")
                 return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.root / (MARKER + ".new"))
-        os.unlink(self.root / MARKER)
+        for name in (MARKER + ".new", MARKER):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.root / name)
         with contextlib.suppress(OSError):
             os.rmdir(self.root)
 
 
 def _remove_package(path: Path) -> bool:
-    """Delete a package's files, its manifest last (an interrupted removal leaves a smaller package,
-    which the next export finishes removing). False if the directory is not empty afterwards."""
-    for entry in os.scandir(path):
-        if entry.name != MANIFEST_NAME and entry.is_file(follow_symlinks=False):
-            os.unlink(entry.path)
+    """Delete the files a package's manifest lists, the manifest last (an interrupted removal leaves
+    a smaller package, which the next export finishes removing). Anything else stays: False if the
+    directory is not empty afterwards."""
+    try:
+        listed = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = {}
+    for name in listed if isinstance(listed, dict) else ():
+        file = path / name
+        if name != MANIFEST_NAME and file.parent == path and file.is_file() and not file.is_symlink():
+            os.unlink(file)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path / MANIFEST_NAME)
     try:

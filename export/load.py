@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,10 @@ def load_checkpoint(source: str) -> Checkpoint:
     if len(tokenizer) > config.vocab_size:
         raise ExportError(f"{source}: the tokenizer has {len(tokenizer)} tokens but vocab_size is "
                           f"{config.vocab_size}, so some token ids have no embedding")
+    largest = max(tokenizer.get_vocab().values(), default=-1)  # ids need not be dense
+    if largest >= config.vocab_size:
+        raise ExportError(f"{source}: the tokenizer has token id {largest} but vocab_size is "
+                          f"{config.vocab_size}, so that id has no embedding")
     eos = _token_id(config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id,
                     "eos_token_id", config.vocab_size, source)
     bos = _token_id(config.bos_token_id if config.bos_token_id is not None else eos,
@@ -122,9 +127,14 @@ def _generation_config(source: str) -> Any | None:
     """The checkpoint's transformers GenerationConfig, or None if it has no generation_config.json."""
     from transformers import GenerationConfig
 
+    # transformers raises OSError both for a missing file and for one it cannot parse: a local
+    # checkpoint's file that exists but fails is an error, not an absence.
+    local = Path(source) / "generation_config.json"
     try:
         return GenerationConfig.from_pretrained(source)
-    except OSError:
+    except OSError as exc:
+        if os.path.lexists(local):
+            raise ExportError(f"cannot read {local}: {exc}") from exc
         log.info("%s has no generation_config.json: the package's defaults are greedy decoding, at most %d "
                  "new tokens", source, DEFAULT_MAX_NEW_TOKENS)
         return None

@@ -124,3 +124,10 @@ def check_tokenizer(tokenizer: Tokenizer, manifest: Manifest) -> None:
         raise TokenizerMismatchError(
             f"{name} has {count} tokens but the model's vocabulary is {m.vocab_size}: its ids would index "
             "past the embedding (the tokenizer of another model?)")
+    # A quantized embedding (GatherBlockQuantized) does not check its indices: an id past the table
+    # would read out of bounds and generate from garbage, so every id is bounded here.
+    largest = tokenizer.max_id
+    if largest >= m.vocab_size:
+        raise TokenizerMismatchError(
+            f"{name} has token id {largest} but the model's vocabulary is {m.vocab_size}: its ids would index "
+            "past the embedding (a damaged or foreign tokenizer?)")

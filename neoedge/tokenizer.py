@@ -54,6 +54,12 @@ class Tokenizer:
         """Tokens in the vocabulary, added tokens included."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def max_id(self) -> int:
+        """The largest id the tokenizer can produce (-1 for an empty vocabulary): ids need not be
+        dense, so the count alone does not bound them."""
+        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
+
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 

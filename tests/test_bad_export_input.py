@@ -387,3 +387,30 @@ def test_an_unwritable_output_directory(checkpoints, tmp_path, tree):
         assert tree(tmp_path) == before
     finally:
         parent.chmod(0o755)
+
+
+def test_a_tokenizer_id_past_vocab_size_is_refused(checkpoints, tmp_path, tree):
+    src = Path(shutil.copytree(checkpoints["window8"], tmp_path / "src"))
+    data = json.loads((src / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab[next(k for k, v in vocab.items() if v == 300)] = 9000
+    (src / "tokenizer.json").write_text(json.dumps(data))
+    before = tree(tmp_path)
+    with pytest.raises(ExportError, match="token id 9000 but vocab_size is"):
+        export_package(str(src), tmp_path / "out", progress=False, validate=False)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "directory"])
+def test_an_unreadable_generation_config_is_an_error_not_an_absence(checkpoints, tmp_path, damage):
+    """transformers raises OSError for a missing file and for a broken one alike: a broken one must
+    not quietly drop the checkpoint's sampling settings."""
+    src = Path(shutil.copytree(checkpoints["window8"], tmp_path / "src"))
+    config = src / "generation_config.json"
+    config.unlink(missing_ok=True)
+    if damage == "truncated":
+        config.write_text('{"do_sample": true, "temperature": 0.7, "top_k": 40,')
+    else:
+        config.mkdir()
+    with pytest.raises(ExportError, match="generation_config.json"):
+        export_package(str(src), tmp_path / "out", progress=False, validate=False)

@@ -360,3 +360,57 @@ def test_staging_directory_layout(tmp_path):
     assert stat.S_IMODE(staging.root.stat().st_mode) == 0o700
     staging.discard()
     assert list(tmp_path.iterdir()) == []
+
+
+# -- odd destinations ---------------------------------------------------------------------------
+def test_an_output_name_too_long_for_the_staging_directory_is_an_export_error(checkpoints, tmp_path, tree):
+    out = tmp_path / ("p" * 235)  # its lock name fits the 255-byte limit, the staging name does not
+    before = tree(tmp_path)
+    with pytest.raises(ExportError, match="cannot create a staging directory"):
+        export_package(str(checkpoints["window8"]), out, progress=False, validate=False)
+    assert tree(tmp_path) == before
+
+
+def test_a_nul_in_the_output_path_is_an_export_error(checkpoints, tmp_path):
+    with pytest.raises(ExportError, match="NUL"):
+        export_package(str(checkpoints["window8"]), str(tmp_path / "a\0b"), progress=False, validate=False)
+
+
+def test_dotdot_after_a_symlink_writes_where_the_os_resolves_the_path(checkpoints, tmp_path, monkeypatch):
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "link").symlink_to(tmp_path / "real" / "deep", target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "cwd")
+    export_package(str(checkpoints["window8"]), "link/../pkg", progress=False, validate=False)
+    assert (tmp_path / "real" / "pkg" / "neoedge.json").is_file()
+    assert not (tmp_path / "cwd" / "pkg").exists()
+
+
+def test_staging_left_before_its_first_marker_was_renamed_is_removed(checkpoints, tmp_path):
+    out = tmp_path / "pkg"
+    stale = tmp_path / ".pkg.neoedge-0123abcd.partial"
+    stale.mkdir(mode=0o700)
+    (stale / (MARKER + ".new")).write_text(json.dumps({"staging_for": "pkg", "phase": "building"}))
+    (stale / PACKAGE).mkdir()
+    (stale / PACKAGE / "model.onnx").write_bytes(b"half")
+    export_package(str(checkpoints["window8"]), out, progress=False, validate=False)
+    assert not stale.exists()
+    _assert_complete_package(out)
+
+
+def test_replacing_a_package_deletes_only_the_files_its_manifest_lists(checkpoints, package, tmp_path, monkeypatch):
+    """A file that appears in the old package after its last check (a user saving notes into it)
+    survives the replacement, kept aside with a warning, instead of being deleted with the package."""
+    out = Path(shutil.copytree(package, tmp_path / "pkg"))
+    checked = destination.package_problem
+
+    def then_the_user_writes(path):
+        problem = checked(path)
+        if problem is None and sys._getframe(1).f_code.co_name == "discard":  # the old package, going
+            (path / "notes.txt").write_text("mine")
+        return problem
+
+    monkeypatch.setattr(destination, "package_problem", then_the_user_writes)
+    export_package(str(checkpoints["window8"]), out, force=True, progress=False, validate=False)
+    assert [p.read_text() for p in tmp_path.rglob("notes.txt")] == ["mine"]
+    _assert_complete_package(out)

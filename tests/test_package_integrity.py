@@ -539,3 +539,30 @@ def test_interrupting_a_load_stops_the_hashing(package_copy):
     hasher.start()
     assert isinstance(hasher.result(), IntegrityError)
     assert not [t for t in threading.enumerate() if t is hasher]
+
+
+def _move_vocab_id(tokenizer_json: Path, old_id: int, new_id: int) -> str:
+    data = json.loads(tokenizer_json.read_text())
+    vocab = data["model"]["vocab"]
+    token = next(k for k, v in vocab.items() if v == old_id)
+    vocab[token] = new_id
+    tokenizer_json.write_text(json.dumps(data))
+    return token
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+def test_a_tokenizer_id_past_the_vocabulary_is_refused_at_load(kind, package, checkpoints, tmp_path, relist):
+    """Ids need not be dense: one far past the embedding (not just at its end) is refused, before a
+    quantized embedding, which does not check its indices, could read past its table."""
+    from neoedge.export import export_package
+
+    if kind == "fp32":
+        copy = Path(shutil.copytree(package, tmp_path / "p"))
+    else:
+        copy = tmp_path / "p"
+        export_package(str(checkpoints["window8"]), copy, quantize="int8", algorithm="rtn", kv_cache="float32",
+                       progress=False, validate=False)
+    _move_vocab_id(copy / "tokenizer.json", 300, 9000)
+    relist(copy, "tokenizer.json")
+    with pytest.raises(TokenizerMismatchError, match="token id 9000 but the model's vocabulary is"):
+        Model(copy)
