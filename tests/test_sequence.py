@@ -105,9 +105,8 @@ def test_a_damaged_state_file_is_refused(model, tmp_path, damage, message):
         model.load_sequence(path)
 
 
-def test_a_state_file_with_an_altered_header_is_refused(model, tmp_path):
-    """The checksum covers the header too: a token id changed in it (the cache no longer matches
-    the tokens it reports) is refused, not loaded."""
+def _saved_with_header(model, path, edit) -> tuple:
+    """A sequence saved to `path`, then its header rewritten by edit(header, body)."""
     import json
     import struct
 
@@ -115,17 +114,26 @@ def test_a_state_file_with_an_altered_header_is_refused(model, tmp_path):
 
     seq = model.sequence("Open the file and read it")
     seq.process()
-    path = tmp_path / "s"
     seq.save(path)
     data = path.read_bytes()
     (size,) = struct.unpack_from("<Q", data, len(MAGIC))
     start = len(MAGIC) + 8
-    header = json.loads(data[start:start + size])
-    header["tokens"][2] = (header["tokens"][2] + 1) % model.info.vocab_size
+    header, body = json.loads(data[start:start + size]), data[start + size:]
+    edit(header, body)
     raw = json.dumps(header).encode()
-    path.write_bytes(MAGIC + struct.pack("<Q", len(raw)) + raw + data[start + size:])
+    path.write_bytes(MAGIC + struct.pack("<Q", len(raw)) + raw + body)
+    return seq
+
+
+def test_a_state_file_with_an_altered_header_is_refused(model, tmp_path):
+    """The checksum covers the header too: a token id changed in it (the cache no longer matches
+    the tokens it reports) is refused, not loaded."""
+    def alter(header, body):
+        header["tokens"][2] = (header["tokens"][2] + 1) % model.info.vocab_size
+
+    _saved_with_header(model, tmp_path / "s", alter)
     with pytest.raises(StateFileError, match="do not match its checksum"):
-        model.load_sequence(path)
+        model.load_sequence(tmp_path / "s")
 
 
 def test_a_failed_save_is_a_state_file_error_and_leaves_nothing_behind(model, tmp_path):
@@ -140,24 +148,12 @@ def test_a_failed_save_is_a_state_file_error_and_leaves_nothing_behind(model, tm
 def test_a_state_saved_by_the_previous_format_still_loads(model, tmp_path):
     """Version 1 files (checksum over the cache only) keep loading, as they were checked before."""
     import hashlib
-    import json
-    import struct
 
-    from neoedge.state_file import MAGIC
+    def as_version_1(header, body):
+        header.update(format_version=1, sha256=hashlib.sha256(body).hexdigest())
 
-    seq = model.sequence("Open the file and read it")
-    seq.process()
-    path = tmp_path / "s"
-    seq.save(path)
-    data = path.read_bytes()
-    (size,) = struct.unpack_from("<Q", data, len(MAGIC))
-    start = len(MAGIC) + 8
-    header = json.loads(data[start:start + size])
-    body = data[start + size:]
-    header.update(format_version=1, sha256=hashlib.sha256(body).hexdigest())
-    raw = json.dumps(header).encode()
-    path.write_bytes(MAGIC + struct.pack("<Q", len(raw)) + raw + body)
-    loaded = model.load_sequence(path)
+    seq = _saved_with_header(model, tmp_path / "s", as_version_1)
+    loaded = model.load_sequence(tmp_path / "s")
     assert loaded.tokens == seq.tokens
     assert loaded.generate(max_new_tokens=4, stop_at_eos=False).tokens == \
         seq.generate(max_new_tokens=4, stop_at_eos=False).tokens
