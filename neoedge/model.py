@@ -126,7 +126,9 @@ class Model:
     def check_tokens(self, ids: Tokens, what: str = "token ids") -> list[int]:
         """`ids` as a list of ints, each a token of this model, at most a context of them; anything
         else is a PromptError naming the element."""
-        if isinstance(ids, (list, tuple)) and not ids:
+        if isinstance(ids, (list, tuple, range)) and not ids:
+            return []
+        if isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.size == 0 and np.issubdtype(ids.dtype, np.integer):
             return []
         context = self.info.context_length
         return token_ids(ids, vocab_size=self.info.vocab_size, max_length=context, what=what,

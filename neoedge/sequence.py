@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .cancel import CancelToken
-from .errors import ContextFullError, PromptError, SequenceBusyError, StateFileError
+from .errors import ContextFullError, OptionsError, PromptError, SequenceBusyError, StateFileError
 from .events import Completion, ContinuationScore
 from .generation import Cancelled, Stream
 from .options import ContextPolicy, GenerationOptions
@@ -44,6 +44,10 @@ class Sequence:
         self.policy = policy or ContextPolicy()
         self._runner = model.runner
         self._context = model.info.context_length
+        if self.policy.on_full == "shift" and self.policy.keep > self._context // 2:
+            # A shift keeps half the context in all: more pinned tokens than that cannot all stay.
+            raise OptionsError(f"ContextPolicy keep={self.policy.keep} cannot be honoured: a shift keeps "
+                               f"half the context ({self._context // 2} tokens) in all")
         self._state = self._runner.new_state(self._context)
         self._tokens: list[int] = []
         # The next-token logits in self._state.last_logits are those of position len(tokens) iff this
@@ -172,16 +176,17 @@ class Sequence:
         model = self.model
         encoded = [model.encode(c) if isinstance(c, str) else model.check_tokens(c, "continuation")
                    for c in continuations]
-        # A continuation's last token is only predicted, never run through the model: scoring fits
-        # when the sequence (at least the bos an empty one starts with) and all but that token do.
-        room = self.room - (0 if self._tokens else 1)
-        for ids in encoded:
-            if not ids:
-                raise PromptError("a continuation is empty: it has no tokens to score")
-            if len(ids) - 1 > room:
-                raise ContextFullError(f"a continuation of {len(ids)} tokens does not fit after the "
-                                       f"sequence's {len(self._tokens)} tokens (context {self._context})")
         with self._use("score"), _RunLink(cancel) as link:
+            # Checked holding the sequence: another thread's append cannot come between. A
+            # continuation's last token is only predicted, never run through the model: scoring fits
+            # when the sequence (at least the bos an empty one starts with) and all but that token do.
+            room = self.room - (0 if self._tokens else 1)
+            for ids in encoded:
+                if not ids:
+                    raise PromptError("a continuation is empty: it has no tokens to score")
+                if len(ids) - 1 > room:
+                    raise ContextFullError(f"a continuation of {len(ids)} tokens does not fit after the "
+                                           f"sequence's {len(self._tokens)} tokens (context {self._context})")
             # An empty sequence scores after bos, which it then gives back: scoring leaves it unchanged.
             lent_bos = not self._tokens
             if lent_bos:
@@ -297,7 +302,7 @@ class Sequence:
 
     def _shift(self, needed: int) -> None:
         """Policy "shift": keep the pinned start and the most recent tokens, half the context in all."""
-        keep = min(self.policy.keep, self._context // 2)
+        keep = self.policy.keep  # at most half the context (checked when the sequence was made)
         recent = max(self._context // 2 - keep, 0)
         recent = min(recent, len(self._tokens) - keep)
         if self._context - (keep + recent) < needed:

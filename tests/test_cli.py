@@ -230,3 +230,16 @@ def test_info_shows_sampling_defaults(cli, package_copy, edit_manifest):
     assert result.exit_code == 0, result.output
     assert ("defaults       sampling: temperature 0.6, top_k 20, repetition penalty 1.3, at most 40 new tokens, "
             "stop at '\\n\\n'\n") in result.stdout
+
+
+def test_bench_refuses_an_output_it_could_not_write_before_running(cli, package, tmp_path):
+    result = cli("bench", package, "--output", tmp_path / "missing" / "x.json", "--no-cold-start")
+    assert result.exit_code != 0
+    assert "Invalid value for --output" in result.stderr and "is not a directory" in result.stderr
+    assert result.stdout == ""  # refused before any run
+
+
+def test_demo_refuses_bad_options_before_exporting(cli, tmp_path):
+    result = cli("demo", "--out", tmp_path / "demo", "--max-new-tokens", "0")
+    assert result.exit_code != 0 and "max_new_tokens must be >= 1" in result.stderr
+    assert not (tmp_path / "demo").exists()

@@ -91,3 +91,27 @@ def test_a_stream_iterated_from_two_threads_at_once_is_refused(model, monkeypatc
     thread.join()
     assert len(outcome) == 1 and isinstance(outcome[0], SequenceBusyError)
     assert len(events) == 5 and events[-1].finish_reason is not None
+
+
+def test_scoring_checks_its_room_holding_the_sequence(model):
+    """Another thread's append between scoring's checks and its pass cannot make it run past the
+    context: the room is checked with the sequence held, so it is a ContextFullError."""
+    import numpy as np
+
+    from neoedge import ContextFullError
+
+    context = model.info.context_length
+    ids = np.random.default_rng(1).integers(0, model.info.vocab_size, size=context).tolist()
+    seq = model.sequence(tokens=ids[:100])
+    acquire = seq._acquire
+
+    def the_other_thread_first(what):
+        if what == "score":
+            other = threading.Thread(target=lambda: seq.append(tokens=ids[100:250]))
+            other.start()
+            other.join()
+        return acquire(what)
+
+    seq._acquire = the_other_thread_first
+    with pytest.raises(ContextFullError, match="does not fit after the sequence's 250 tokens"):
+        seq.score([ids[:40]])

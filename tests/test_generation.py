@@ -121,6 +121,24 @@ def test_context_shift_keeps_the_pinned_start_and_the_recent_tokens(model):
     np.testing.assert_allclose(fresh.score(last)[0].logprobs, seq.score(last)[0].logprobs, atol=1e-5)
 
 
+def test_a_shift_that_cannot_keep_every_pinned_token_is_refused(model):
+    """A shift keeps half the context in all: pinning more than that was silently cut down, and the
+    shift dropped tokens it promised to keep."""
+    from neoedge import OptionsError
+
+    half = model.info.context_length // 2
+    with pytest.raises(OptionsError, match=f"keep={half + 1} cannot be honoured"):
+        model.sequence(policy=ContextPolicy(on_full="shift", keep=half + 1))
+    model.sequence(policy=ContextPolicy(on_full="shift", keep=half))
+    model.sequence(policy=ContextPolicy(on_full="stop", keep=half + 1))  # keep only matters to shifts
+
+
+@pytest.mark.parametrize("empty", [[], (), range(0), np.array([], np.int64)], ids=["list", "tuple", "range", "ndarray"])
+def test_appending_no_tokens_is_the_same_whatever_holds_them(model, empty):
+    seq = model.sequence("Open the file")
+    assert seq.append(tokens=empty) == 0
+
+
 def test_a_stop_string_after_a_context_shift_is_cut_out(model):
     """A shift drops tokens from the front while generating; the stop string found after it is still
     cut from the right place (the rewind counts the generated tokens, not the length at the start)."""

@@ -687,3 +687,19 @@ def test_a_library_of_another_interface_version_is_refused_in_one_line(library, 
                                 f"this neoedge needs {kernels.INTERFACE_VERSION}: rebuild it")
     finally:
         kernels._probe.cache_clear()
+
+
+@pytest.mark.parametrize("value, off", [("0", True), ("off", True), ("False", True), ("no", True),
+                                        ("1", False), ("on", False), ("", False), ("maybe", True)])
+def test_the_kernel_switch_reads_every_usual_spelling(monkeypatch, value, off):
+    """NEOEDGE_KERNELS=off/false/no turns the kernels off like 0 (before, only "0" did, and the rest
+    silently meant on); a value that is no switch turns them off too, with a reason that says so."""
+    if not kernels.library_path().exists():
+        pytest.skip("no kernel library")
+    monkeypatch.delenv(kernels.ISA_VARIABLE, raising=False)
+    monkeypatch.setenv(kernels.DISABLE_VARIABLE, value)
+    info = kernels.info()
+    assert info.available is not off
+    if off:
+        assert kernels.DISABLE_VARIABLE in info.reason
+        assert ("unrecognised" in info.reason) is (value == "maybe")

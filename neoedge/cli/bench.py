@@ -72,6 +72,8 @@ def bench(package: Path, prompt_tokens: int, new_tokens: int, runs: int, warmup:
         click.echo("--json FILE is deprecated: use --output FILE (and --json to print JSON)", err=True)
         output = output or Path(json_out)
         json_out = None
+    if output is not None and not output.absolute().parent.is_dir():  # found out now, not after the runs
+        raise click.BadParameter(f"{output.absolute().parent} is not a directory", param_hint="--output")
     bench_settings = BenchSettings(
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs, warmup=warmup, session=settings,
         contexts=_counts(contexts, "--context"), cold_start=cold_start, temperature=temperature, top_k=top_k,

@@ -37,7 +37,10 @@ def demo(model: str, out: Path, prompt: str, max_new_tokens: int, temperature: f
          seed: int) -> None:
     """Export a model and generate from it, end to end. Offline, a small bundled GPT-Neo is used."""
     from ..model import Model
+    from ..options import GenerationOptions
 
+    given = {k: v for k, v in (("temperature", temperature), ("top_k", top_k)) if v is not None}
+    GenerationOptions(max_new_tokens=max_new_tokens, seed=seed, **given)  # bad options fail before the export
     export = export_module()
     source = model
     if not Path(model).exists() and not _hub_reachable():

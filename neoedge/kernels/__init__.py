@@ -14,7 +14,7 @@ All run on the session's own thread pool.
     if info.available: ...load the package's kernel graph...
 
 Environment:
-- NEOEDGE_KERNELS=0: never use the kernels (stock onnxruntime only).
+- NEOEDGE_KERNELS=0 (or off, false, no): never use the kernels (stock onnxruntime only).
 - NEOEDGE_KERNELS_ISA=<path>: force a narrower path (for tests and comparisons); a path this CPU
   cannot run is refused.
 - NEOEDGE_KERNELS_BATCHED=0: 4-16 rows (batched decode) run the one-row GEMV in passes instead of
@@ -116,10 +116,26 @@ def runnable_paths() -> tuple[str, ...]:
     return tuple(p for p in PATHS if _supported(str(path), p))
 
 
+_OFF, _ON = ("0", "false", "off", "no"), ("1", "true", "on", "yes", "")
+
+
+def _switched_off() -> str | None:
+    """Why the environment turns the kernels off (NEOEDGE_KERNELS), or None. A value that is no
+    switch turns them off too, with a reason that says so, rather than being read as "on"."""
+    value = os.environ.get(DISABLE_VARIABLE)
+    if value is None or value.strip().lower() in _ON:
+        return None
+    if value.strip().lower() in _OFF:
+        return f"{DISABLE_VARIABLE}={value}"
+    return (f"unrecognised {DISABLE_VARIABLE}={value!r} (use 0/off/false/no or 1/on/true/yes), so the "
+            "kernels are off")
+
+
 def info() -> KernelInfo:
     """What `register` would do in this process now (reads the environment each time)."""
-    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
-        return KernelInfo(False, STOCK, f"{DISABLE_VARIABLE}=0")
+    off = _switched_off()
+    if off is not None:
+        return KernelInfo(False, STOCK, off)
     path = library_path()
     if not path.exists():
         return KernelInfo(False, STOCK, "the native library was not built at install time "
@@ -167,8 +183,9 @@ def avx512_function(name: str, restype: Any, argtypes: list[Any]) -> tuple[Any, 
     """(the library's C function `name`, "") for the helpers neoedge calls through ctypes beside
     the ops (GPTQ's column loop, log_softmax_at), which exist in AVX-512 only; else (None, why):
     kernels disabled, library missing, stale or lacking the function, or a CPU without AVX-512."""
-    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
-        return None, f"{DISABLE_VARIABLE}=0"
+    off = _switched_off()
+    if off is not None:
+        return None, off
     path = library_path()
     if not path.exists():
         return None, "the native kernel library was not built"
