@@ -649,3 +649,42 @@ main()
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "[serve] extra" in result.stderr, result.stderr
+
+
+_PROMPTS = ["a", "the list", "Return the value", "x y z", "Open the file", "name", "path string", "object"]
+
+
+def test_a_whole_chat_reply_equals_the_streamed_one(client, model):
+    """The reply after "Assistant:" starts with a space, which is not content: the whole response
+    dropped it only while streaming (the stream's flag also switched off the whole reply's)."""
+    chat_format = ChatFormat()
+    for word in _PROMPTS:
+        messages = [{"role": "user", "content": word}]
+        direct = model.generate(chat_format.render(messages), max_new_tokens=20, stop=chat_format.stop).text
+        if direct[:1].isspace() and direct.strip():
+            break
+    else:
+        pytest.skip("no greedy reply starts with a space")
+    whole = client.chat.completions.create(model="m", messages=messages, max_tokens=20)
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       client.chat.completions.create(model="m", messages=messages, max_tokens=20, stream=True)
+                       if c.choices)
+    assert whole.choices[0].message.content == streamed == direct.lstrip()
+
+
+def test_text_offsets_count_the_text_not_the_display_of_partial_characters(client):
+    """A token holding half a UTF-8 character is shown as "bytes:\\xNN" but adds no character to
+    the text: the offsets stay inside the text, whole and streamed alike."""
+    for prompt in _PROMPTS:
+        whole = client.completions.create(model="m", prompt=prompt, max_tokens=40, logprobs=0,
+                                          extra_body={"ignore_eos": True})
+        if any(t.startswith("bytes:") for t in whole.choices[0].logprobs.tokens):
+            break
+    else:
+        pytest.skip("no partial-character token generated")
+    text, offsets = whole.choices[0].text, whole.choices[0].logprobs.text_offset
+    assert all(0 <= o <= len(text) for o in offsets) and offsets == sorted(offsets)
+    parts = [c.choices[0] for c in client.completions.create(model="m", prompt=prompt, max_tokens=40, logprobs=0,
+                                                              stream=True, extra_body={"ignore_eos": True})]
+    streamed = [o for p in parts if p.logprobs for o in p.logprobs.text_offset]
+    assert "".join(p.text for p in parts) == text and streamed == offsets

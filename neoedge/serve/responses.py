@@ -24,8 +24,10 @@ from .tokens import TokenPieces
 FINISH = {FinishReason.EOS: "stop", FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
           FinishReason.CONTEXT: "length", FinishReason.CANCELLED: "cancelled"}
 
-Entry = tuple[int, float, tuple[TopLogprob, ...]]
-"""One generated token's log-prob record: token, log p(token), top alternatives."""
+Entry = tuple[int, float, tuple[TopLogprob, ...], int]
+"""One generated token's log-prob record: token, log p(token), top alternatives, and the legacy
+`text_offset`: the characters of text released before its event. That counts released text, not
+display strings ("bytes:\\xc2" for half a character), and is the same streamed or whole."""
 
 
 class Choice:
@@ -36,17 +38,18 @@ class Choice:
         self.prompt_index = prompt_index
         self.prefix = prefix
         """Text sent before the generated text (the prompt, with `echo`)."""
-        self._strip = strip_leading
+        self._strip_reply = strip_leading  # the whole reply's leading whitespace goes
+        self._strip = strip_leading  # the stream's: until its first non-blank text
         self._entries: list[Entry] = []
         self._sent = 0
-        self.offset = 0
-        """Characters of token text reported in log-probs so far (the legacy `text_offset`)."""
+        self._released = 0  # characters of generated text released so far
 
     def feed(self, event: TokenEvent) -> tuple[str, list[Entry]]:
         """The text and the log-prob records this event releases (either may be empty)."""
         if event.token is not None and event.logprob is not None:
-            self._entries.append((event.token, event.logprob, event.top_logprobs))
+            self._entries.append((event.token, event.logprob, event.top_logprobs, self._released))
         text = self._leading(event.text)
+        self._released += len(text)
         if not event.text:
             return "", []
         released, self._sent = self._entries[self._sent:], len(self._entries)
@@ -64,7 +67,7 @@ class Choice:
         return self._entries[: len(completion.tokens)]
 
     def text(self, completion: Completion) -> str:
-        return self.prefix + (completion.text.lstrip() if self._strip else completion.text)
+        return self.prefix + (completion.text.lstrip() if self._strip_reply else completion.text)
 
     def _leading(self, text: str) -> str:
         """Chat replies follow "Assistant:" and start with a space, which is not part of the content."""
@@ -133,32 +136,30 @@ class TextShape(_Shape):
     object = chunk_object = "text_completion"
     prefix = "cmpl"
 
-    def _logprobs(self, choice: Choice, entries: list[Entry]) -> dict[str, Any] | None:
+    def _logprobs(self, entries: list[Entry]) -> dict[str, Any] | None:
         if not self.logprobs:
             return None
         out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for token, logprob, top in entries:
-            piece = self.pieces(token)[1]
-            out["tokens"].append(piece)
+        for token, logprob, top, offset in entries:
+            out["tokens"].append(self.pieces(token)[1])
             out["token_logprobs"].append(logprob)
             out["top_logprobs"].append({self.pieces(t.token)[1]: t.logprob for t in top})
-            out["text_offset"].append(choice.offset)
-            choice.offset += len(piece)
+            out["text_offset"].append(offset)
         return out
 
     def choice(self, choice: Choice, completion: Completion) -> dict[str, Any]:
         return {"index": choice.index, "text": choice.text(completion),
-                "logprobs": self._logprobs(choice, choice.entries(completion)),
+                "logprobs": self._logprobs(choice.entries(completion)),
                 "finish_reason": FINISH[completion.finish_reason]}
 
     def start(self, choice: Choice) -> dict[str, Any] | None:
         if not choice.prefix:
             return None
-        return {"index": choice.index, "text": choice.prefix, "logprobs": self._logprobs(choice, []),
+        return {"index": choice.index, "text": choice.prefix, "logprobs": self._logprobs([]),
                 "finish_reason": None}
 
     def delta(self, choice: Choice, text: str, entries: list[Entry], finish: str | None = None) -> dict[str, Any]:
-        return {"index": choice.index, "text": text, "logprobs": self._logprobs(choice, entries),
+        return {"index": choice.index, "text": text, "logprobs": self._logprobs(entries),
                 "finish_reason": finish}
 
 
@@ -177,7 +178,7 @@ class ChatShape(_Shape):
         if not self.logprobs:
             return None
         return {"content": [{**self._token(token, logprob), "top_logprobs": [self._token(t.token, t.logprob) for t in top]}
-                            for token, logprob, top in entries], "refusal": None}
+                            for token, logprob, top, _ in entries], "refusal": None}
 
     def choice(self, choice: Choice, completion: Completion) -> dict[str, Any]:
         return {"index": choice.index,
