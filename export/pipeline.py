@@ -110,6 +110,12 @@ class ExportOptions:
         if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) \
                 or not math.isfinite(self.tolerance) or self.tolerance <= 0:
             raise ExportError(f"tolerance must be a positive number, got {self.tolerance!r}")
+        if self.tolerance != FP32_TOLERANCE:
+            if not self.validate:
+                raise ExportError("tolerance applies to the validation, and validate is off")
+            if self.quantize != "none" or self.kv_cache == "int8":
+                raise ExportError("tolerance applies to exact packages (fp32 weights and KV cache); a "
+                                  "quantized package is judged by the quality bounds of its precision")
 
     def scheme(self) -> QuantizationScheme | None:
         """The quantization scheme (None for fp32)."""

@@ -68,6 +68,31 @@ _FIELD = {"vocabulary entries": "vocab_size", "heads": "num_heads", "channels pe
           "positions": "context_length", "channels": "hidden_size"}
 
 
+_QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized")
+
+
+def _check_quantization(graph: GraphFile, manifest: Manifest) -> None:
+    """The weights the graph stores are the ones the manifest names: none quantized for "none",
+    and for int8/int4 only nodes of its bits (weights or lm_head). A manifest that says fp32 over a
+    quantized graph would be validated against the wrong bounds and described wrongly."""
+    q = manifest.quantization
+    nodes = [n for n in graph.nodes if n.op_type in _QUANTIZED_OPS]
+    if q.scheme == "none":
+        if nodes:
+            raise GraphMismatchError(f"the graph holds quantized weights ({nodes[0].op_type}), the manifest "
+                                     "says fp32 (quantization.scheme 'none')")
+        return
+    if not nodes:
+        raise GraphMismatchError(f"the manifest says {q.scheme} weights (quantization.scheme), the graph "
+                                 "holds no quantized ones")
+    assert q.settings is not None
+    allowed = {q.settings.bits, q.settings.lm_head_bits}
+    found = sorted({n.ints["bits"] for n in nodes if "bits" in n.ints} - allowed)
+    if found:
+        raise GraphMismatchError(f"the graph holds {found[0]}-bit weights, the manifest says {q.settings.bits} "
+                                 f"(lm_head {q.settings.lm_head_bits}; quantization.settings)")
+
+
 def _check_graph_file(graph: GraphFile, manifest: Manifest) -> None:
     g, m = manifest.graph, manifest.model
     # Learned absolute positions: the table the position ids index.
@@ -81,6 +106,7 @@ def _check_graph_file(graph: GraphFile, manifest: Manifest) -> None:
             if len(dims) == 2 and dims[1] != m.hidden_size:
                 raise GraphMismatchError(f"the graph's position table has {dims[1]} channels, the manifest "
                                          f"says hidden_size {m.hidden_size}")
+    _check_quantization(graph, manifest)
     if g.attention != "gqa":
         return
     # GroupQueryAttention carries the heads and, per layer, the local window (-1: global); so does

@@ -414,3 +414,14 @@ def test_an_unreadable_generation_config_is_an_error_not_an_absence(checkpoints,
         config.mkdir()
     with pytest.raises(ExportError, match="generation_config.json"):
         export_package(str(src), tmp_path / "out", progress=False, validate=False)
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (dict(quantize="int8", algorithm="rtn", kv_cache="float32"), "judged by the quality bounds"),
+    (dict(kv_cache="int8"), "judged by the quality bounds"),
+    (dict(validate=False), "validate is off"),
+])
+def test_a_tolerance_that_would_not_be_used_is_refused(checkpoints, tmp_path, options, fragment):
+    with pytest.raises(ExportError, match=fragment):
+        export_package(str(checkpoints["window8"]), tmp_path / "out", tolerance=1e-12, progress=False, **options)
+    assert not (tmp_path / "out").exists()

@@ -566,3 +566,26 @@ def test_a_tokenizer_id_past_the_vocabulary_is_refused_at_load(kind, package, ch
     relist(copy, "tokenizer.json")
     with pytest.raises(TokenizerMismatchError, match="token id 9000 but the model's vocabulary is"):
         Model(copy)
+
+
+@pytest.mark.parametrize("claim", ["fp32", "other bits"])
+def test_a_manifest_that_misstates_the_weights_quantization_is_refused(claim, checkpoints, tmp_path, edit_manifest):
+    """Re-sealed to say fp32 over an int8 graph (or int4 over int8), a package would be described and
+    validated as what it is not."""
+    from neoedge.errors import GraphMismatchError
+    from neoedge.export import export_package
+
+    copy = tmp_path / "q"
+    export_package(str(checkpoints["window8"]), copy, quantize="int8", algorithm="rtn", kv_cache="float32",
+                   progress=False, validate=False)
+    if claim == "fp32":
+        edit_manifest(copy, lambda d: d.update(quantization={"scheme": "none"}))
+        match = "the graph holds quantized weights .*the manifest says fp32"
+    else:
+        def four_bits(d):
+            d["quantization"]["scheme"] = "int4"
+            d["quantization"]["settings"].update(bits=4, lm_head_bits=4)
+        edit_manifest(copy, four_bits)
+        match = "the graph holds 8-bit weights, the manifest says 4"
+    with pytest.raises(GraphMismatchError, match=match):
+        Model(copy)
