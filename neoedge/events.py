@@ -62,7 +62,7 @@ class Usage:
     cached_tokens: int
     """Of those, tokens already in the KV cache: not processed again."""
     new_tokens: int
-    """Tokens generated (eos excluded)."""
+    """Tokens generated (eos excluded), including those a stop string was then cut from."""
     time_to_first_token_s: float
     """From the call to the first generated token (includes processing the uncached prompt)."""
     total_s: float

@@ -70,6 +70,8 @@ class _Progress:
     text: list[str]
     tokens: list[int]
     logprobs: list[float]
+    generated: int = 0
+    """Tokens sampled (eos excluded), those a stop string cut from `tokens` too: the usage."""
     prompt_tokens: int = 0
     cached_tokens: int = 0
     started: float = 0.0
@@ -83,7 +85,7 @@ class _Progress:
             text="".join(self.text), tokens=tuple(self.tokens),
             finish_reason=self.finish or FinishReason.CANCELLED,
             usage=Usage(prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
-                        new_tokens=len(self.tokens), time_to_first_token_s=first - self.started,
+                        new_tokens=self.generated, time_to_first_token_s=first - self.started,
                         total_s=now - self.started),
             logprobs=tuple(self.logprobs) if with_logprobs else None)
 
@@ -253,6 +255,7 @@ class Decoder:
             return self.finish(FinishReason.EOS)
         self.token = token
         tokens.append(token)
+        progress.generated += 1
         if chosen is not None:
             progress.logprobs.append(chosen)
         piece = self._text.push(token)

@@ -198,3 +198,13 @@ def test_unpacked_weights_give_the_same_logits(package, model):
     unpacked = Model(package, settings=SessionSettings(intra_threads=1, prepack=False))
     np.testing.assert_allclose(unpacked.logits(ids), model.logits(ids), atol=1e-5, rtol=0)
     assert unpacked.generate("The file", max_new_tokens=12).tokens == model.generate("The file", max_new_tokens=12).tokens
+
+
+def test_usage_counts_every_generated_token_even_those_a_stop_string_cut(model):
+    free = model.generate("Open the", max_new_tokens=20, stop_at_eos=False)
+    stop = free.text[len(free.text) // 2:][:3]
+    events = list(model.stream("Open the", max_new_tokens=20, stop_at_eos=False, stop=[stop]))
+    completion = model.generate("Open the", max_new_tokens=20, stop_at_eos=False, stop=[stop])
+    sampled = sum(e.token is not None for e in events)
+    assert completion.finish_reason == FinishReason.STOP
+    assert completion.usage.new_tokens == sampled >= len(completion.tokens)

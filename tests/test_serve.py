@@ -688,3 +688,34 @@ def test_text_offsets_count_the_text_not_the_display_of_partial_characters(clien
                                                               stream=True, extra_body={"ignore_eos": True})]
     streamed = [o for p in parts if p.logprobs for o in p.logprobs.text_offset]
     assert "".join(p.text for p in parts) == text and streamed == offsets
+
+
+def _a_stop_beginning_inside_a_token(model: Model) -> tuple[str, str]:
+    for prompt in _PROMPTS:
+        base = model.generate(prompt, max_new_tokens=40, stop_at_eos=False)
+        position = 0
+        for token in base.tokens:
+            piece = model.decode([token])
+            if len(piece) >= 3 and piece.isascii() and piece.isprintable() and position > 0:
+                stop = base.text[position + 1: position + 3]
+                if base.text.index(stop) == position + 1:  # first seen inside this token
+                    return prompt, stop
+            position += len(piece)
+    pytest.skip("no stop string beginning inside a token")
+
+
+def test_a_stop_inside_a_token_reports_the_same_tokens_and_usage_streamed_or_whole(client, model):
+    """The token the stop string began in put its first characters in the text: it is reported in
+    the log-probs and counted in the usage, streamed and whole alike (before, the whole response
+    left it out, the stream listed it, and the usage counted one token fewer than were streamed)."""
+    prompt, stop = _a_stop_beginning_inside_a_token(model)
+    options = dict(model="m", prompt=prompt, max_tokens=40, stop=stop, logprobs=1, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**options).choices[0]
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **options))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    token_chunks = [c for c in chunks if c.choices and c.choices[0].finish_reason is None]
+    assert whole.finish_reason == "stop" and streamed == whole.logprobs.tokens
+    joined = "".join(whole.logprobs.tokens)
+    rest = joined[len(whole.text):]  # of the token the stop began in: the stop, or its start
+    assert joined.startswith(whole.text) and rest and (rest.startswith(stop) or stop.startswith(rest))
+    assert chunks[-1].usage.completion_tokens == len(token_chunks) == len(whole.logprobs.tokens)

@@ -6,7 +6,9 @@ chat completions (`ChatShape`).
 
 Streamed log-probs follow the text: an event whose text is held back (a possible stop string, half
 a UTF-8 character) keeps its token's log-prob until text is released, and at the end only the
-tokens of the final completion are reported (a stop string's tokens are cut out, as in the text).
+tokens of the final completion are added (a stop string's tokens are cut out, as in the text). A
+token whose first characters were released before the stop string began inside it stays reported,
+whole responses alike: the reported tokens spell the text, then that token's rest.
 """
 
 from __future__ import annotations
@@ -63,8 +65,10 @@ class Choice:
         return released
 
     def entries(self, completion: Completion) -> list[Entry]:
-        """All log-prob records of the completion (for a whole, not streamed, response)."""
-        return self._entries[: len(completion.tokens)]
+        """All log-prob records of the completion (for a whole, not streamed, response): the same a
+        stream sends, the completion's tokens and any token whose text was released before a stop
+        string cut it (its first characters are in the text)."""
+        return self._entries[: max(self._sent, len(completion.tokens))]
 
     def text(self, completion: Completion) -> str:
         return self.prefix + (completion.text.lstrip() if self._strip_reply else completion.text)
