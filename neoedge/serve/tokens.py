@@ -4,7 +4,9 @@ GPT-Neo's byte-level BPE splits some characters across tokens, so a token is a r
 always text. The vocabulary of a byte-level tokenizer stores each byte as one printable character
 (GPT-2's reversible byte-to-character table): mapping them back gives the token's exact bytes.
 A token whose bytes are not valid UTF-8 on their own is shown as "bytes:\\xe2\\x80" (OpenAI's
-convention); its `bytes` field has the real bytes, which a client joins to rebuild the text.
+convention); its `bytes` field has the real bytes, which a client joins to rebuild the generated
+text. (A chat reply's `content` leaves out the whitespace it starts with after "Assistant:", which
+the first token's bytes still hold.)
 """
 
 from __future__ import annotations
