@@ -231,6 +231,13 @@ def _export(source: str, output: Path, options: ExportOptions, replacing: bool, 
         checkpoint = load_checkpoint(source)
         plan = plan_attention(options, checkpoint.info)
         scheme = options.scheme()
+        if scheme is not None:  # before any calibration runs: every weight's input width needs a block
+            try:
+                for width in {p.shape[1] for n, p in checkpoint.model.named_parameters()
+                              if n.endswith("weight") and p.ndim == 2 and "wpe" not in n}:
+                    scheme.block_for(width)
+            except ValueError as exc:
+                raise ExportError(f"{source}: {exc}") from None
         calibration = None
         if options.calibrated(plan):
             calibration = options.calibration_text()

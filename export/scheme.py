@@ -93,6 +93,9 @@ class QuantizationScheme:
         block = self.block_size
         while self.fit_block and in_features % block and block > 16:
             block //= 2
+        if self.fit_block and in_features % block:
+            raise ValueError(f"no MatMulNBits block fits weights with {in_features} inputs (blocks are powers "
+                             "of two from 16 that divide them): this model can only be exported unquantized")
         return block
 
 

@@ -425,3 +425,24 @@ def test_a_tolerance_that_would_not_be_used_is_refused(checkpoints, tmp_path, op
     with pytest.raises(ExportError, match=fragment):
         export_package(str(checkpoints["window8"]), tmp_path / "out", tolerance=1e-12, progress=False, **options)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_width_no_block_divides_is_refused_before_calibrating(bpe_tokenizer, tmp_path, tree, monkeypatch):
+    """Hidden 24 has no power-of-two divisor from 16: no block size the user could choose would do,
+    so the error says the model can only go unquantized, and says it before the calibration pass."""
+    import torch
+    from transformers import GPTNeoForCausalLM
+
+    from neoedge.export.tiny import save_checkpoint, tiny_config
+
+    torch.manual_seed(0)
+    model = GPTNeoForCausalLM(tiny_config(bpe_tokenizer.get_vocab_size(), num_layers=2, hidden_size=24, num_heads=2,
+                                          window_size=4, max_position_embeddings=48,
+                                          attention_types=[[["global", "local"], 1]])).eval()
+    src = save_checkpoint(model, bpe_tokenizer, tmp_path / "src")
+    monkeypatch.setattr(pipeline, "read_calibration", lambda *a, **k: pytest.fail("calibration was read"))
+    before = tree(tmp_path)
+    with pytest.raises(ExportError, match="no MatMulNBits block fits weights with 24 inputs.*only be exported "
+                                          "unquantized"):
+        export_package(str(src), tmp_path / "out", quantize="int4", progress=False)
+    assert tree(tmp_path) == before
