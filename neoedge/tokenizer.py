@@ -8,6 +8,7 @@ tokens in bounded memory.
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 from collections.abc import Iterator
@@ -114,6 +115,28 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
 
+    @cached_property
+    def _byte_vocab(self) -> dict[int, str] | None:
+        """id -> token string in GPT-2's byte-character space, for a byte-level BPE (None otherwise)."""
+        if type(self._tok.decoder).__name__ != "ByteLevel":
+            return None
+        return {i: t for t, i in self._tok.get_vocab(with_added_tokens=False).items()}
+
+    def token_bytes(self, token: int) -> bytes | None:
+        """The exact bytes a token stands for (a byte-level BPE's token may hold part of a UTF-8
+        character); None when the tokenizer is not byte-level, or the token not in its vocabulary."""
+        added = self._added.get(token)
+        if added is not None:
+            return added.content.encode("utf-8")
+        vocab = self._byte_vocab
+        stored = vocab.get(token) if vocab is not None else None
+        if stored is None:
+            return None
+        try:
+            return bytes(_BYTE_OF_CHAR[c] for c in stored)
+        except KeyError:
+            return None
+
     def stream(self) -> TextStream:
         return TextStream(self)
 
@@ -131,12 +154,31 @@ def check_text(text: object, what: str) -> None:
                               "are not UTF-8, e.g. a command line in another encoding)") from None
 
 
+def _byte_of_char() -> dict[str, int]:
+    """The inverse of GPT-2's byte-to-character table: printable Latin-1 bytes stand for
+    themselves; the others (control characters, space, a few more) were moved to U+0100 onwards,
+    in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in printable}
+    moved = 0
+    for b in range(256):
+        if b not in table.values():
+            table[chr(256 + moved)] = b
+            moved += 1
+    return table
+
+
+_BYTE_OF_CHAR = _byte_of_char()
+
+
 class TextStream:
     """Turns tokens into text as they arrive.
 
-    GPT-2's byte-level BPE can split one UTF-8 character across tokens; decoding such a prefix
-    yields U+FFFD. Tokens are therefore held back until they decode to whole characters. Only the
-    tokens since the last emitted boundary are decoded, so each step does constant work.
+    GPT-2's byte-level BPE can split one UTF-8 character across tokens. With a byte-level tokenizer
+    the tokens' bytes go through an incremental UTF-8 decoder, which holds back exactly an
+    incomplete character's bytes: a real U+FFFD in the text, or a stray invalid byte, can not be
+    taken for one (decoding and looking for U+FFFD could, and then cut the next character in two).
+    Other tokenizers: tokens are held while their decoded text ends in U+FFFD, at most 4.
     """
 
     # A UTF-8 character has at most 4 bytes and every token at least one: a tail still broken after
@@ -146,8 +188,12 @@ class TextStream:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
         self._held: list[int] = []
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token: int) -> str:
+        raw = self._tokenizer.token_bytes(token) if not self._held else None
+        if raw is not None:
+            return self._utf8.decode(raw)
         self._held.append(token)
         text = self._tokenizer.decode(self._held)
         if text.endswith(_REPLACEMENT) and len(self._held) < self._MAX_HELD:
@@ -158,10 +204,12 @@ class TextStream:
     @property
     def clean(self) -> bool:
         """True when every pushed token has been released as text (nothing held back)."""
-        return not self._held
+        return not self._held and not self._utf8.getstate()[0]
 
     def flush(self) -> str:
         """Whatever is left at the end (an incomplete character decodes to U+FFFD here)."""
-        text = self._tokenizer.decode(self._held) if self._held else ""
+        text = self._utf8.decode(b"", final=True)
+        if self._held:
+            text += self._tokenizer.decode(self._held)
         self._held.clear()
         return text

@@ -57,7 +57,7 @@ class Service:
         self.settings = settings
         self.name = settings.model_name or model.package_dir.resolve().name
         self.fingerprint = f"fp_{model.fingerprint[:12]}"
-        self.pieces = TokenPieces(model.tokenizer, model.package_dir / model.manifest.tokenizer)
+        self.pieces = TokenPieces(model.tokenizer)
         context = model.info.context_length
         limits = settings.limits
         self.max_prompt_tokens = limits.max_prompt_tokens or context - 1
