@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from .aio import AsyncStream
 
 log = logging.getLogger(__name__)
+# Tokens one decode call takes: far beyond any context, a bound on the work one call can ask for.
+MAX_DECODE_TOKENS = 1 << 22
 
 
 class Model:
@@ -121,7 +123,11 @@ class Model:
                                      why=f" (the model's context is {context} tokens)")
 
     def decode(self, ids: Tokens) -> str:
-        return self.tokenizer.decode(self.check_tokens(ids, "token ids"))
+        """Text of `ids`. Not bounded by the context: a generation that shifted it made more tokens."""
+        if isinstance(ids, (list, tuple, range)) and not ids:
+            return ""
+        return self.tokenizer.decode(token_ids(ids, vocab_size=self.info.vocab_size, max_length=MAX_DECODE_TOKENS,
+                                               what="token ids", why=" (decode takes at most that many)").tolist())
 
     def check_tokens(self, ids: Tokens, what: str = "token ids") -> list[int]:
         """`ids` as a list of ints, each a token of this model, at most a context of them; anything

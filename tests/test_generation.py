@@ -208,3 +208,11 @@ def test_usage_counts_every_generated_token_even_those_a_stop_string_cut(model):
     sampled = sum(e.token is not None for e in events)
     assert completion.finish_reason == FinishReason.STOP
     assert completion.usage.new_tokens == sampled >= len(completion.tokens)
+
+
+def test_a_generation_that_shifted_past_the_context_decodes(model):
+    context = model.info.context_length
+    seq = model.sequence(policy=ContextPolicy(on_full="shift"))
+    completion = seq.generate("Open the", max_new_tokens=context + 40, stop_at_eos=False)
+    assert len(completion.tokens) > context
+    assert model.decode(completion.tokens) == completion.text
