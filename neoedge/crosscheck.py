@@ -150,6 +150,11 @@ def check_tokenizer(tokenizer: Tokenizer, manifest: Manifest) -> None:
         raise TokenizerMismatchError(
             f"{name} has {count} tokens but the model's vocabulary is {m.vocab_size}: its ids would index "
             "past the embedding (the tokenizer of another model?)")
+    missing = tokenizer.missing_bytes()
+    if missing:
+        raise TokenizerMismatchError(
+            f"{name} is a byte-level BPE without tokens for {len(missing)} of the 256 bytes (e.g. "
+            f"0x{missing[0]:02x}): text holding them would be silently dropped when encoded")
     # A quantized embedding (GatherBlockQuantized) does not check its indices: an id past the table
     # would read out of bounds and generate from garbage, so every id is bounded here.
     largest = tokenizer.max_id

@@ -122,6 +122,15 @@ class Tokenizer:
             return None
         return {i: t for t, i in self._tok.get_vocab(with_added_tokens=False).items()}
 
+    def missing_bytes(self) -> list[int]:
+        """The bytes a byte-level BPE has no token for: text holding them would be dropped when
+        encoded (a vocabulary trained without the whole byte alphabet). Empty otherwise."""
+        vocab = self._byte_vocab
+        if vocab is None:
+            return []
+        have = set(vocab.values())
+        return sorted(b for c, b in _BYTE_OF_CHAR.items() if c not in have)
+
     def token_bytes(self, token: int) -> bytes | None:
         """The exact bytes a token stands for (a byte-level BPE's token may hold part of a UTF-8
         character); None when the tokenizer is not byte-level, or the token not in its vocabulary."""

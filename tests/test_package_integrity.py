@@ -589,3 +589,16 @@ def test_a_manifest_that_misstates_the_weights_quantization_is_refused(claim, ch
         match = "the graph holds 8-bit weights, the manifest says 4"
     with pytest.raises(GraphMismatchError, match=match):
         Model(copy)
+
+
+def test_a_byte_level_tokenizer_without_every_byte_is_refused(package, tmp_path, relist):
+    """Without a token for some byte, text holding it was dropped from prompts without a word."""
+    from neoedge.errors import TokenizerMismatchError
+
+    copy = Path(shutil.copytree(package, tmp_path / "p"))
+    data = json.loads((copy / "tokenizer.json").read_text())
+    del data["model"]["vocab"]["\u0100"]  # byte 0x00 in GPT-2's byte-to-character table
+    (copy / "tokenizer.json").write_text(json.dumps(data))
+    relist(copy, "tokenizer.json")
+    with pytest.raises(TokenizerMismatchError, match="without tokens for 1 of the 256 bytes .e.g. 0x00."):
+        Model(copy)
