@@ -20,6 +20,8 @@ from tokenizers import Tokenizer as _HFTokenizer
 from .errors import PackageError, PromptError
 
 _REPLACEMENT = "\ufffd"
+# Characters a tokenizer without a proven length bound is given in one call.
+UNPROVEN_MAX_CHARS = 1 << 22
 # Long texts are encoded in pieces of about this many characters.
 _PIECE_CHARS = 1 << 16
 # A space between two ASCII letters or digits: GPT-2's pre-tokenizer regex always starts a new
@@ -82,11 +84,17 @@ class Tokenizer:
         in the message."""
         check_text(text, what)
         if max_tokens is not None and len(text) > max_tokens:
-            bound = max_tokens * self.max_token_chars * (1 if self._proven_bound else _UNPROVEN_BOUND_FACTOR)
-            if len(text) > bound:
-                raise PromptError(
-                    f"{what} is {len(text)} characters, more than {max_tokens} tokens can hold{why} (at most "
-                    f"{bound} characters: no token stands for more than {self.max_token_chars})")
+            if self._proven_bound:
+                bound = max_tokens * self.max_token_chars
+                if len(text) > bound:
+                    raise PromptError(
+                        f"{what} is {len(text)} characters, more than {max_tokens} tokens can hold{why} (at "
+                        f"most {bound} characters: no token stands for more than {self.max_token_chars})")
+            elif len(text) > max(max_tokens * self.max_token_chars * _UNPROVEN_BOUND_FACTOR, UNPROVEN_MAX_CHARS):
+                # Without a byte-level bound a normalizer or pre-tokenizer may drop characters, so no
+                # length proves a text too long; only a text too large to tokenize at all is refused.
+                raise PromptError(f"{what} is {len(text)} characters, more than this tokenizer is given at once "
+                                  f"({UNPROVEN_MAX_CHARS}){why}")
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if max_tokens is not None and len(ids) > max_tokens:
             raise PromptError(f"{what} is {len(ids)} tokens, more than the {max_tokens} that fit{why}")

@@ -347,3 +347,18 @@ def test_json_output_is_parseable(cli, package, tmp_path):
     result = cli("eval", package, "--text", text, "--window", "32", "--stride", "32", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["stride"] == 32
+
+
+def test_a_tokenizer_without_a_length_bound_tokenizes_a_text_that_fits(tmp_path):
+    """A pre-tokenizer that drops characters (whitespace here) can fit any number of them in a few
+    tokens: only a byte-level BPE's length bound may refuse a text before tokenizing it."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from neoedge.tokenizer import Tokenizer
+
+    hf = HFTokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.save(str(tmp_path / "words.json"))
+    tokenizer = Tokenizer(tmp_path / "words.json")
+    assert tokenizer.encode("a" + " " * 1000 + "b", max_tokens=10) == [0, 1]
