@@ -72,3 +72,24 @@ def test_the_window_streams_a_reply_and_stop_stops_it(display, package):
         assert str(window.send_button["state"]) == "normal" and str(window.stop_button["state"]) == "disabled"
     finally:
         root.destroy()
+
+
+def test_a_message_the_model_cannot_take_is_shown_and_the_window_stays_usable(display, package):
+    """Before, the refusal escaped the click handler (a Tk traceback) with Send disabled for good."""
+    from neoedge import Model
+    from neoedge.examples.tk_chat import ChatWindow
+
+    root = tk.Tk()
+    try:
+        window = ChatWindow(root, Model(package), max_new_tokens=4)
+        window.prompt.insert(0, "x" * 5000)
+        window.send_button.invoke()
+        root.update()
+        assert "more than" in window.transcript.get("1.0", "end")  # the PromptError's one line
+        assert window.cancel is None and str(window.send_button["state"]) == "normal"
+        window.prompt.delete(0, "end")
+        window.prompt.insert(0, "open a file")
+        window.send_button.invoke()
+        _pump(root, lambda: window.cancel is None and "Model:" in window.transcript.get("1.0", "end"))
+    finally:
+        root.destroy()

@@ -13,7 +13,7 @@ import sys
 import threading
 import tkinter as tk
 
-from neoedge import CancelToken, Model
+from neoedge import CancelToken, Model, NeoedgeError
 from neoedge.chat import Conversation
 
 
@@ -43,26 +43,45 @@ class ChatWindow:
         message = self.prompt.get().strip()
         if not message or self.cancel is not None:
             return
+        cancel = CancelToken()
+        try:  # a message the model cannot take is refused here, before the window changes state
+            stream = self.chat.say(message, cancel=cancel, max_new_tokens=self.max_new_tokens)
+        except NeoedgeError as exc:
+            self.write(f"[{exc}]\n")
+            return
         self.prompt.delete(0, "end")
         self.write(f"You: {message}\nModel:")
-        self.cancel = CancelToken()
+        self.cancel = cancel
         self.send_button.configure(state="disabled")
         self.stop_button.configure(state="normal")
-        stream = self.chat.say(message, cancel=self.cancel, max_new_tokens=self.max_new_tokens)
-        threading.Thread(target=lambda: [self.events.put(e) for e in stream], daemon=True).start()
+        threading.Thread(target=self._generate, args=(stream,), daemon=True).start()
         self.root.after(20, self.poll)
+
+    def _generate(self, stream) -> None:  # the worker thread: events, or the error that ended them
+        try:
+            for event in stream:
+                self.events.put(event)
+        except NeoedgeError as exc:
+            self.events.put(exc)
 
     def poll(self) -> None:
         while not self.events.empty():
             event = self.events.get()
+            if isinstance(event, NeoedgeError):
+                self.write(f"\n[{event}]\n")
+                self._idle()
+                return
             self.write(event.text)
             if event.finish_reason is not None:
                 self.write(f"\n[{event.finish_reason}]\n" if event.finish_reason == "cancelled" else "\n")
-                self.cancel = None
-                self.send_button.configure(state="normal")
-                self.stop_button.configure(state="disabled")
+                self._idle()
                 return
         self.root.after(20, self.poll)
+
+    def _idle(self) -> None:
+        self.cancel = None
+        self.send_button.configure(state="normal")
+        self.stop_button.configure(state="disabled")
 
     def stop(self) -> None:
         if self.cancel is not None:
