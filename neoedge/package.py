@@ -122,6 +122,11 @@ def _open(directory: Path) -> tuple[Package, list[tuple[str, Path, FileEntry]]]:
         root = directory.resolve(strict=True)
     except OSError as exc:
         raise IntegrityError(f"cannot open the model package {directory}: {exc.strerror}") from None
+    try:  # onnxruntime takes file names as UTF-8 strings: a path in another encoding cannot reach it
+        str(root).encode("utf-8")
+    except UnicodeEncodeError:
+        raise PackagePathError(f"the model package's path {str(root)!r} is not valid UTF-8, which onnxruntime "
+                               "needs: rename it or a directory above it") from None
     manifest_path = _inside(root, MANIFEST_NAME, "the manifest")
     manifest = Manifest.from_json(read_manifest_bytes(manifest_path), source=f"manifest {directory / MANIFEST_NAME}")
     paths = {name: _inside(root, name, "files entry") for name in manifest.files}

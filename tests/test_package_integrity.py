@@ -602,3 +602,11 @@ def test_a_byte_level_tokenizer_without_every_byte_is_refused(package, tmp_path,
     relist(copy, "tokenizer.json")
     with pytest.raises(TokenizerMismatchError, match="without tokens for 1 of the 256 bytes .e.g. 0x00."):
         Model(copy)
+
+
+def test_a_package_at_a_path_that_is_not_utf8_is_refused_clearly(package, tmp_path):
+    from neoedge.errors import PackagePathError
+
+    copy = Path(shutil.copytree(package, os.fsdecode(os.fsencode(str(tmp_path)) + b"/pk\xffg")))
+    with pytest.raises(PackagePathError, match="not valid UTF-8"):
+        Model(copy)
