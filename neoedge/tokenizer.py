@@ -61,7 +61,12 @@ class Tokenizer:
     def max_id(self) -> int:
         """The largest id the tokenizer can produce (-1 for an empty vocabulary): ids need not be
         dense, so the count alone does not bound them."""
-        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
+        return max(max(self._vocab.values(), default=-1), max(self._added, default=-1))
+
+    @cached_property
+    def _vocab(self) -> dict[str, int]:
+        """The model's vocabulary, token string -> id (read once: the load-time checks use it)."""
+        return self._tok.get_vocab(with_added_tokens=False)
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
@@ -128,16 +133,14 @@ class Tokenizer:
         """id -> token string in GPT-2's byte-character space, for a byte-level BPE (None otherwise)."""
         if type(self._tok.decoder).__name__ != "ByteLevel":
             return None
-        return {i: t for t, i in self._tok.get_vocab(with_added_tokens=False).items()}
+        return {i: t for t, i in self._vocab.items()}
 
     def missing_bytes(self) -> list[int]:
         """The bytes a byte-level BPE has no token for: text holding them would be dropped when
         encoded (a vocabulary trained without the whole byte alphabet). Empty otherwise."""
-        vocab = self._byte_vocab
-        if vocab is None:
+        if type(self._tok.decoder).__name__ != "ByteLevel":
             return []
-        have = set(vocab.values())
-        return sorted(b for c, b in _BYTE_OF_CHAR.items() if c not in have)
+        return sorted(b for c, b in _BYTE_OF_CHAR.items() if c not in self._vocab)
 
     def token_bytes(self, token: int) -> bytes | None:
         """The exact bytes a token stands for (a byte-level BPE's token may hold part of a UTF-8
