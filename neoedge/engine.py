@@ -309,24 +309,17 @@ class Engine:
         if len(ids) > self.model.info.context_length:
             raise ContextFullError(f"the prompt is {len(ids)} tokens but the model's context is "
                                    f"{self.model.info.context_length}")
-        request = Request(next(self._ids), ids, opts, cancel or CancelToken())
         with self._cond:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
-            # Cancelled requests give up their places in the queue at once.
-            dropped = self._take_cancelled_waiting()
-            full = len(self._waiting) >= self.settings.max_queue
-            if not full:
-                request._unregister = request.cancel_token.on_cancel(self._wake)
-                self._waiting.append(request)
-                self._submitted += 1
-                self._cond.notify()
-        for waiting in dropped:
-            mailbox = waiting._finish(self._cancelled_unadmitted(waiting))
-            if mailbox is not None:
-                mailbox.wake()
-        if full:
-            raise QueueFullError(f"the engine's queue is full ({self.settings.max_queue} requests waiting)")
+            # A cancelled request gives up its place at once (the worker, woken by the cancel, ends it).
+            if sum(not r.cancel_token.cancelled for r in self._waiting) >= self.settings.max_queue:
+                raise QueueFullError(f"the engine's queue is full ({self.settings.max_queue} requests waiting)")
+            request = Request(next(self._ids), ids, opts, cancel or CancelToken())
+            request._unregister = request.cancel_token.on_cancel(self._wake)
+            self._waiting.append(request)
+            self._submitted += 1
+            self._cond.notify()
         return request
 
     def generate(self, prompt: str | Tokens = "", options: GenerationOptions | None = None, *,
@@ -402,7 +395,7 @@ class Engine:
 
     def _take_cancelled_waiting(self) -> list[Request]:
         """Remove the cancelled requests from the queue (called with the lock held); they are counted
-        as finished, and the caller finishes them."""
+        as finished, and the worker finishes them."""
         dropped = [r for r in self._waiting if r.cancel_token.cancelled]
         if dropped:
             self._waiting = deque(r for r in self._waiting if not r.cancel_token.cancelled)
