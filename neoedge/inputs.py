@@ -17,14 +17,17 @@ from .errors import PromptError
 
 
 def token_ids(ids: Any, *, vocab_size: int, max_length: int, what: str = "token_ids",
-              why: str = "") -> np.ndarray:
-    """`ids` as a one-dimensional int64 array of 1..max_length ids in [0, vocab_size); else PromptError.
-    A list, tuple or range of Python or numpy integers, or a 1-D integer numpy array."""
+              why: str = "", allow_empty: bool = False) -> np.ndarray:
+    """`ids` as a one-dimensional int64 array of 1..max_length ids in [0, vocab_size) (0.. with
+    `allow_empty`); else PromptError. A list, tuple or range of Python or numpy integers, or a 1-D
+    integer numpy array."""
     if isinstance(ids, np.ndarray):
         if ids.ndim != 1:
             raise PromptError(f"{what} must be one-dimensional, got an array of shape {ids.shape}")
         if ids.dtype.kind not in "iu":
             raise PromptError(f"{what} must hold integers, got an array of {ids.dtype}")
+        if allow_empty and not len(ids):
+            return ids.astype(np.int64)
         _check_length(len(ids), max_length, what, why)
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= vocab_size:
@@ -33,6 +36,8 @@ def token_ids(ids: Any, *, vocab_size: int, max_length: int, what: str = "token_
         return ids.astype(np.int64, copy=False)
     if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Sequence):
         raise PromptError(f"{what} must be a sequence of integers, got {type(ids).__name__}")
+    if allow_empty and not len(ids):
+        return np.zeros(0, np.int64)
     _check_length(len(ids), max_length, what, why)
     for index, value in enumerate(ids):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):

@@ -124,21 +124,16 @@ class Model:
 
     def decode(self, ids: Tokens) -> str:
         """Text of `ids`. Not bounded by the context: a generation that shifted it made more tokens."""
-        if isinstance(ids, (list, tuple, range)) and not ids:
-            return ""
         return self.tokenizer.decode(token_ids(ids, vocab_size=self.info.vocab_size, max_length=MAX_DECODE_TOKENS,
-                                               what="token ids", why=" (decode takes at most that many)").tolist())
+                                               what="token ids", why=" (decode takes at most that many)",
+                                               allow_empty=True).tolist())
 
     def check_tokens(self, ids: Tokens, what: str = "token ids") -> list[int]:
         """`ids` as a list of ints, each a token of this model, at most a context of them; anything
         else is a PromptError naming the element."""
-        if isinstance(ids, (list, tuple, range)) and not ids:
-            return []
-        if isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.size == 0 and np.issubdtype(ids.dtype, np.integer):
-            return []
         context = self.info.context_length
         return token_ids(ids, vocab_size=self.info.vocab_size, max_length=context, what=what,
-                         why=f" (the model's context is {context} tokens)").tolist()
+                         why=f" (the model's context is {context} tokens)", allow_empty=True).tolist()
 
     # -- sequences ----------------------------------------------------------------------------------
     def sequence(self, text: str | None = None, *, tokens: Tokens | None = None,
