@@ -220,17 +220,19 @@ class Staging:
                 continue
             problem = package_problem(path) if path.is_dir() and not path.is_symlink() else "not a directory"
             if problem is not None or not _remove_package(path):
-                for name in (MARKER + ".new", MARKER):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.root / name)
+                self._unmark()
                 log.warning("kept %s (what was at %s before it was replaced): %s", path, self.output,
                             problem or "it gained files while it was being removed")
                 return
+        self._unmark()
+        with contextlib.suppress(OSError):
+            os.rmdir(self.root)
+
+    def _unmark(self) -> None:
+        """Remove the marker (and a first one never renamed into place): no longer staging."""
         for name in (MARKER + ".new", MARKER):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.root / name)
-        with contextlib.suppress(OSError):
-            os.rmdir(self.root)
 
 
 def _remove_package(path: Path) -> bool:
