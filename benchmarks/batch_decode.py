@@ -48,6 +48,7 @@ def load(package: Path, config: str, threads: int, profile: bool) -> Model:
     import onnxruntime as ort
 
     original = ort.SessionOptions
+    (HERE / "work").mkdir(exist_ok=True)
 
     class Profiled(original):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
