@@ -270,6 +270,31 @@ def test_batched_decode_rows_switch_paths_and_both_match_the_reference(path, m, 
     assert not np.array_equal(outputs["1"], outputs["0"])
 
 
+@pytest.mark.parametrize("path", [p for p in PATHS if p in ("avx512vnni", "amx")] or ["none"])
+@pytest.mark.parametrize("bits, block, symmetric", [(4, 128, True), (4, 32, False), (8, 128, False), (8, 64, True)])
+def test_one_row_gemv_streaming_rows_or_eight_side_by_side_both_match_the_reference(path, bits, block, symmetric,
+                                                                                   library, monkeypatch):
+    """A decode step's GEMV reads one weight row at a time on AMD, 8 side by side elsewhere
+    (NEOEDGE_KERNELS_STREAM_ROWS forces either): both equal the reference and each other up to the
+    order of the final horizontal sum (8-row tiles reduce 4 rows at once), so they are different
+    code, not equal bits (N = 53: tiles of 8 and a remainder)."""
+    if path == "none":
+        pytest.skip("no AVX-512 VNNI path on this CPU")
+    monkeypatch.setenv(kernels.ISA_VARIABLE, path)
+    rng = np.random.default_rng(bits + block)
+    a, packed, scales, zero_points = problem(rng, 1, 6 * block, 53, bits, block, symmetric)
+    expected, bound = reference(a, packed, scales, zero_points, bits, block, 53)
+    model = one_node(6 * block, 53, bits, block, packed, scales, zero_points, kernels.DOMAIN)
+    outputs = {}
+    for stream in ("1", "0"):
+        monkeypatch.setenv("NEOEDGE_KERNELS_STREAM_ROWS", stream)  # read when the session creates the kernel
+        outputs[stream] = session(model, library).run(None, {"A": a})[0]
+        assert within(outputs[stream], expected, bound) <= TOLERANCE, stream
+    scale = np.abs(outputs["0"]).max()
+    np.testing.assert_allclose(outputs["1"], outputs["0"], rtol=0, atol=1e-6 * scale)
+    assert not np.array_equal(outputs["1"], outputs["0"])
+
+
 @pytest.mark.parametrize("m, bits, block, symmetric", [(4, 4, 128, True), (8, 4, 256, False), (16, 8, 128, False),
                                                        (11, 8, 64, True), (13, 4, 128, False)])
 def test_batched_decode_on_amx_tiles_equals_the_vector_path_bit_for_bit(m, bits, block, symmetric, library,

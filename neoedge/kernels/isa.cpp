@@ -72,11 +72,14 @@ bool request_amx_permission() {
 
 struct Features {
   bool avx2 = false, avxvnni = false, avx512vnni = false, amx = false, amx_bf16 = false;
+  bool amd = false;
 };
 
 Features detect() {
   Features f;
   const Regs leaf0 = cpuid(0, 0);
+  // "AuthenticAMD" in ebx, edx, ecx.
+  f.amd = leaf0.ebx == 0x68747541u && leaf0.edx == 0x69746e65u && leaf0.ecx == 0x444d4163u;
   if (leaf0.eax < 7) return f;
   const Regs leaf1 = cpuid(1, 0);
   const bool osxsave = bit(leaf1.ecx, 27);
@@ -127,6 +130,14 @@ const Features& features() {
 bool amx_bf16_supported() {
 #if NEO_X86
   return features().amx_bf16;
+#else
+  return false;
+#endif
+}
+
+bool prefers_row_streaming() {
+#if NEO_X86
+  return features().amd;
 #else
   return false;
 #endif

@@ -29,6 +29,7 @@ constexpr const char* kDomain = "neoedge.kernels";
 constexpr const char* kOpName = "MatMulNBits";
 constexpr const char* kIsaVariable = "NEOEDGE_KERNELS_ISA";
 constexpr const char* kBatchedVariable = "NEOEDGE_KERNELS_BATCHED";
+constexpr const char* kStreamRowsVariable = "NEOEDGE_KERNELS_STREAM_ROWS";
 
 Functions g_ort;  // filled by RegisterCustomOps before any kernel exists
 
@@ -60,6 +61,7 @@ struct Kernel {
   int64_t k, n, bits, block;
   Isa isa;
   bool batched;  // read once, when the session creates the kernel
+  bool stream_rows;  // likewise
   // B, scales and zero points are initializers: once their sizes are checked, the same data
   // pointers need no second look (a decode step runs ~50 of these ops; each C API call counts).
   std::atomic<const void*> checked[3] = {nullptr, nullptr, nullptr};
@@ -98,7 +100,9 @@ Status* NEO_ORT_CALL create_kernel(const CustomOp*, const Api*, const KernelInfo
   std::string why;
   if (!selected_isa(&isa, &why)) return error(kInvalidArgument, why);
   const char* batched = std::getenv(kBatchedVariable);
-  *out = new Kernel{k, n, bits, block, isa, !(batched && std::strcmp(batched, "0") == 0)};
+  const char* stream = std::getenv(kStreamRowsVariable);
+  const bool stream_rows = stream && *stream ? std::strcmp(stream, "0") != 0 : neoedge::prefers_row_streaming();
+  *out = new Kernel{k, n, bits, block, isa, !(batched && std::strcmp(batched, "0") == 0), stream_rows};
   return nullptr;
 }
 
@@ -171,7 +175,8 @@ Status* compute(Kernel& kernel, KernelContext* context) {
   neoedge::Problem p{static_cast<const float*>(data[0]), m, kernel.k, kernel.n,
                      static_cast<const uint8_t*>(data[1]), static_cast<const float*>(data[2]),
                      static_cast<const uint8_t*>(data[3]), static_cast<int>(kernel.bits),
-                     static_cast<int>(kernel.block), static_cast<float*>(data[4]), kernel.batched};
+                     static_cast<int>(kernel.block), static_cast<float*>(data[4]), kernel.batched,
+                     kernel.stream_rows};
   neoedge::Parallel parallel{pool_run, context};
   if (!neoedge::run(p, parallel, kernel.isa)) return error(kRuntimeException, "the thread pool failed");
   return nullptr;

@@ -28,6 +28,9 @@ bool isa_supported(Isa isa);
 Isa best_isa();
 // The AMX path's bfloat16 tile products (AMX-BF16), which prompt attention uses.
 bool amx_bf16_supported();
+// Whether the one-row GEMV should read one weight row at a time (one sequential stream per thread)
+// rather than 8 rows side by side: measured faster on AMD Zen 5, slower on Intel (see avx512.cpp).
+bool prefers_row_streaming();
 
 struct Problem {
   const float* a;  // [M, K]
@@ -39,6 +42,7 @@ struct Problem {
   int block;             // power of two, 16..256, divides K
   float* y;              // [M, N]
   bool batched = true;   // the batched GEMV where it applies (NEOEDGE_KERNELS_BATCHED=0: off, to compare)
+  bool stream_rows = false;  // one-row GEMV, one weight row at a time (NEOEDGE_KERNELS_STREAM_ROWS=0/1 forces)
 
   int64_t blocks() const { return k / block; }
   int64_t row_bytes() const { return k * bits / 8; }
