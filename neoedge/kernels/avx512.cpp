@@ -357,11 +357,14 @@ NEO_AVX512 NEO_INLINE __m512i weight_chunk(const Problem& p, int64_t n, int64_t 
   const int64_t left = p.k - k0;
   __m512i v;
   if (p.bits == 8) {
-    v = _mm512_maskz_loadu_epi8(left >= 64 ? ~0ull : (1ull << left) - 1, row + k0);
+    // Plain loads where the row has a whole vector left: with masked byte loads, staging the 125M's
+    // weights for a 128-token prompt took 16.5% of the prefill's samples on Zen 5, with plain ones 10.7%.
+    v = left >= 64 ? _mm512_loadu_si512(row + k0) : _mm512_maskz_loadu_epi8((1ull << left) - 1, row + k0);
   } else {
     const int64_t bytes = std::min<int64_t>(32, left / 2);
-    const __m512i x = _mm512_cvtepu8_epi16(
-        _mm256_maskz_loadu_epi8(bytes >= 32 ? 0xFFFFFFFFu : (1u << bytes) - 1, row + k0 / 2));
+    const __m256i packed = bytes >= 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k0 / 2))
+                                       : _mm256_maskz_loadu_epi8((1u << bytes) - 1, row + k0 / 2);
+    const __m512i x = _mm512_cvtepu8_epi16(packed);
     // Each byte -> a word (low nibble, high nibble): (x | x << 4) & 0x0F0F, bytes in k order.
     v = _mm512_ternarylogic_epi32(x, _mm512_slli_epi16(x, 4), _mm512_set1_epi16(0x0F0F), 0xA8);
   }
