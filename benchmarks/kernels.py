@@ -80,6 +80,9 @@ def op_session(model: bytes, threads: int, path: str | None) -> ort.InferenceSes
     if path:
         os.environ[kernels.ISA_VARIABLE] = path
     options = session_options(threads, str(kernels.library_path()) if path else None)
+    # Several op sessions alive and called in turn: with spinning pools, the idle sessions' threads
+    # spun on both cores while the next one ran, and calls of 1-3 ms read 8-12 ms (a scheduler slice).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     finally:
