@@ -7,11 +7,12 @@
 // with them directly: no shuffles of the weights. The zero-point term zp * a_scale * sum q of a
 // block is folded into its epilogue (implicit zero points) or applied once per row for all blocks.
 //
-// GEMM: per task, 32 weight rows are staged in VNNI order (for each 4 k, the 4 bytes of every row
-// side by side; 4-bit values unpacked) in a buffer that stays in L1/L2 for all activation rows,
-// which are quantized once per call in k order. vpdpbusd takes a vector of staged weights as the
-// unsigned operand and broadcasts 4 bytes of an activation row; block scales are applied per k-block
-// in fp32 into a contiguous tile of accumulators, copied to Y once.
+// GEMM: per task, 64 weight rows (two 32-row tiles, the AMX path's layout) are staged in VNNI order
+// (for each 4 k, the 4 bytes of every row side by side; 4-bit values unpacked) in a buffer that stays
+// in L1/L2 for all activation rows, which are quantized once per call in k order. vpdpbusd takes a
+// vector of staged weights as the unsigned operand and broadcasts 4 bytes of an activation row, 6
+// rows x 4 vectors at a time; block scales are applied per k-block in fp32 into contiguous tiles of
+// accumulators, copied to Y once.
 #include "avx512_blocks.h"
 
 #if NEO_X86
@@ -435,17 +436,6 @@ NEO_AVX512 void store_outputs(const Problem& p, int64_t n0, int64_t m0, int64_t 
 }
 
 namespace {
-
-// MR <= 6 activation rows x 64 weight rows (two staged 32-row tiles) over one k-block: the staged
-// weights [k/4][32][4] are the unsigned operand, each row's 4 activation bytes are broadcast; then
-// Y += block scales x sums. 6 x 4 vectors rather than 12 x 2: one broadcast per 4 vpdpbusd instead
-// of per 2 (on Zen 5, 12 x 2 ran at 1.4-1.8 vpdpbusd a cycle and 6 x 4 at 2.0, its peak, L1-resident).
-// The accumulators are named variables, not an array: GCC 12 keeps a __m512i[12][2] in memory and
-// stores every element each iteration, which held the old loop to 0.5-0.9 vpdpbusd a cycle.
-// out += sums x a_scale x w_scale
-NEO_AVX512 NEO_INLINE void add(float* out, __m512i sums, __m512 as, __m512 ws) {
-  _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sums), as), ws, _mm512_loadu_ps(out)));
-}
 
 // MR <= 6 activation rows x 64 weight rows (two staged 32-row tiles) over one k-block: the staged
 // weights [k/4][32][4] are the unsigned operand, each row's 4 activation bytes are broadcast; the
