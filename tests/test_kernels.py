@@ -248,6 +248,21 @@ def test_single_thread_and_pool_agree(library):
     np.testing.assert_array_equal(one, two)  # each output is computed by one task, in one order
 
 
+def outputs_by_switch(path, m, k, n, bits, block, symmetric, seed, variable, library, monkeypatch):
+    """One node's outputs with `variable` set to "1" and to "0" (read when the session creates the
+    kernel), each checked against the reference."""
+    monkeypatch.setenv(kernels.ISA_VARIABLE, path)
+    a, packed, scales, zero_points = problem(np.random.default_rng(seed), m, k, n, bits, block, symmetric)
+    expected, bound = reference(a, packed, scales, zero_points, bits, block, n)
+    model = one_node(k, n, bits, block, packed, scales, zero_points, kernels.DOMAIN)
+    outputs = {}
+    for value in ("1", "0"):
+        monkeypatch.setenv(variable, value)
+        outputs[value] = session(model, library).run(None, {"A": a})[0]
+        assert within(outputs[value], expected, bound) <= TOLERANCE, (variable, value)
+    return outputs
+
+
 @pytest.mark.parametrize("path", [p for p in PATHS if p in ("avx512vnni", "amx")] or ["none"])
 @pytest.mark.parametrize("m, bits, block, symmetric", [(4, 4, 128, True), (8, 4, 256, False), (16, 8, 128, False),
                                                        (11, 8, 64, True)])
@@ -257,16 +272,8 @@ def test_batched_decode_rows_switch_paths_and_both_match_the_reference(path, m, 
     the one-row GEMV in passes: both equal the reference, and they are different code (not equal bits)."""
     if path == "none":
         pytest.skip("no AVX-512 VNNI path on this CPU")
-    monkeypatch.setenv(kernels.ISA_VARIABLE, path)
-    rng = np.random.default_rng(m)
-    a, packed, scales, zero_points = problem(rng, m, 4 * block, 50, bits, block, symmetric)
-    expected, bound = reference(a, packed, scales, zero_points, bits, block, 50)
-    model = one_node(4 * block, 50, bits, block, packed, scales, zero_points, kernels.DOMAIN)
-    outputs = {}
-    for batched in ("1", "0"):
-        monkeypatch.setenv("NEOEDGE_KERNELS_BATCHED", batched)  # read when the session creates the kernel
-        outputs[batched] = session(model, library).run(None, {"A": a})[0]
-        assert within(outputs[batched], expected, bound) <= TOLERANCE, batched
+    outputs = outputs_by_switch(path, m, 4 * block, 50, bits, block, symmetric, m, "NEOEDGE_KERNELS_BATCHED",
+                                library, monkeypatch)
     assert not np.array_equal(outputs["1"], outputs["0"])
 
 
@@ -280,16 +287,8 @@ def test_one_row_gemv_streaming_rows_or_eight_side_by_side_both_match_the_refere
     code, not equal bits (N = 53: tiles of 8 and a remainder)."""
     if path == "none":
         pytest.skip("no AVX-512 VNNI path on this CPU")
-    monkeypatch.setenv(kernels.ISA_VARIABLE, path)
-    rng = np.random.default_rng(bits + block)
-    a, packed, scales, zero_points = problem(rng, 1, 6 * block, 53, bits, block, symmetric)
-    expected, bound = reference(a, packed, scales, zero_points, bits, block, 53)
-    model = one_node(6 * block, 53, bits, block, packed, scales, zero_points, kernels.DOMAIN)
-    outputs = {}
-    for stream in ("1", "0"):
-        monkeypatch.setenv("NEOEDGE_KERNELS_STREAM_ROWS", stream)  # read when the session creates the kernel
-        outputs[stream] = session(model, library).run(None, {"A": a})[0]
-        assert within(outputs[stream], expected, bound) <= TOLERANCE, stream
+    outputs = outputs_by_switch(path, 1, 6 * block, 53, bits, block, symmetric, bits + block,
+                                "NEOEDGE_KERNELS_STREAM_ROWS", library, monkeypatch)
     scale = np.abs(outputs["0"]).max()
     np.testing.assert_allclose(outputs["1"], outputs["0"], rtol=0, atol=1e-6 * scale)
     assert not np.array_equal(outputs["1"], outputs["0"])
