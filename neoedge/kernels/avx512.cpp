@@ -457,13 +457,11 @@ NEO_AVX512 void vnni_sums(const uint8_t* w_lo, const uint8_t* w_hi, const int8_t
     const __m512i w2 = _mm512_loadu_si512(w_hi + kq * 128), w3 = _mm512_loadu_si512(w_hi + kq * 128 + 64);
 #define NEO_ROW(r)                                                          \
   if constexpr (MR > r) {                                                   \
-    int32_t word;                                                           \
-    std::memcpy(&word, x + r * x_stride + kq * 4, 4);                       \
-    const __m512i a = _mm512_set1_epi32(word);                              \
-    c##r##0 = _mm512_dpbusd_epi32(c##r##0, w0, a);                          \
-    c##r##1 = _mm512_dpbusd_epi32(c##r##1, w1, a);                          \
-    c##r##2 = _mm512_dpbusd_epi32(c##r##2, w2, a);                          \
-    c##r##3 = _mm512_dpbusd_epi32(c##r##3, w3, a);                          \
+    const __m512i a = broadcast4(x + r * x_stride + kq * 4);                \
+    dpbusd(c##r##0, w0, a);                                                 \
+    dpbusd(c##r##1, w1, a);                                                 \
+    dpbusd(c##r##2, w2, a);                                                 \
+    dpbusd(c##r##3, w3, a);                                                 \
   }
     NEO_ROW(0) NEO_ROW(1) NEO_ROW(2) NEO_ROW(3) NEO_ROW(4) NEO_ROW(5)
 #undef NEO_ROW
