@@ -37,11 +37,13 @@ class KernelGraphReport:
     kept: dict[str, int] = field(default_factory=dict)  # reason -> node count
     attention: int = 0  # GroupQueryAttention nodes
     elementwise: int = 0  # SkipLayerNormalization and FastGelu nodes
+    gathers: int = 0  # GatherBlockQuantized nodes over a kernel MatMulNBits' table
 
     def describe(self) -> str:
         kept = ", ".join(f"{count} {reason}" for reason, count in self.kept.items())
-        return f"{self.path.name}: {self.converted} MatMulNBits, {self.attention} attention and " \
-               f"{self.elementwise} SkipLayerNormalization/FastGelu node(s) on neoedge kernels" + \
+        return f"{self.path.name}: {self.converted} MatMulNBits, {self.attention} attention, " \
+               f"{self.elementwise} SkipLayerNormalization/FastGelu and {self.gathers} GatherBlockQuantized " \
+               f"node(s) on neoedge kernels" + \
                (f"; kept stock: {kept}" if kept else "")
 
 
@@ -116,6 +118,43 @@ def _elementwise_why_not(node: onnx.NodeProto, element_types: dict[str, int]) ->
     return None
 
 
+def _convert_table_gathers(graph: onnx.GraphProto, element_types: dict[str, int]) -> int:
+    """GatherBlockQuantized nodes reading a kernel MatMulNBits' B (the tied embedding) become
+    neoedge.kernels' op of that name, which reads B in either layout (tiled or not). Returns how many."""
+    kernel_tables = {n.input[1] for n in graph.node if n.domain == KERNEL_DOMAIN and n.op_type == "MatMulNBits"}
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    count = 0
+    for node in graph.node:
+        if node.domain != STOCK_DOMAIN or node.op_type != "GatherBlockQuantized" or node.input[0] not in kernel_tables:
+            continue
+        attrs = _attributes(node)
+        bits = attrs.get("bits", 4)
+        if attrs.get("gather_axis", 0) != 0 or attrs.get("quantize_axis", 1) != 2 or bits not in (4, 8) \
+                or len(shapes.get(node.input[0], [])) != 3 or element_types.get(node.input[1]) != TensorProto.INT64 \
+                or (bits == 4 and len(node.input) > 3 and node.input[3]) or len(node.input) > 4:
+            continue
+        node.domain = KERNEL_DOMAIN
+        count += 1
+    return count
+
+
+def _allow_rearranged_weights(graph: onnx.GraphProto) -> None:
+    """Marks each kernel MatMulNBits whose B and scales only neoedge kernels read (rearrange_weights
+    = 1): its kernel may then rearrange them in place for the AVX-512 VNNI path (the kernels' tiled
+    layout), which a stock op reading the same initializer would misread."""
+    readers: dict[str, set[tuple[str, str]]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add((node.domain, node.op_type))
+    outputs = {o.name for o in graph.output}
+    allowed = {(KERNEL_DOMAIN, "MatMulNBits"), (KERNEL_DOMAIN, "GatherBlockQuantized")}
+    for node in graph.node:
+        if node.domain != KERNEL_DOMAIN or node.op_type != "MatMulNBits" or (len(node.input) > 3 and node.input[3]):
+            continue
+        if all(readers[name] <= allowed and name not in outputs for name in node.input[1:3]):
+            node.attribute.append(helper.make_attribute("rearrange_weights", 1))
+
+
 def sort_opsets(model: onnx.ModelProto) -> None:
     """Only the opsets the graph's nodes use, in domain order. onnxruntime writes an optimized model
     with an import for every domain registered in the process (a custom-op library loaded by an
@@ -176,6 +215,8 @@ def write_kernel_graph(stock_graph_path: str | Path, out_path: str | Path) -> Ke
         node.domain = KERNEL_DOMAIN
         del node.input[4:]  # absent g_idx/bias: the kernel op declares four inputs
         converted += 1
+    gathers = _convert_table_gathers(graph, element_types)
+    _allow_rearranged_weights(graph)
     others = [o for o in model.opset_import if o.domain != KERNEL_DOMAIN]
     del model.opset_import[:]
     model.opset_import.extend(others)
@@ -183,4 +224,4 @@ def write_kernel_graph(stock_graph_path: str | Path, out_path: str | Path) -> Ke
         model.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, KERNEL_OPSET))
     sort_opsets(model)
     onnx.save(model, str(out))
-    return KernelGraphReport(out, converted, dict(kept), attention, elementwise)
+    return KernelGraphReport(out, converted, dict(kept), attention, elementwise, gathers)

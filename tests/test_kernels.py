@@ -100,6 +100,10 @@ def within(y, expected, bound) -> float:
 
 
 def one_node(k, n, bits, block, packed, scales, zero_points, domain, *, flat_scales=True, rank=2, **attributes):
+    """One MatMulNBits node. The kernel op's is marked as a kernel graph marks it when no stock op
+    reads its weights (rearrange_weights: the AVX-512 VNNI path may then tile them in place)."""
+    if domain == kernels.DOMAIN:
+        attributes.setdefault("rearrange_weights", 1)
     inputs = ["A", "B", "scales"] + (["zero_points"] if zero_points is not None else [])
     node = helper.make_node("MatMulNBits", inputs, ["Y"], domain=domain, K=k, N=n, bits=bits, block_size=block,
                             **({"accuracy_level": 4} | attributes))
@@ -272,6 +276,7 @@ def test_batched_decode_rows_switch_paths_and_both_match_the_reference(path, m, 
     the one-row GEMV in passes: both equal the reference, and they are different code (not equal bits)."""
     if path == "none":
         pytest.skip("no AVX-512 VNNI path on this CPU")
+    monkeypatch.setenv("NEOEDGE_KERNELS_TILED", "0")  # tiled weights have one decode path for every M
     outputs = outputs_by_switch(path, m, 4 * block, 50, bits, block, symmetric, m, "NEOEDGE_KERNELS_BATCHED",
                                 library, monkeypatch)
     assert not np.array_equal(outputs["1"], outputs["0"])
@@ -287,11 +292,95 @@ def test_one_row_gemv_streaming_rows_or_eight_side_by_side_both_match_the_refere
     code, not equal bits (N = 53: tiles of 8 and a remainder)."""
     if path == "none":
         pytest.skip("no AVX-512 VNNI path on this CPU")
+    monkeypatch.setenv("NEOEDGE_KERNELS_TILED", "0")
     outputs = outputs_by_switch(path, 1, 6 * block, 53, bits, block, symmetric, bits + block,
                                 "NEOEDGE_KERNELS_STREAM_ROWS", library, monkeypatch)
     scale = np.abs(outputs["0"]).max()
     np.testing.assert_allclose(outputs["1"], outputs["0"], rtol=0, atol=1e-6 * scale)
     assert not np.array_equal(outputs["1"], outputs["0"])
+
+
+VNNI = "avx512vnni" in PATHS
+
+
+@pytest.mark.skipif(not VNNI, reason="no AVX-512 VNNI path on this CPU")
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 13, 16, 40])
+@pytest.mark.parametrize("k, n, bits, block", [(256, 53, 4, 32), (768, 40, 4, 128), (48, 17, 4, 16),
+                                               (512, 33, 8, 64), (64, 1, 8, 16)])
+def test_tiled_weights_match_the_reference_and_the_untiled_paths(m, k, n, bits, block, library, monkeypatch):
+    """AVX-512 VNNI sessions rearrange symmetric B and scales into 16-row tiles in place when the
+    session is created (NEOEDGE_KERNELS_TILED=0: kept as they are). Decode rows (M <= 16) and the
+    prompt GEMM (M = 40) read the tiles; both layouts equal the reference, on tails of the last tile
+    (N = 53, 17, 33, 1) and of the 64-k vectors (K = 48, 64)."""
+    outputs = outputs_by_switch("avx512vnni", m, k, n, bits, block, True, m + k + n, "NEOEDGE_KERNELS_TILED",
+                                library, monkeypatch)
+    if m > 16:  # the same staged GEMM, from either layout: the same bits
+        np.testing.assert_array_equal(outputs["1"], outputs["0"])
+    elif outputs["1"].size >= 32:  # other code than the untiled GEMVs (so the tiles were read): other rounding
+        assert not np.array_equal(outputs["1"], outputs["0"])
+
+
+@pytest.mark.skipif(not VNNI, reason="no AVX-512 VNNI path on this CPU")
+def test_weights_are_tiled_only_where_the_graph_allows_it(library, monkeypatch):
+    """Without rearrange_weights (a stock op may read the same initializer) the weights keep
+    MatMulNBits' layout: the output is the untiled path's, bit for bit."""
+    monkeypatch.setenv(kernels.ISA_VARIABLE, "avx512vnni")
+    a, packed, scales, _ = problem(np.random.default_rng(3), 1, 256, 40, 4, 64, True)
+    outputs = {}
+    for allowed, tiled in ((0, "1"), (1, "0"), (1, "1")):
+        monkeypatch.setenv("NEOEDGE_KERNELS_TILED", tiled)
+        model = one_node(256, 40, 4, 64, packed, scales, None, kernels.DOMAIN, rearrange_weights=allowed)
+        outputs[allowed, tiled] = session(model, library).run(None, {"A": a})[0]
+    np.testing.assert_array_equal(outputs[0, "1"], outputs[1, "0"])
+    assert not np.array_equal(outputs[0, "1"], outputs[1, "1"])
+
+
+@pytest.mark.skipif(not VNNI, reason="no AVX-512 VNNI path on this CPU")
+@pytest.mark.parametrize("bits, block", [(4, 32), (4, 128), (8, 64)])
+def test_tiled_decode_rows_equal_one_row_at_a_time_bit_for_bit(bits, block, library, monkeypatch):
+    """Every activation row of a tiled decode call runs the same instructions whatever M is: a
+    batch's rows are the bits of each row alone (what batched greedy decoding relies on)."""
+    monkeypatch.setenv(kernels.ISA_VARIABLE, "avx512vnni")
+    rng = np.random.default_rng(bits + block)
+    a, packed, scales, zero_points = problem(rng, 16, 4 * block, 70, bits, block, True)
+    s = session(one_node(4 * block, 70, bits, block, packed, scales, zero_points, kernels.DOMAIN), library)
+    together = s.run(None, {"A": a})[0]
+    for rows in (slice(0, 1), slice(3, 4), slice(0, 5), slice(8, 16)):
+        np.testing.assert_array_equal(s.run(None, {"A": a[rows]})[0], together[rows])
+
+
+def two_node_model(k, n, bits, block, packed, scales, *, b_as_input=False):
+    """Y = A W^T twice: two MatMulNBits nodes reading the same B and scales (or B as a graph input)."""
+    nodes = [helper.make_node("MatMulNBits", ["A", "B", "scales"], [out], domain=kernels.DOMAIN, K=k, N=n, bits=bits,
+                              block_size=block, accuracy_level=4, rearrange_weights=1) for out in ("Y1", "Y2")]
+    initializers = [numpy_helper.from_array(scales.reshape(-1), "scales")]
+    inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])]
+    if b_as_input:
+        inputs.append(helper.make_tensor_value_info("B", TensorProto.UINT8, list(packed.shape)))
+    else:
+        initializers.append(numpy_helper.from_array(packed, "B"))
+    outputs = [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["M", n]) for y in ("Y1", "Y2")]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)],
+                             ir_version=8)
+
+
+@pytest.mark.skipif(not VNNI, reason="no AVX-512 VNNI path on this CPU")
+@pytest.mark.parametrize("b_as_input", [False, True])
+def test_weights_two_nodes_share_or_a_graph_input_b_are_read_right(b_as_input, library, monkeypatch):
+    """Shared initializers are rearranged once (twice would scramble them); a B fed at run time is
+    not an initializer, so it is neither rearranged nor written to (the caller's array is unchanged)."""
+    monkeypatch.setenv(kernels.ISA_VARIABLE, "avx512vnni")
+    rng = np.random.default_rng(11)
+    a, packed, scales, _ = problem(rng, 3, 256, 37, 4, 64, True)
+    expected, bound = reference(a, packed, scales, None, 4, 64, 37)
+    s = session(two_node_model(256, 37, 4, 64, packed, scales, b_as_input=b_as_input), library)
+    original = packed.copy()
+    feeds = {"A": a} | ({"B": packed} if b_as_input else {})
+    for _ in range(2):  # and again: nothing is rearranged a second time
+        for y in s.run(None, feeds):
+            assert within(y, expected, bound) <= TOLERANCE
+    np.testing.assert_array_equal(packed, original)
 
 
 @pytest.mark.parametrize("m, bits, block, symmetric", [(4, 4, 128, True), (8, 4, 256, False), (16, 8, 128, False),
@@ -518,11 +607,47 @@ def test_the_kernel_graph_reads_the_same_weights_and_converts_every_matmulnbits(
         assert report.converted == len(stock_nodes) > 0 and not report.kept
         assert all(n.domain == kernels.DOMAIN for n in fast.graph.node if n.op_type == "MatMulNBits")
         assert [n.input for n in fast.graph.node] == [n.input for n in stock.graph.node]
+        # The tied embedding reads the lm_head's table through the kernels' gather; so only kernels
+        # read any MatMulNBits' weights, and symmetric ones (int4 here) may be tiled in place.
+        gathers = [n for n in fast.graph.node if n.op_type == "GatherBlockQuantized"]
+        assert report.gathers == len(gathers) == 1 and gathers[0].domain == kernels.DOMAIN
+        marked = [any(a.name == "rearrange_weights" and a.i == 1 for a in n.attribute)
+                  for n in fast.graph.node if n.op_type == "MatMulNBits"]
+        assert all(marked) if scheme == "int4" else not any(marked), scheme
         locations = {e.value for t in fast.graph.initializer for e in t.external_data if e.key == "location"}
         assert locations == {"model.onnx.data"}
         assert (path / "model.kernels.onnx").stat().st_size < 2 * (path / "model.onnx").stat().st_size
     with pytest.raises(ValueError, match="beside"):
         write_kernel_graph(path / "model.onnx", path.parent / "elsewhere.onnx")
+
+
+def test_weights_a_stock_op_also_reads_are_not_marked_for_rearranging(quantized_plain, tmp_path):
+    """If the embedding's gather stays stock (here: int32 ids, which the kernels' gather does not
+    take), the lm_head's table keeps MatMulNBits' layout: no rearrange_weights on that node only."""
+    import onnx
+    from onnx import helper as onnx_helper
+
+    from neoedge.export.kernel_graph import write_kernel_graph
+
+    source = quantized_plain["int4"]
+    stock = onnx.load(str(source / "model.onnx"), load_external_data=False)
+    gather = next(n for n in stock.graph.node if n.op_type == "GatherBlockQuantized")
+    cast = onnx_helper.make_node("Cast", [gather.input[1]], ["ids_int32"], to=TensorProto.INT32)
+    gather.input[1] = "ids_int32"
+    stock.graph.node.insert(0, cast)
+    stock.graph.value_info.append(onnx_helper.make_tensor_value_info("ids_int32", TensorProto.INT32, None))
+    for f in source.iterdir():
+        if f.name == "model.onnx.data":
+            (tmp_path / f.name).symlink_to(f)
+    onnx.save(stock, str(tmp_path / "model.onnx"))
+    report = write_kernel_graph(tmp_path / "model.onnx", tmp_path / "model.kernels.onnx")
+    fast = onnx.load(str(tmp_path / "model.kernels.onnx"), load_external_data=False)
+    assert report.gathers == 0
+    table = gather.input[0]
+    for node in fast.graph.node:
+        if node.op_type == "MatMulNBits":
+            marked = any(a.name == "rearrange_weights" for a in node.attribute)
+            assert marked == (node.input[1] != table), node.name
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -648,8 +773,11 @@ def test_the_attention_kernel_alone_gives_the_stock_graphs_greedy_tokens(checkpo
     export_package(str(checkpoints["window8"]), copy, quantize="int4", progress=False)
     graph = onnx.load(str(copy / "model.kernels.onnx"), load_external_data=False)
     for node in graph.graph.node:
-        if node.op_type in ("MatMulNBits", "SkipLayerNormalization", "FastGelu"):
+        if node.op_type in ("MatMulNBits", "SkipLayerNormalization", "FastGelu", "GatherBlockQuantized"):
             node.domain = "com.microsoft"
+            kept = [a for a in node.attribute if a.name != "rearrange_weights"]  # neoedge's own
+            del node.attribute[:]
+            node.attribute.extend(kept)
     onnx.save(graph, str(copy / "model.kernels.onnx"))
     relist(copy, "model.kernels.onnx")
     stock = Model(copy, settings=SessionSettings(kernels="off"))
@@ -727,3 +855,62 @@ def test_the_kernel_switch_reads_every_usual_spelling(monkeypatch, value, off):
     if off:
         assert kernels.DISABLE_VARIABLE in info.reason
         assert ("unrecognised" in info.reason) is (value == "maybe")
+
+
+# ---------------------------------------------------------------------------------------------
+# GatherBlockQuantized: the tied embedding's rows, read from the lm_head's table in either layout
+
+
+def table_model(domain, vocab, k, bits, block, packed, scales, zero_points, *, with_matmul):
+    """ids -> GatherBlockQuantized rows of the table [vocab, blocks, bytes]; with_matmul adds the
+    lm_head reading the same B (marked rearrange_weights, so the kernel tiles it where it can)."""
+    blocks = k // block
+    table = packed.reshape(vocab, blocks, -1)
+    inputs = ["B", "ids", "row_scales"] + (["row_zeros"] if zero_points is not None else [])
+    nodes = [helper.make_node("GatherBlockQuantized", inputs, ["rows"], domain=domain, gather_axis=0, quantize_axis=2,
+                              block_size=block, bits=bits)]
+    initializers = [numpy_helper.from_array(table, "B"),
+                    numpy_helper.from_array(scales.reshape(vocab, blocks, 1), "row_scales")]
+    if zero_points is not None:
+        initializers.append(numpy_helper.from_array(zero_points.reshape(vocab, blocks, 1), "row_zeros"))
+    graph_inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["S"])]
+    outputs = [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["S", blocks, block])]
+    if with_matmul:
+        matmul_inputs = ["A", "B", "scales"] + (["zero_points"] if zero_points is not None else [])
+        nodes.append(helper.make_node("MatMulNBits", matmul_inputs, ["Y"], domain=kernels.DOMAIN, K=k, N=vocab,
+                                      bits=bits, block_size=block, accuracy_level=4, rearrange_weights=1))
+        initializers.append(numpy_helper.from_array(scales.reshape(-1), "scales"))
+        if zero_points is not None:
+            initializers.append(numpy_helper.from_array(zero_points.reshape(-1), "zero_points"))
+        graph_inputs.append(helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k]))
+        outputs.append(helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", vocab]))
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid(kernels.DOMAIN, 1)]
+    return helper.make_model(helper.make_graph(nodes, "g", graph_inputs, outputs, initializers), opset_imports=opsets,
+                             ir_version=8)
+
+
+@pytest.mark.parametrize("bits, block, symmetric", [(4, 32, True), (4, 128, True), (8, 64, True), (8, 32, False)])
+def test_the_table_gather_equals_stock_in_either_layout(bits, block, symmetric, library, monkeypatch):
+    """Rows of a table the lm_head's kernel tiled (VNNI path) or left as it is: the same bits as
+    com.microsoft's GatherBlockQuantized (exact: one multiply per value), with the lm_head right too."""
+    vocab, k = 53, 4 * block
+    rng = np.random.default_rng(bits * block)
+    a, packed, scales, zero_points = problem(rng, 2, k, vocab, bits, block, symmetric)
+    ids = np.array([0, 52, 17, 16, 15, 48, 3], dtype=np.int64)  # both sides of a 16-row tile, the last tile
+    stock = session(table_model("com.microsoft", vocab, k, bits, block, packed, scales, zero_points,
+                                with_matmul=False)).run(None, {"ids": ids})[0]
+    expected, bound = reference(a, packed, scales, zero_points, bits, block, vocab)
+    for tiled in ("1", "0"):
+        monkeypatch.setenv("NEOEDGE_KERNELS_TILED", tiled)
+        model = table_model(kernels.DOMAIN, vocab, k, bits, block, packed, scales, zero_points, with_matmul=True)
+        rows, y = session(model, library).run(None, {"ids": ids, "A": a})
+        np.testing.assert_array_equal(rows, stock)
+        assert within(y, expected, bound) <= TOLERANCE
+
+
+def test_the_table_gather_refuses_an_id_outside_the_table(library):
+    _, packed, scales, _ = problem(np.random.default_rng(1), 1, 64, 10, 4, 32, True)
+    s = session(table_model(kernels.DOMAIN, 10, 64, 4, 32, packed, scales, None, with_matmul=False), library)
+    for bad in (10, -1):
+        with pytest.raises(Exception, match=f"index {bad} at position 1 is outside the table's 10 rows"):
+            s.run(None, {"ids": np.array([2, bad], dtype=np.int64)})

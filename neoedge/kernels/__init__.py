@@ -44,7 +44,8 @@ PATHS = ("amx", "avx512vnni", "avxvnni", "avx2", "neon", "portable")
 # correct but were only measured against stock's AVX-512 kernels (on AVX-512 CPUs stock wins): a
 # runtime should prefer stock there unless the path is forced.
 FASTER_THAN_STOCK = ("amx", "avx512vnni")
-INTERFACE_VERSION = 2  # 2: the Attention, SkipLayerNormalization and FastGelu ops beside MatMulNBits
+INTERFACE_VERSION = 3  # 2: the Attention, SkipLayerNormalization and FastGelu ops beside MatMulNBits;
+# 3: GatherBlockQuantized, and MatMulNBits' rearrange_weights (tiled weights)
 STOCK = "stock"
 
 

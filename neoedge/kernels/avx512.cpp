@@ -342,6 +342,8 @@ NEO_AVX512 void prepare_rows(const PrepareJob& job, int64_t m0) {
       scaled_sum[b] = qb.scale * static_cast<float>(qb.sum);
     }
     std::memset(row + p.k, 0, static_cast<size_t>(act.k64 - p.k));
+    // Tiled 4-bit weights stage each dword's even k, then its odd k (stage_tiled).
+    if (p.tiled && p.bits == 4) split_even_odd(row, p.k);
   }
 }
 
@@ -385,6 +387,10 @@ NEO_AVX512 NEO_INLINE __m512i weight_chunk(const Problem& p, int64_t n, int64_t 
 }  // namespace
 
 NEO_AVX512 void stage_tile(const Problem& p, int64_t n0, bool centre, uint8_t* out, float* w_scale, float* zp_scale) {
+  if (p.tiled) {
+    stage_tiled(p, n0, out, w_scale, zp_scale);
+    return;
+  }
   const int64_t k64 = round_up(p.k, 64), blocks = p.blocks();
   for (int g = 0; g < kTileRows / 16; ++g) {
     for (int64_t k0 = 0; k0 < k64; k0 += 64) {
@@ -607,6 +613,7 @@ constexpr int64_t kBatchMinRows = 4;
 constexpr int64_t kGemmMinRows = 12;
 
 bool run_avx512(const Problem& p, const Parallel& parallel, bool amx) {
+  if (p.tiled) return p.m <= x86::kMaxBatchRows ? x86::tiled_gemv(p, parallel) : x86::run_gemm(p, parallel);
   if (p.batched && p.m >= kBatchMinRows && p.m <= x86::kMaxBatchRows && x86::batch_gemv_applies(p))
     return x86::batch_gemv(p, parallel, amx);
   if (p.m < kGemmMinRows) return x86::run_gemv(p, parallel);

@@ -37,15 +37,9 @@ constexpr int unit_k() { return BITS == 4 ? 128 : 64; }
 template <int BITS>
 constexpr int unit_vectors() { return BITS == 4 ? 32 : 16; }
 
-struct BatchActivations {
-  const int8_t* q;          // [m, k] in the staged order (see the file comment)
-  const float* scale;       // [m, blocks]
-  const float* scaled_sum;  // [m, blocks]: a_scale * sum of q over the block
-};
-
 struct BatchJob {
   const Problem* p;
-  BatchActivations act;
+  RowActivations act;
   int64_t tiles_per_task;
   bool amx;
 };
@@ -106,7 +100,7 @@ NEO_AVX512 void block_rows(const __m512i* staged, int vectors, const int8_t* q, 
     add_block(acc + m * kLanes, sums[m], a_scale[m * blocks], scaled_sum[m * blocks], w_scale, zpw);
 }
 
-NEO_AVX512 void block_all_rows(const Problem& p, const BatchActivations& act, const __m512i* staged, int vectors,
+NEO_AVX512 void block_all_rows(const Problem& p, const RowActivations& act, const __m512i* staged, int vectors,
                                int64_t b, __m512 w_scale, __m512 zpw, float* acc) {
   const int64_t blocks = p.blocks();
   for (int64_t m0 = 0; m0 < p.m; m0 += kMaxRows) {
@@ -165,7 +159,7 @@ NEO_AVX512 NEO_INLINE BlockScales block_scales(const Problem& p, const float* w_
 }
 
 template <int BITS>
-NEO_AVX512 void batch_tile(const Problem& p, const BatchActivations& act, int64_t n0) {
+NEO_AVX512 void batch_tile(const Problem& p, const RowActivations& act, int64_t n0) {
   constexpr int per_unit = unit_vectors<BITS>();
   const int64_t blocks = p.blocks(), row_bytes = p.row_bytes(), units = p.block / unit_k<BITS>();
   const int valid = static_cast<int>(std::min<int64_t>(kLanes, p.n - n0));
@@ -211,7 +205,7 @@ TileConfig batch_tile_config(int64_t m) {
   } while (0)
 
 template <int BITS>
-NEO_AMX void batch_tile_amx(const Problem& p, const BatchActivations& act, int64_t n0) {
+NEO_AMX void batch_tile_amx(const Problem& p, const RowActivations& act, int64_t n0) {
   constexpr int per_unit = unit_vectors<BITS>();
   const int64_t blocks = p.blocks(), row_bytes = p.row_bytes(), units = p.block / unit_k<BITS>();
   const int steps = static_cast<int>(units * per_unit / 16);  // k-steps of 64 bytes per block
@@ -281,14 +275,12 @@ bool batch_gemv_applies(const Problem& p) {
   return p.m <= kMaxBatchRows && p.block % (p.bits == 4 ? 128 : 64) == 0 && p.block <= 256;
 }
 
-NEO_AVX512 bool batch_gemv(const Problem& p, const Parallel& parallel, bool amx) {
+NEO_AVX512 RowActivations quantize_rows(const Problem& p) {
   thread_local std::vector<int8_t> q;
   thread_local std::vector<float> scales;
   const int64_t blocks = p.blocks();
   int8_t* qd = grow(q, static_cast<size_t>(p.m * p.k));
   float* sd = grow(scales, static_cast<size_t>(2 * p.m * blocks));
-  // Per 16 bytes of k: the even k of each 8, then the odd ones (the order of the staged nibbles).
-  const __m512i order = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15));
   for (int64_t m = 0; m < p.m; ++m) {
     int8_t* row = qd + m * p.k;
     for (int64_t b = 0; b < blocks; ++b) {
@@ -296,12 +288,13 @@ NEO_AVX512 bool batch_gemv(const Problem& p, const Parallel& parallel, bool amx)
       sd[m * blocks + b] = r.scale;
       sd[(p.m + m) * blocks + b] = r.scale * static_cast<float>(r.sum);
     }
-    if (p.bits == 4) {
-      for (int64_t k0 = 0; k0 < p.k; k0 += 64)
-        _mm512_storeu_si512(row + k0, _mm512_shuffle_epi8(_mm512_loadu_si512(row + k0), order));
-    }
+    if (p.bits == 4) split_even_odd(row, p.k);
   }
-  BatchActivations act{qd, sd, sd + p.m * blocks};
+  return {qd, sd, sd + p.m * blocks};
+}
+
+NEO_AVX512 bool batch_gemv(const Problem& p, const Parallel& parallel, bool amx) {
+  const RowActivations act = quantize_rows(p);
   // Tasks of ~32 KB of weights, as the one-row GEMV's.
   const int64_t tiles = (p.n + kLanes - 1) / kLanes;
   const int64_t per_task = std::max<int64_t>(1, 32768 / (kLanes * p.row_bytes()));

@@ -69,6 +69,18 @@ NEO_AVX512 NEO_INLINE QuantizedBlock quantize_block_avx512(const float* a, int l
   return {scale, _mm512_reduce_add_epi32(sum)};
 }
 
+// Reorders int8 activations in place, per 8 k: the 4 even k, then the 4 odd ones (len a multiple of
+// 16; every vector load in bounds, see grow). A dword of 4-bit weights holds 8 k, the even ones in
+// its low nibbles: so ordered, one broadcast of 4 activation bytes meets each nibble half.
+NEO_AVX512 NEO_INLINE void split_even_odd(int8_t* q, int64_t len) {
+  const __m512i order = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15));
+  for (int64_t k0 = 0; k0 < len; k0 += 64) {
+    const int64_t left = len - k0;
+    const __mmask64 mask = left >= 64 ? ~0ull : (1ull << left) - 1;
+    _mm512_mask_storeu_epi8(q + k0, mask, _mm512_shuffle_epi8(_mm512_maskz_loadu_epi8(mask, q + k0), order));
+  }
+}
+
 // Transposes 16 rows of 16 dwords in place: r[j] afterwards holds dword j of every input row.
 NEO_AVX512 NEO_INLINE void transpose16(__m512i (&r)[16]) {
   __m512i t[16];

@@ -1,7 +1,11 @@
 // The custom ops registered with onnxruntime, in the neoedge.kernels domain; the work of both runs on
 // the session's intra-op thread pool.
 // - MatMulNBits: a drop-in for com.microsoft.MatMulNBits (accuracy_level 4): same inputs (A, B,
-//   scales, optional zero_points), attributes and results.
+//   scales, optional zero_points), attributes and results; with rearrange_weights = 1 (the kernel
+//   graph's promise that only neoedge kernels read B and scales) the AVX-512 VNNI path tiles them
+//   in place when the session is created (tiled.h).
+// - GatherBlockQuantized: com.microsoft's over a MatMulNBits table (the tied embedding), reading it
+//   in either layout.
 // - Attention: com.microsoft.GroupQueryAttention over an int8 per-channel cache, as neoedge's graphs
 //   use it, with only the inputs that use needs (attention.h).
 // - SkipLayerNormalization and FastGelu: com.microsoft's, without the mean and inverse-deviation
@@ -10,13 +14,16 @@
 #include <cstring>
 #include <exception>
 #include <atomic>
+#include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "ort_abi.h"
 #include "attention.h"
 #include "elementwise.h"
 #include "qgemm.h"
+#include "tiled.h"
 
 #include "exports.h"
 
@@ -30,6 +37,7 @@ constexpr const char* kOpName = "MatMulNBits";
 constexpr const char* kIsaVariable = "NEOEDGE_KERNELS_ISA";
 constexpr const char* kBatchedVariable = "NEOEDGE_KERNELS_BATCHED";
 constexpr const char* kStreamRowsVariable = "NEOEDGE_KERNELS_STREAM_ROWS";
+constexpr const char* kTiledVariable = "NEOEDGE_KERNELS_TILED";
 
 Functions g_ort;  // filled by RegisterCustomOps before any kernel exists
 
@@ -62,10 +70,30 @@ struct Kernel {
   Isa isa;
   bool batched;  // read once, when the session creates the kernel
   bool stream_rows;  // likewise
+  // B and scales rearranged into the tiled layout at creation (tiled.h): these initializers' data.
+  const void* tiled_b = nullptr;
+  const void* tiled_scales = nullptr;
   // B, scales and zero points are initializers: once their sizes are checked, the same data
   // pointers need no second look (a decode step runs ~50 of these ops; each C API call counts).
   std::atomic<const void*> checked[3] = {nullptr, nullptr, nullptr};
 };
+
+// The initializers rearranged in place, by data pointer, so that a B or scales two nodes share is
+// rearranged once and never read in the other layout; an entry lives as long as a kernel uses it
+// (the session's initializers outlive its kernels, and a later session may reuse the addresses).
+struct TiledWeight {
+  int64_t k, n, bits, block;
+  int users;
+};
+std::mutex g_tiled_mutex;
+std::map<const void*, TiledWeight> g_tiled;
+
+bool tiling_enabled() {
+  const char* v = std::getenv(kTiledVariable);
+  return !(v && std::strcmp(v, "0") == 0);
+}
+
+Status* element_count(const Value* value, int64_t* count);
 
 Status* read_attribute(const KernelInfo* info, const char* name, int64_t* out, bool required) {
   Status* status = g_ort.KernelInfoGetAttribute_int64(info, name, out);
@@ -74,6 +102,71 @@ Status* read_attribute(const KernelInfo* info, const char* name, int64_t* out, b
   if (!required) return nullptr;
   return error(kInvalidArgument, std::string("missing integer attribute '") + name + "'");
 }
+
+// Rearranges B and scales in place if this kernel's path reads the tiled layout and both are
+// constant initializers of the expected sizes (anything else keeps MatMulNBits' layout and the
+// other paths; a wrong size is refused at run as before).
+Status* tile_if_constant(const KernelInfo* info, size_t inputs, Kernel& kernel) {
+  int64_t allowed = 0;
+  read_attribute(info, "rearrange_weights", &allowed, false);
+  if (!allowed || kernel.isa != Isa::avx512vnni || inputs > 3 || !tiling_enabled()) return nullptr;
+  const Value* values[2] = {nullptr, nullptr};
+  for (int i = 0; i < 2; ++i) {
+    int constant = 0;
+    if (Status* s = g_ort.KernelInfoGetConstantInput_tensor(info, static_cast<size_t>(i + 1), &constant, &values[i]))
+      return s;
+    if (!constant || !values[i]) return nullptr;
+  }
+  const int64_t blocks = kernel.k / kernel.block;
+  const int64_t expected[2] = {kernel.n * kernel.k * kernel.bits / 8, kernel.n * blocks};
+  void* data[2] = {nullptr, nullptr};
+  for (int i = 0; i < 2; ++i) {
+    int64_t count = 0;
+    if (Status* s = element_count(values[i], &count)) return s;
+    if (count != expected[i]) return nullptr;
+    if (Status* s = g_ort.GetTensorMutableData(const_cast<Value*>(values[i]), &data[i])) return s;
+  }
+  std::lock_guard<std::mutex> lock(g_tiled_mutex);
+  auto b = g_tiled.find(data[0]), scales = g_tiled.find(data[1]);
+  const TiledWeight shape{kernel.k, kernel.n, kernel.bits, kernel.block, 0};
+  auto same = [&shape](const TiledWeight& w) {
+    return w.k == shape.k && w.n == shape.n && w.bits == shape.bits && w.block == shape.block;
+  };
+  if ((b == g_tiled.end()) != (scales == g_tiled.end()) || (b != g_tiled.end() && !(same(b->second) && same(scales->second))))
+    return error(kNotImplemented, "B and scales shared with a MatMulNBits node of another shape or with other weights");
+  if (b == g_tiled.end()) {
+    std::vector<uint8_t> scratch(static_cast<size_t>(neoedge::tile_scratch_bytes(kernel.n, kernel.k,
+                                                                                static_cast<int>(kernel.bits),
+                                                                                static_cast<int>(kernel.block))));
+    neoedge::tile_weights(static_cast<uint8_t*>(data[0]), static_cast<float*>(data[1]), kernel.n, kernel.k,
+                          static_cast<int>(kernel.bits), static_cast<int>(kernel.block), scratch.data());
+    b = g_tiled.emplace(data[0], shape).first;
+    scales = g_tiled.emplace(data[1], shape).first;
+  }
+  ++b->second.users;
+  ++scales->second.users;
+  kernel.tiled_b = data[0];
+  kernel.tiled_scales = data[1];
+  return nullptr;
+}
+
+// Whether b is registered as tiled with this shape (false), or with another shape (refused).
+bool tiled_state(const void* b, int64_t n, int64_t k, int64_t bits, int64_t block, bool* tiled) {
+  std::lock_guard<std::mutex> lock(g_tiled_mutex);
+  auto it = g_tiled.find(b);
+  *tiled = it != g_tiled.end();
+  return !*tiled || (it->second.n == n && it->second.k == k && it->second.bits == bits && it->second.block == block);
+}
+
+void release_tiled(const Kernel& kernel) {
+  if (!kernel.tiled_b) return;
+  std::lock_guard<std::mutex> lock(g_tiled_mutex);
+  for (const void* key : {kernel.tiled_b, kernel.tiled_scales}) {
+    auto it = g_tiled.find(key);
+    if (it != g_tiled.end() && --it->second.users == 0) g_tiled.erase(it);
+  }
+}
+
 
 Status* NEO_ORT_CALL create_kernel(const CustomOp*, const Api*, const KernelInfo* info, void** out) {
   *out = nullptr;
@@ -102,7 +195,17 @@ Status* NEO_ORT_CALL create_kernel(const CustomOp*, const Api*, const KernelInfo
   const char* batched = std::getenv(kBatchedVariable);
   const char* stream = std::getenv(kStreamRowsVariable);
   const bool stream_rows = stream && *stream ? std::strcmp(stream, "0") != 0 : neoedge::prefers_row_streaming();
-  *out = new Kernel{k, n, bits, block, isa, !(batched && std::strcmp(batched, "0") == 0), stream_rows};
+  Kernel* kernel = new Kernel{k, n, bits, block, isa, !(batched && std::strcmp(batched, "0") == 0), stream_rows};
+  try {
+    if (Status* s = tile_if_constant(info, inputs, *kernel)) {
+      delete kernel;
+      return s;
+    }
+  } catch (const std::exception& e) {
+    delete kernel;
+    return error(kRuntimeException, e.what());
+  }
+  *out = kernel;
   return nullptr;
 }
 
@@ -118,6 +221,12 @@ Status* shape_of(const Value* value, int64_t* dims, size_t* rank, int64_t* count
   *count = 1;
   for (size_t i = 0; i < *rank; ++i) *count *= dims[i];
   return nullptr;
+}
+
+Status* element_count(const Value* value, int64_t* count) {
+  int64_t dims[8];
+  size_t rank = 0;
+  return shape_of(value, dims, &rank, count);
 }
 
 bool pool_run(const void* context, void (*fn)(void*, size_t), size_t total, void* user) {
@@ -164,6 +273,9 @@ Status* compute(Kernel& kernel, KernelContext* context) {
       return error(kInvalidArgument, what[i] + std::to_string(expected[i]) + " values, has " + std::to_string(other_count));
     kernel.checked[i].store(data[i + 1], std::memory_order_relaxed);
   }
+  // ORT hands the kernel the initializers it showed at creation; anything else was not rearranged.
+  if (kernel.tiled_b && (data[1] != kernel.tiled_b || data[2] != kernel.tiled_scales))
+    return error(kRuntimeException, "B or scales is not the initializer rearranged when the session was created");
   int64_t out_dims[8];
   for (size_t i = 0; i + 1 < rank; ++i) out_dims[i] = dims[i];
   out_dims[rank - 1] = kernel.n;
@@ -176,7 +288,7 @@ Status* compute(Kernel& kernel, KernelContext* context) {
                      static_cast<const uint8_t*>(data[1]), static_cast<const float*>(data[2]),
                      static_cast<const uint8_t*>(data[3]), static_cast<int>(kernel.bits),
                      static_cast<int>(kernel.block), static_cast<float*>(data[4]), kernel.batched,
-                     kernel.stream_rows};
+                     kernel.stream_rows, kernel.tiled_b != nullptr};
   neoedge::Parallel parallel{pool_run, context};
   if (!neoedge::run(p, parallel, kernel.isa)) return error(kRuntimeException, "the thread pool failed");
   return nullptr;
@@ -193,7 +305,10 @@ Status* NEO_ORT_CALL guarded(void* kernel, KernelContext* context) {
   }
 }
 
-void NEO_ORT_CALL destroy_kernel(void* kernel) { delete static_cast<Kernel*>(kernel); }
+void NEO_ORT_CALL destroy_kernel(void* kernel) {
+  release_tiled(*static_cast<Kernel*>(kernel));
+  delete static_cast<Kernel*>(kernel);
+}
 
 const char* NEO_ORT_CALL op_name(const CustomOp*) { return kOpName; }
 const char* NEO_ORT_CALL op_provider(const CustomOp*) { return "CPUExecutionProvider"; }
@@ -353,6 +468,107 @@ InputOutputCharacteristic NEO_ORT_CALL required(const CustomOp*, size_t) { retur
 const CustomOp kAttentionOp = make_op(attention_name, attention_input_type, attention_input_count, attention_output_type,
                                       attention_output_count, required, output_characteristic, create_attention,
                                       guarded<AttentionKernel, attention_compute, attention_error>, destroy_attention);
+
+// ---------------------------------------------------------------------------------------------
+// GatherBlockQuantized: com.microsoft's for the rows of a MatMulNBits table (GPT-Neo's embedding,
+// tied to the lm_head): data [V, C, block * bits / 8] uint8, indices int64, scales [V, C, 1] float,
+// optional zero points [V, C, 1] uint8 (8 bits); gather_axis 0, quantize_axis 2; output
+// [*indices, C, block] float. It reads data in the tiled layout where the lm_head's kernel tiled it.
+
+constexpr const char* kGatherName = "GatherBlockQuantized";
+
+struct GatherKernel {
+  int64_t bits, block;
+};
+
+Status* gather_error(ErrorCode code, const std::string& message) {
+  return g_ort.CreateStatus(code, ("neoedge.kernels GatherBlockQuantized: " + message).c_str());
+}
+
+Status* NEO_ORT_CALL create_gather(const CustomOp*, const Api*, const KernelInfo* info, void** out) {
+  *out = nullptr;
+  int64_t bits = 4, block = 128, gather_axis = 0, quantize_axis = 1;
+  read_attribute(info, "bits", &bits, false);
+  read_attribute(info, "block_size", &block, false);
+  read_attribute(info, "gather_axis", &gather_axis, false);
+  read_attribute(info, "quantize_axis", &quantize_axis, false);
+  if (bits != 4 && bits != 8) return gather_error(kInvalidArgument, "bits must be 4 or 8");
+  if (block < 16 || block > 256 || (block & (block - 1)))
+    return gather_error(kInvalidArgument, "block_size must be a power of two in 16..256");
+  if (gather_axis != 0 || quantize_axis != 2)
+    return gather_error(kInvalidArgument, "only gather_axis 0 and quantize_axis 2 are implemented");
+  *out = new GatherKernel{bits, block};
+  return nullptr;
+}
+
+Status* gather_compute(GatherKernel& kernel, KernelContext* context) {
+  size_t input_count = 0;
+  if (Status* s = g_ort.KernelContext_GetInputCount(context, &input_count)) return s;
+  const Value* values[4] = {};
+  for (size_t i = 0; i < 4 && i < input_count; ++i) {
+    if (Status* s = g_ort.KernelContext_GetInput(context, i, &values[i])) return s;
+  }
+  if (!values[0] || !values[1] || !values[2]) return gather_error(kInvalidArgument, "data, indices and scales are required");
+  int64_t d_dims[8], i_dims[8], dims[8], d_count = 0, i_count = 0, count = 0;
+  size_t d_rank = 0, i_rank = 0, rank = 0;
+  if (Status* s = shape_of(values[0], d_dims, &d_rank, &d_count)) return s;
+  if (Status* s = shape_of(values[1], i_dims, &i_rank, &i_count)) return s;
+  if (d_rank != 3 || d_dims[2] * 8 / kernel.bits != kernel.block || i_rank > 6)
+    return gather_error(kInvalidArgument, "data must be [V, C, block * bits / 8] and indices of rank 6 at most");
+  const int64_t vocab = d_dims[0], blocks = d_dims[1], width = blocks * kernel.block;
+  if (Status* s = shape_of(values[2], dims, &rank, &count)) return s;
+  if (count != vocab * blocks) return gather_error(kInvalidArgument, "scales must hold V * C values");
+  if (values[3]) {
+    if (kernel.bits != 8) return gather_error(kNotImplemented, "4-bit zero points are not implemented");
+    if (Status* s = shape_of(values[3], dims, &rank, &count)) return s;
+    if (count != vocab * blocks) return gather_error(kInvalidArgument, "zero_points must hold V * C values");
+  }
+  void* data[4] = {};
+  for (int i = 0; i < 4; ++i) {
+    if (values[i]) {
+      if (Status* s = g_ort.GetTensorMutableData(const_cast<Value*>(values[i]), &data[i])) return s;
+    }
+  }
+  bool tiled = false;
+  if (!tiled_state(data[0], vocab, width, kernel.bits, kernel.block, &tiled))
+    return gather_error(kInvalidArgument, "data was tiled by a MatMulNBits node of another shape");
+  int64_t out_dims[8];
+  for (size_t i = 0; i < i_rank; ++i) out_dims[i] = i_dims[i];
+  out_dims[i_rank] = blocks;
+  out_dims[i_rank + 1] = kernel.block;
+  Value* output = nullptr;
+  if (Status* s = g_ort.KernelContext_GetOutput(context, 0, out_dims, i_rank + 2, &output)) return s;
+  if (i_count == 0) return nullptr;
+  void* out = nullptr;
+  if (Status* s = g_ort.GetTensorMutableData(output, &out)) return s;
+  const int64_t* ids = static_cast<const int64_t*>(data[1]);
+  const float* scales = static_cast<const float*>(data[2]);
+  const uint8_t* zp = static_cast<const uint8_t*>(data[3]);
+  for (int64_t i = 0; i < i_count; ++i) {
+    // Stock GatherBlockQuantized reads past the table for a bad id; this refuses it.
+    if (ids[i] < 0 || ids[i] >= vocab)
+      return gather_error(kInvalidArgument, "index " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
+                                                " is outside the table's " + std::to_string(vocab) + " rows");
+    neoedge::dequantize_row(static_cast<const uint8_t*>(data[0]), vocab, width, static_cast<int>(kernel.bits),
+                            static_cast<int>(kernel.block), tiled, ids[i], scales + ids[i] * blocks,
+                            zp ? zp + ids[i] * blocks : nullptr, static_cast<float*>(out) + i * width);
+  }
+  return nullptr;
+}
+
+void NEO_ORT_CALL destroy_gather(void* kernel) { delete static_cast<GatherKernel*>(kernel); }
+const char* NEO_ORT_CALL gather_name(const CustomOp*) { return kGatherName; }
+ElementType NEO_ORT_CALL gather_input_type(const CustomOp*, size_t index) {
+  return index == 1 ? kInt64 : index == 2 ? kFloat : kUint8;
+}
+size_t NEO_ORT_CALL gather_input_count(const CustomOp*) { return 4; }
+InputOutputCharacteristic NEO_ORT_CALL gather_input_characteristic(const CustomOp*, size_t index) {
+  return index == 3 ? kOptional : kRequired;
+}
+
+const CustomOp kGatherOp = make_op(gather_name, gather_input_type, gather_input_count, output_type, output_count,
+                                   gather_input_characteristic, output_characteristic, create_gather,
+                                   guarded<GatherKernel, gather_compute, gather_error>, destroy_gather);
 
 // ---------------------------------------------------------------------------------------------
 // SkipLayerNormalization: inputs input and skip [..., W], gamma [W], optional beta and bias [W];
@@ -524,13 +740,14 @@ NEO_EXPORT Status* NEO_ORT_CALL RegisterCustomOps(SessionOptions* options, const
     if (Status* s = g_ort.CustomOpDomain_Add(domain, &kAttentionOp)) return s;
     if (Status* s = g_ort.CustomOpDomain_Add(domain, &kSkipNormOp)) return s;
     if (Status* s = g_ort.CustomOpDomain_Add(domain, &kGeluOp)) return s;
+    if (Status* s = g_ort.CustomOpDomain_Add(domain, &kGatherOp)) return s;
     g_domain = domain;
   }
   return g_ort.AddCustomOpDomain(options, g_domain);
 }
 
 // For the Python side: which paths exist here, without creating a session.
-NEO_EXPORT int neoedge_kernels_interface_version() { return 2; }
+NEO_EXPORT int neoedge_kernels_interface_version() { return 3; }
 NEO_EXPORT const char* neoedge_kernels_best_isa() { return neoedge::isa_name(neoedge::best_isa()); }
 // What prompt attention runs on, on path `name` here: "amx-bf16 tiles", "avx512" or "portable" (for
 // GPT-Neo's head sizes: the tiles take 64 and 128, the AVX-512 path 16 to 128 in powers of two).

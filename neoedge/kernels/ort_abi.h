@@ -80,6 +80,7 @@ enum Slot : size_t {
   kReleaseStatus = 93,
   kReleaseTensorTypeAndShapeInfo = 99,
   kKernelInfo_GetInputCount = 230,
+  kKernelInfoGetConstantInput_tensor = 249,
   kKernelContext_ParallelFor = 274,
   kSlotCount = 285,  // slots in version 21
 };
@@ -105,6 +106,10 @@ struct Functions {
   void(NEO_ORT_CALL* ReleaseStatus)(Status* status);
   void(NEO_ORT_CALL* ReleaseTensorTypeAndShapeInfo)(TensorTypeAndShapeInfo* info);
   Status*(NEO_ORT_CALL* KernelInfo_GetInputCount)(const KernelInfo* info, size_t* out);
+  // The input's value if it is a constant initializer (is_constant 1; owned by the session), else
+  // is_constant 0 and out null.
+  Status*(NEO_ORT_CALL* KernelInfoGetConstantInput_tensor)(const KernelInfo* info, size_t index, int* is_constant,
+                                                           const Value** out);
   // Runs fn(user, i) for i in [0, total) on the session's intra-op thread pool; num_batch 0 lets the
   // pool hand out indices one at a time (dynamic balance).
   Status*(NEO_ORT_CALL* KernelContext_ParallelFor)(const KernelContext* context, void (*fn)(void*, size_t),
@@ -131,6 +136,7 @@ struct Functions {
     assign(ReleaseStatus, at(kReleaseStatus));
     assign(ReleaseTensorTypeAndShapeInfo, at(kReleaseTensorTypeAndShapeInfo));
     assign(KernelInfo_GetInputCount, at(kKernelInfo_GetInputCount));
+    assign(KernelInfoGetConstantInput_tensor, at(kKernelInfoGetConstantInput_tensor));
     assign(KernelContext_ParallelFor, at(kKernelContext_ParallelFor));
   }
 

@@ -50,12 +50,28 @@ struct GemmActivations {
   int64_t stride;
 };
 
+// Activations of a few rows (the decode GEMVs over 16 weight rows a vector), quantized per block
+// in k order or, at 4 bits, per 8 k the 4 even k then the 4 odd ones: the order of the low and high
+// nibbles of a dword of packed weights.
+struct RowActivations {
+  const int8_t* q;          // [m, k]
+  const float* scale;       // [m, blocks]
+  const float* scaled_sum;  // [m, blocks]: a_scale * sum of q over the block
+};
+// Into buffers of the calling thread.
+RowActivations quantize_rows(const Problem& p);
+
 // Batched decode (avx512_batch.cpp): up to kMaxBatchRows rows, weights transposed per block in
 // registers so that the lanes hold 16 weight rows. Applies to blocks of whole 128-k (4-bit) or 64-k
 // (8-bit) units up to 256.
 constexpr int64_t kMaxBatchRows = 16;
 bool batch_gemv_applies(const Problem& p);
 bool batch_gemv(const Problem& p, const Parallel& parallel, bool amx);
+
+// Tiled weights (tiled.h, avx512_tiled.cpp): decode rows (M <= kMaxBatchRows) over 16 weight rows a
+// vector, and the prompt GEMM's staging of a 32-row tile from tiled weights.
+bool tiled_gemv(const Problem& p, const Parallel& parallel);
+NEO_AVX512 void stage_tiled(const Problem& p, int64_t n0, uint8_t* out, float* w_scale, float* zp_scale);
 
 // Quantizes A in parallel over groups of 16 rows, into buffers of the calling thread.
 bool prepare_gemm_activations(const Problem& p, const Parallel& parallel, GemmActivations* out);
