@@ -1,6 +1,11 @@
-"""This checkout's native kernels against an earlier commit's, interleaved in one process.
+"""This checkout's native kernels against an earlier commit's, or against themselves with a kernel
+switch set, interleaved in one process.
 
     python benchmarks/kernels_paired.py PKG --baseline 1cc9475 --rounds 8 [--prompts 128,1024] [--tag T]
+    python benchmarks/kernels_paired.py PKG --baseline-env NEOEDGE_KERNELS_TILED=0 --rounds 8
+
+With --baseline-env the baseline is this checkout's library, its session created with that
+environment variable set (the kernels read their switches when a session creates them).
 
 The baseline commit's kernel library is built from `git archive` of that commit in a temporary
 directory (its setup.py, the machine's compiler); this checkout's is the installed one. The package
@@ -46,17 +51,26 @@ def build_baseline(commit: str, where: Path) -> Path:
     return library
 
 
-def load(package: str, library: Path | None, threads: int) -> Any:
+def load(package: str, library: Path | None, threads: int, env: dict[str, str] | None = None) -> Any:
+    import os
+
     import neoedge.kernels as kernels
     from neoedge import Model, SessionSettings
 
     original = kernels.library_path
+    saved = {name: os.environ.get(name) for name in env or {}}
     if library is not None:
         kernels.library_path = lambda: library  # type: ignore[assignment]
+    os.environ.update(env or {})
     try:
         return Model(package, settings=SessionSettings(intra_threads=threads))
     finally:
         kernels.library_path = original  # type: ignore[assignment]
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def measure(model: Any, prompts: list[list[int]], decode_prompt: list[int]) -> dict[str, float]:
@@ -77,13 +91,18 @@ def measure(model: Any, prompts: list[list[int]], decode_prompt: list[int]) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("package")
-    parser.add_argument("--baseline", required=True, help="commit whose kernel library is compared")
+    parser.add_argument("--baseline", help="commit whose kernel library is compared")
+    parser.add_argument("--baseline-env", help="NAME=VALUE: the baseline is this library with that switch")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--prompts", default="128,1024")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if (args.baseline is None) == (args.baseline_env is None):
+        parser.error("give one of --baseline and --baseline-env")
+    env = dict([args.baseline_env.split("=", 1)]) if args.baseline_env else None
+    baseline_name = args.baseline or args.baseline_env
     sys.path.insert(0, str(HERE))
     from decode_floor import _quiet_check
 
@@ -93,8 +112,8 @@ def main() -> None:
                             check=True).stdout.strip()
     quiet = _quiet_check()
     with tempfile.TemporaryDirectory() as tmp:
-        baseline_library = build_baseline(args.baseline, Path(tmp))
-        models = {"baseline": load(args.package, baseline_library, args.threads),
+        baseline_library = build_baseline(args.baseline, Path(tmp)) if args.baseline else None
+        models = {"baseline": load(args.package, baseline_library, args.threads, env),
                   "this checkout": load(args.package, None, args.threads)}
         vocab = models["this checkout"].info.vocab_size
         rng = np.random.default_rng(0)
@@ -118,18 +137,19 @@ def main() -> None:
                    "ratio": statistics.median(b[m] / a[m] for a, b in zip(runs["baseline"], runs["this checkout"]))}
                for m in metrics}
     report = {"date": datetime.date.today().isoformat(), "machine": machine_info(), "quiet_check": quiet,
-              "package": args.package, "baseline": args.baseline, "commit": commit, "rounds": args.rounds,
+              "package": args.package, "baseline": baseline_name, "commit": commit, "rounds": args.rounds,
               "threads": args.threads, "summary": summary, "runs": runs,
               "kernels": models["this checkout"].kernels.describe()}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"kernels-paired-{report['date']}{'-' + args.tag if args.tag else ''}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     m = report["machine"]
-    lines = [f"# Kernels of {commit} against {args.baseline}, interleaved ({report['date']})", "",
+    lines = [f"# Kernels of {commit} against {baseline_name}, interleaved ({report['date']})", "",
              f"{m.get('cpu', m['machine'])}, {m['logical_cores']} cores, onnxruntime {m['onnxruntime']}; "
              f"{args.threads} threads; package `{Path(args.package).name}` ({report['kernels']}); "
              f"{args.rounds} rounds, order alternating. Machine before the run: {quiet}.", "",
-             f"Command: `python benchmarks/kernels_paired.py {args.package} --baseline {args.baseline} "
+             f"Command: `python benchmarks/kernels_paired.py {args.package} "
+             f"{'--baseline ' + args.baseline if args.baseline else '--baseline-env ' + args.baseline_env} "
              f"--rounds {args.rounds} --prompts {args.prompts}`", "",
              "| measure | baseline (median) | this checkout (median) | this / baseline (median of rounds' ratios) |",
              "| --- | --- | --- | --- |"]

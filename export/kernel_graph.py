@@ -6,9 +6,12 @@ file beside it that is identical except that each MatMulNBits node the kernels i
 `neoedge.kernels::MatMulNBits` (same inputs, attributes and semantics), each GroupQueryAttention
 over an int8 per-channel cache is `neoedge.kernels::Attention` (the same semantics, with only the
 inputs neoedge's graphs give it: qkv, the caches, the lengths and the cache scales), and each
-SkipLayerNormalization and FastGelu is neoedge.kernels' op of that name. Both graphs read the same
-external weights file, so the package grows by one graph (tens of KB), not by a second copy of the
-weights. The runtime loads the kernel graph when the kernels are available (neoedge.kernels) and the
+SkipLayerNormalization and FastGelu is neoedge.kernels' op of that name, and the tied embedding's
+GatherBlockQuantized over the lm_head's table is too. Both graphs read the same external weights
+file, so the package grows by one graph (tens of KB), not by a second copy of the weights. Each
+kernel MatMulNBits whose B and scales only kernels read is marked `rearrange_weights = 1`: its kernel
+may then rearrange them in place into the layout its AVX-512 VNNI path reads (tiled.h); the
+kernels' gather reads the table in either layout. The runtime loads the kernel graph when the kernels are available (neoedge.kernels) and the
 stock one otherwise.
 
 Export-time only (needs onnx).
