@@ -36,11 +36,11 @@ class BuildKernels(build_ext):
             # Baseline flags only: each fast path carries its own target attributes and is chosen at
             # run time by CPUID, so one library runs on every CPU of the architecture.
             ext.extra_compile_args = ["/std:c++17", "/O2", "/EHsc"] if msvc else \
-                ["-std=c++17", "-O3", "-g0", "-fvisibility=hidden", "-fno-math-errno", "-Wall",
+                ["-std=c++17", "-O3", "-g0", "-fvisibility=hidden", "-fno-math-errno", "-Wall", "-pthread",
                  # GCC 12 reports its own AVX-512 intrinsics headers as reading uninitialised values
                  "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
             if not msvc and sys.platform != "darwin":
-                ext.extra_link_args = ["-Wl,--no-undefined"]
+                ext.extra_link_args = ["-Wl,--no-undefined", "-pthread"]  # tiled.cpp's std::thread
         super().build_extensions()
 
     def get_ext_filename(self, fullname: str) -> str:

@@ -135,11 +135,8 @@ Status* tile_if_constant(const KernelInfo* info, size_t inputs, Kernel& kernel) 
   if ((b == g_tiled.end()) != (scales == g_tiled.end()) || (b != g_tiled.end() && !(same(b->second) && same(scales->second))))
     return error(kNotImplemented, "B and scales shared with a MatMulNBits node of another shape or with other weights");
   if (b == g_tiled.end()) {
-    std::vector<uint8_t> scratch(static_cast<size_t>(neoedge::tile_scratch_bytes(kernel.n, kernel.k,
-                                                                                static_cast<int>(kernel.bits),
-                                                                                static_cast<int>(kernel.block))));
     neoedge::tile_weights(static_cast<uint8_t*>(data[0]), static_cast<float*>(data[1]), kernel.n, kernel.k,
-                          static_cast<int>(kernel.bits), static_cast<int>(kernel.block), scratch.data());
+                          static_cast<int>(kernel.bits), static_cast<int>(kernel.block));
     b = g_tiled.emplace(data[0], shape).first;
     scales = g_tiled.emplace(data[1], shape).first;
   }

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <thread>
+#include <vector>
 
 namespace neoedge {
 
@@ -20,19 +22,26 @@ void tile_rows(uint8_t* data, int64_t n0, int64_t h, int64_t width, uint8_t* scr
 
 }  // namespace
 
-int64_t tile_scratch_bytes(int64_t, int64_t k, int bits, int block) {
-  const int64_t row_bytes = k * bits / 8, blocks = k / block;
-  return kTileHeight * std::max<int64_t>(row_bytes, blocks * 4);
-}
-
-void tile_weights(uint8_t* b, float* scales, int64_t n, int64_t k, int bits, int block, void* scratch) {
-  const int64_t dwords = k * bits / 8 / 4, blocks = k / block;
-  uint8_t* buffer = static_cast<uint8_t*>(scratch);
-  for (int64_t n0 = 0; n0 < n; n0 += kTileHeight) {
-    const int64_t h = std::min<int64_t>(kTileHeight, n - n0);
-    tile_rows(b, n0, h, dwords, buffer);
-    tile_rows(reinterpret_cast<uint8_t*>(scales), n0, h, blocks, buffer);
-  }
+void tile_weights(uint8_t* b, float* scales, int64_t n, int64_t k, int bits, int block) {
+  const int64_t dwords = k * bits / 8 / 4, blocks = k / block, tiles = (n + kTileHeight - 1) / kTileHeight;
+  const size_t scratch_bytes = static_cast<size_t>(kTileHeight * std::max(dwords, blocks) * 4);
+  auto run = [=](int64_t t0, int64_t t1) {
+    std::vector<uint8_t> scratch(scratch_bytes);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTileHeight, h = std::min<int64_t>(kTileHeight, n - n0);
+      tile_rows(b, n0, h, dwords, scratch.data());
+      tile_rows(reinterpret_cast<uint8_t*>(scales), n0, h, blocks, scratch.data());
+    }
+  };
+  // The session is being created (no pool to borrow): a 1.3B model's 700 MB are rearranged by
+  // threads of their own, each copying its share once, so that the cold start pays ~memory speed.
+  const int64_t bytes = n * dwords * 4;
+  const int64_t workers = bytes < (16 << 20) ? 1 : std::max<int64_t>(1, std::min<int64_t>(4, std::thread::hardware_concurrency()));
+  std::vector<std::thread> threads;
+  const int64_t per = (tiles + workers - 1) / workers;
+  for (int64_t w = 1; w < workers; ++w) threads.emplace_back(run, std::min(tiles, w * per), std::min(tiles, (w + 1) * per));
+  run(0, std::min(tiles, per));
+  for (auto& thread : threads) thread.join();
 }
 
 void dequantize_row(const uint8_t* b, int64_t n, int64_t k, int bits, int block, bool tiled, int64_t row,

@@ -27,11 +27,8 @@ namespace neoedge {
 
 constexpr int kTileHeight = 16;
 
-// Rearranges B [N, R] and scales [N, C] into the tiled layout, in place, through `scratch` of
-// tile_scratch_bytes.
-void tile_weights(uint8_t* b, float* scales, int64_t n, int64_t k, int bits, int block, void* scratch);
-// Bytes of scratch tile_weights needs.
-int64_t tile_scratch_bytes(int64_t n, int64_t k, int bits, int block);
+// Rearranges B [N, R] and scales [N, C] into the tiled layout, in place.
+void tile_weights(uint8_t* b, float* scales, int64_t n, int64_t k, int bits, int block);
 
 // Row `row` of B ([N, K] at `bits`, tiled or not) into out[K]: (q - zero point) * scale per block,
 // scale[c] and, 8-bit only, zp[c] (null: 2^(bits-1)) being the row's own.
