@@ -55,28 +55,28 @@ NEO_AVX512 void tile_rows(const Problem& p, const RowActivations& act, int64_t t
         const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         if constexpr (MR == 1) {
           if (j & 1) {
-            dpbusd(e1, lo, broadcast4(xd));
-            dpbusd(e2, hi, broadcast4(xd + 4));
+            dpbusd_broadcast(e1, lo, xd);
+            dpbusd_broadcast(e2, hi, xd + 4);
           } else {
-            dpbusd(s0, lo, broadcast4(xd));
-            dpbusd(e0, hi, broadcast4(xd + 4));
+            dpbusd_broadcast(s0, lo, xd);
+            dpbusd_broadcast(e0, hi, xd + 4);
           }
         } else {
 #define NEO_ROW(i)                                   \
   if constexpr (MR > i) {                            \
-    dpbusd(s##i, lo, broadcast4(xd + i * k));        \
-    dpbusd(s##i, hi, broadcast4(xd + i * k + 4));    \
+    dpbusd_broadcast(s##i, lo, xd + i * k);          \
+    dpbusd_broadcast(s##i, hi, xd + i * k + 4);      \
   }
           NEO_ROW(0) NEO_ROW(1) NEO_ROW(2) NEO_ROW(3) NEO_ROW(4) NEO_ROW(5) NEO_ROW(6) NEO_ROW(7)
 #undef NEO_ROW
         }
       } else {
         if constexpr (MR == 1) {
-          if (j & 1) dpbusd(e0, v, broadcast4(xd));
-          else dpbusd(s0, v, broadcast4(xd));
+          if (j & 1) dpbusd_broadcast(e0, v, xd);
+          else dpbusd_broadcast(s0, v, xd);
         } else {
 #define NEO_ROW(i) \
-  if constexpr (MR > i) dpbusd(s##i, v, broadcast4(xd + i * k));
+  if constexpr (MR > i) dpbusd_broadcast(s##i, v, xd + i * k);
           NEO_ROW(0) NEO_ROW(1) NEO_ROW(2) NEO_ROW(3) NEO_ROW(4) NEO_ROW(5) NEO_ROW(6) NEO_ROW(7)
 #undef NEO_ROW
         }
