@@ -9,6 +9,8 @@ The baseline commit's code is unpacked to a temporary directory (`git archive`) 
 there; it gets a copy of the package with the manifest in its format (the same graph, weights and
 tokenizer files, copied). This checkout runs twice: with no verified stamps (every file hashed
 on every load) and with warm stamps (the steady state: files unchanged since last verified).
+With `--baseline-env NAME=VALUE` the baseline is this checkout with that environment variable set
+instead (e.g. NEOEDGE_KERNELS_TILED=0: what tiling the weights at session creation costs).
 Each round runs the three in turn, alternating the order; the figures are medians over rounds, and
 the ratio is the median of each round's ratio to the baseline of that round. Both code trees are
 byte-compiled first, as an installed package is.
@@ -96,20 +98,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("package", type=Path, help="a package exported by this checkout")
     parser.add_argument("--baseline", default="8367545", help="git commit to compare with")
+    parser.add_argument("--baseline-env", help="NAME=VALUE: the baseline is this checkout with that variable set")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="neoedge-cold-") as work:
         work = Path(work)
-        code = unpack_commit(args.baseline, work / "baseline-code")
+        stamps = work / "stamps"
+        if args.baseline_env:
+            code = None
+            name, value = args.baseline_env.split("=", 1)
+            baseline = (f"baseline {args.baseline_env}",
+                        (args.package.resolve(), {"NEOEDGE_CACHE_DIR": str(stamps), name: value}))
+        else:
+            code = unpack_commit(args.baseline, work / "baseline-code")
+            baseline = (f"baseline {args.baseline}", (baseline_package(args.package.resolve(), work / "baseline-package"),
+                                                      {"PYTHONPATH": str(code)}))
         # Both trees byte-compiled, as an installed package is (an editable checkout with
         # PYTHONDONTWRITEBYTECODE set would compile every module on every start instead).
-        for tree in (code / "neoedge", ROOT / "neoedge"):
+        for tree in ([code / "neoedge"] if code else []) + [ROOT / "neoedge"]:
             subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree)], check=True)
-        stamps = work / "stamps"
         variants = {
-            f"baseline {args.baseline}": (baseline_package(args.package.resolve(), work / "baseline-package"),
-                                          {"PYTHONPATH": str(code)}),
+            baseline[0]: baseline[1],
             "this checkout, no stamps": (args.package.resolve(), {"NEOEDGE_CACHE_DIR": ""}),
             "this checkout, warm stamps": (args.package.resolve(), {"NEOEDGE_CACHE_DIR": str(stamps)}),
         }
@@ -122,20 +133,30 @@ def main() -> None:
             for name in names if round_ % 2 == 0 else names[::-1]:
                 results[name].append(run(*variants[name]))
             print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr)
-        shutil.rmtree(code)
+        if code:
+            shutil.rmtree(code)
 
     base = [wall for wall, _, _ in results[names[0]]]
     median = statistics.median
-    print(f"cold start of {args.package} (fresh process to first token, 128-token prompt), {args.rounds} rounds")
-    print("| configuration | cold start s (median [min-max]) | ratio to baseline (paired median) | import s | "
-          "load s | prefill + first token s | CPU s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    command = " ".join(["python benchmarks/cold_start.py", str(args.package)] +
+                       ([f"--baseline-env {args.baseline_env}"] if args.baseline_env else [f"--baseline {args.baseline}"]) +
+                       [f"--rounds {args.rounds}"])
+    lines = [f"cold start of {args.package} (fresh process to first token, 128-token prompt), {args.rounds} rounds",
+             "", f"Command: `{command}`", "",
+             "| configuration | cold start s (median [min-max]) | ratio to baseline (paired median) | import s | "
+             "load s | prefill + first token s | CPU s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, runs in results.items():
         walls = [wall for wall, _, _ in runs]
-        print(f"| {name} | {median(walls):.3f} [{min(walls):.3f}-{max(walls):.3f}] | "
-              f"{median([w / b for w, b in zip(walls, base)]):.3f} | "
-              f"{median([p[0] for _, _, p in runs]):.3f} | {median([p[1] for _, _, p in runs]):.3f} | "
-              f"{median([p[2] for _, _, p in runs]):.3f} | {median([c for _, c, _ in runs]):.3f} |")
+        lines.append(f"| {name} | {median(walls):.3f} [{min(walls):.3f}-{max(walls):.3f}] | "
+                     f"{median([w / b for w, b in zip(walls, base)]):.3f} | "
+                     f"{median([p[0] for _, _, p in runs]):.3f} | {median([p[1] for _, _, p in runs]):.3f} | "
+                     f"{median([p[2] for _, _, p in runs]):.3f} | {median([c for _, c, _ in runs]):.3f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
 
 
 if __name__ == "__main__":
