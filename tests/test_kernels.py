@@ -914,3 +914,46 @@ def test_the_table_gather_refuses_an_id_outside_the_table(library):
     for bad in (10, -1):
         with pytest.raises(Exception, match=f"index {bad} at position 1 is outside the table's 10 rows"):
             s.run(None, {"ids": np.array([2, bad], dtype=np.int64)})
+
+
+@pytest.mark.skipif(not VNNI, reason="no AVX-512 VNNI path on this CPU")
+def test_concurrent_first_runs_of_one_session_read_the_tiles_right(library, monkeypatch):
+    """Tiles are rearranged by whichever call reads them first: two threads running one fresh
+    session at once (a prompt and a decode row) both get the reference, on every first run."""
+    import threading
+
+    monkeypatch.setenv(kernels.ISA_VARIABLE, "avx512vnni")
+    rng = np.random.default_rng(21)
+    a, packed, scales, _ = problem(rng, 40, 512, 1000, 4, 128, True)
+    expected, bound = reference(a, packed, scales, None, 4, 128, 1000)
+    model = one_node(512, 1000, 4, 128, packed, scales, None, kernels.DOMAIN)
+    for _ in range(3):
+        s = session(model, library)
+        results: dict[int, np.ndarray] = {}
+        threads = [threading.Thread(target=lambda i=i, lo=lo, hi=hi: results.__setitem__(i, s.run(None, {"A": a[lo:hi]})[0]))
+                   for i, (lo, hi) in enumerate(((0, 40), (7, 8)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert within(results[0], expected, bound) <= TOLERANCE
+        assert within(results[1], expected[7:8], bound[7:8]) <= TOLERANCE
+
+
+@pytest.mark.skipif(not VNNI, reason="no AVX-512 VNNI path on this CPU")
+@pytest.mark.parametrize("k, n, bits, block", [(256, 53, 4, 32), (512, 33, 8, 64), (768, 100, 4, 128)])
+def test_a_prompt_reads_tiles_before_and_after_decode_rearranged_them(k, n, bits, block, library, monkeypatch):
+    """Whichever call reads a tile first rearranges it: a session's first prompt (the GEMM's staging)
+    or a first decode row, then the other; the same bits either way, equal to the reference."""
+    monkeypatch.setenv(kernels.ISA_VARIABLE, "avx512vnni")
+    rng = np.random.default_rng(k + n)
+    a, packed, scales, _ = problem(rng, 40, k, n, bits, block, True)
+    expected, bound = reference(a, packed, scales, None, bits, block, n)
+    model = one_node(k, n, bits, block, packed, scales, None, kernels.DOMAIN)
+    prompt_first = session(model, library)
+    first = prompt_first.run(None, {"A": a})[0]
+    row = prompt_first.run(None, {"A": a[:1]})[0]
+    decode_first = session(model, library)
+    np.testing.assert_array_equal(decode_first.run(None, {"A": a[:1]})[0], row)
+    np.testing.assert_array_equal(decode_first.run(None, {"A": a})[0], first)
+    assert within(first, expected, bound) <= TOLERANCE

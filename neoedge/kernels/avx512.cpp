@@ -14,6 +14,7 @@
 // rows x 4 vectors at a time; block scales are applied per k-block in fp32 into contiguous tiles of
 // accumulators, copied to Y once.
 #include "avx512_blocks.h"
+#include "tiled.h"
 
 #if NEO_X86
 
@@ -386,31 +387,43 @@ NEO_AVX512 NEO_INLINE __m512i weight_chunk(const Problem& p, int64_t n, int64_t 
 
 }  // namespace
 
-NEO_AVX512 void stage_tile(const Problem& p, int64_t n0, bool centre, uint8_t* out, float* w_scale, float* zp_scale) {
-  if (p.tiled) {
-    stage_tiled(p, n0, out, w_scale, zp_scale);
-    return;
-  }
+namespace {
+
+// Rows [first, first + 16) of a stage tile (group g) from MatMulNBits' layout; zero rows past N.
+NEO_AVX512 void stage_plain_group(const Problem& p, int64_t first, int g, bool centre, uint8_t* out, float* w_scale,
+                                  float* zp_scale) {
   const int64_t k64 = round_up(p.k, 64), blocks = p.blocks();
-  for (int g = 0; g < kTileRows / 16; ++g) {
-    for (int64_t k0 = 0; k0 < k64; k0 += 64) {
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i) {
-        const int64_t n = n0 + g * 16 + i;
-        r[i] = n < p.n ? weight_chunk(p, n, k0, centre) : _mm512_setzero_si512();
-      }
-      if (k0 + 1024 < p.k && n0 + g * 16 < p.n)
-        _mm_prefetch(reinterpret_cast<const char*>(p.b + (n0 + g * 16) * p.row_bytes() + (k0 + 1024) * p.bits / 8), _MM_HINT_T0);
-      transpose16(r);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(out + ((k0 / 4 + j) * kTileRows + g * 16) * 4, r[j]);
+  for (int64_t k0 = 0; k0 < k64; k0 += 64) {
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) {
+      const int64_t n = first + i;
+      r[i] = n < p.n ? weight_chunk(p, n, k0, centre) : _mm512_setzero_si512();
     }
+    if (k0 + 1024 < p.k && first < p.n)
+      _mm_prefetch(reinterpret_cast<const char*>(p.b + first * p.row_bytes() + (k0 + 1024) * p.bits / 8), _MM_HINT_T0);
+    transpose16(r);
+    for (int j = 0; j < 16; ++j) _mm512_storeu_si512(out + ((k0 / 4 + j) * kTileRows + g * 16) * 4, r[j]);
   }
-  for (int i = 0; i < kTileRows; ++i) {
-    const int64_t n = n0 + i;
+  for (int i = g * 16; i < g * 16 + 16; ++i) {
+    const int64_t n = first - g * 16 + i;
     for (int64_t b = 0; b < blocks; ++b) {
       const float ws = n < p.n ? p.scales[n * blocks + b] : 0.f;
       w_scale[b * kTileRows + i] = ws;
       if (zp_scale) zp_scale[b * kTileRows + i] = n < p.n ? ws * static_cast<float>(p.zero_point(n, b)) : 0.f;
+    }
+  }
+}
+
+}  // namespace
+
+NEO_AVX512 void stage_tile(const Problem& p, int64_t n0, bool centre, uint8_t* out, float* w_scale, float* zp_scale) {
+  for (int g = 0; g < kTileRows / 16; ++g) {
+    const int64_t first = n0 + g * 16;
+    if (p.tiled && first < p.n) {
+      p.tiled->ensure(first / kTileHeight);
+      stage_tiled_group(p, first, g, out, w_scale, zp_scale);
+    } else {
+      stage_plain_group(p, first, g, centre, out, w_scale, zp_scale);
     }
   }
 }

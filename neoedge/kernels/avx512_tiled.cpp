@@ -8,7 +8,7 @@
 // transposes. A tile's bytes are contiguous, so each task reads one sequential stream. Every row
 // runs the same instructions whatever M is, so a batch's rows equal batch-1 results bit for bit.
 //
-// Prompt GEMM: stage_tiled writes avx512.cpp's staged layout from tiled weights with loads and
+// Prompt GEMM: stage_tiled_group writes avx512.cpp's staged layout from a tiled tile with loads and
 // nibble masks only (the activations then come in the same even/odd order).
 #include "avx512_blocks.h"
 #include "tiled.h"
@@ -131,6 +131,7 @@ void tiled_task(void* user, size_t task) {
   const int64_t t0 = static_cast<int64_t>(task) * job.tiles_per_task;
   const int64_t t1 = std::min<int64_t>(tiles, t0 + job.tiles_per_task);
   for (int64_t t = t0; t < t1; ++t) {
+    p.tiled->ensure(t);
     if (p.bits == 4) {
       if (t < full) tile_all_rows<4, true>(p, job.act, t);
       else tile_all_rows<4, false>(p, job.act, t);
@@ -151,41 +152,32 @@ NEO_AVX512 bool tiled_gemv(const Problem& p, const Parallel& parallel) {
   return parallel(tiled_task, static_cast<size_t>((tiles + job.tiles_per_task - 1) / job.tiles_per_task), &job);
 }
 
-NEO_AVX512 void stage_tiled(const Problem& p, int64_t n0, uint8_t* out, float* w_scale, float* zp_scale) {
+NEO_AVX512 void stage_tiled_group(const Problem& p, int64_t first, int g, uint8_t* out, float* w_scale,
+                                  float* zp_scale) {
   const int64_t blocks = p.blocks(), dwords = p.row_bytes() / 4;
   const int64_t slots = round_up(p.k, 64) / 4;  // 4-k slots staged (zero past K)
   const __m512i low = _mm512_set1_epi8(0x0F);
   const float zp = static_cast<float>(1 << (p.bits - 1));
-  for (int g = 0; g < kTileRows / kTileHeight; ++g) {
-    const int64_t first = n0 + g * kTileHeight;
-    uint8_t* group = out + g * kTileHeight * 4;
-    int64_t slot = 0;
-    if (first < p.n) {
-      const int64_t h = std::min<int64_t>(kTileHeight, p.n - first);
-      const __mmask16 lanes = static_cast<__mmask16>(h >= 16 ? 0xFFFF : (1u << h) - 1);
-      const uint8_t* w = p.b + first * p.row_bytes();
-      for (int64_t d = 0; d < dwords; ++d) {
-        const __m512i v = h == kTileHeight ? _mm512_loadu_si512(w + d * 64) : _mm512_maskz_loadu_epi32(lanes, w + d * h * 4);
-        if (p.bits == 4) {
-          _mm512_storeu_si512(group + (slot++) * kTileRows * 4, _mm512_and_si512(v, low));
-          _mm512_storeu_si512(group + (slot++) * kTileRows * 4, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
-        } else {
-          _mm512_storeu_si512(group + (slot++) * kTileRows * 4, v);
-        }
-      }
-      const float* s = p.scales + first * blocks;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const __m512 ws = _mm512_maskz_loadu_ps(lanes, s + b * h);
-        _mm512_storeu_ps(w_scale + b * kTileRows + g * kTileHeight, ws);
-        if (zp_scale) _mm512_storeu_ps(zp_scale + b * kTileRows + g * kTileHeight, _mm512_mul_ps(ws, _mm512_set1_ps(zp)));
-      }
+  uint8_t* group = out + g * kTileHeight * 4;
+  const int64_t h = std::min<int64_t>(kTileHeight, p.n - first);
+  const __mmask16 lanes = static_cast<__mmask16>(h >= 16 ? 0xFFFF : (1u << h) - 1);
+  const uint8_t* w = p.b + first * p.row_bytes();
+  int64_t slot = 0;
+  for (int64_t d = 0; d < dwords; ++d) {
+    const __m512i v = h == kTileHeight ? _mm512_loadu_si512(w + d * 64) : _mm512_maskz_loadu_epi32(lanes, w + d * h * 4);
+    if (p.bits == 4) {
+      _mm512_storeu_si512(group + (slot++) * kTileRows * 4, _mm512_and_si512(v, low));
+      _mm512_storeu_si512(group + (slot++) * kTileRows * 4, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
     } else {
-      for (int64_t b = 0; b < blocks; ++b) {
-        _mm512_storeu_ps(w_scale + b * kTileRows + g * kTileHeight, _mm512_setzero_ps());
-        if (zp_scale) _mm512_storeu_ps(zp_scale + b * kTileRows + g * kTileHeight, _mm512_setzero_ps());
-      }
+      _mm512_storeu_si512(group + (slot++) * kTileRows * 4, v);
     }
-    for (; slot < slots; ++slot) _mm512_storeu_si512(group + slot * kTileRows * 4, _mm512_setzero_si512());
+  }
+  for (; slot < slots; ++slot) _mm512_storeu_si512(group + slot * kTileRows * 4, _mm512_setzero_si512());
+  const float* s = p.scales + first * blocks;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m512 ws = _mm512_maskz_loadu_ps(lanes, s + b * h);
+    _mm512_storeu_ps(w_scale + b * kTileRows + g * kTileHeight, ws);
+    if (zp_scale) _mm512_storeu_ps(zp_scale + b * kTileRows + g * kTileHeight, _mm512_mul_ps(ws, _mm512_set1_ps(zp)));
   }
 }
 

@@ -15,6 +15,7 @@
 #include <exception>
 #include <atomic>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -70,23 +71,24 @@ struct Kernel {
   Isa isa;
   bool batched;  // read once, when the session creates the kernel
   bool stream_rows;  // likewise
-  // B and scales rearranged into the tiled layout at creation (tiled.h): these initializers' data.
-  const void* tiled_b = nullptr;
-  const void* tiled_scales = nullptr;
+  // B and scales in the tiled layout (tiled.h), rearranged tile by tile on first use; null if not.
+  const neoedge::TiledWeights* tiled = nullptr;
   // B, scales and zero points are initializers: once their sizes are checked, the same data
   // pointers need no second look (a decode step runs ~50 of these ops; each C API call counts).
   std::atomic<const void*> checked[3] = {nullptr, nullptr, nullptr};
 };
 
-// The initializers rearranged in place, by data pointer, so that a B or scales two nodes share is
-// rearranged once and never read in the other layout; an entry lives as long as a kernel uses it
-// (the session's initializers outlive its kernels, and a later session may reuse the addresses).
-struct TiledWeight {
-  int64_t k, n, bits, block;
+// The initializers rearranged in place, by B's data pointer (and scales' too, so that neither is
+// taken by a second node of another shape): a B or scales two nodes share is rearranged once and
+// never read in the other layout. An entry lives as long as a kernel uses it (the session's
+// initializers outlive its kernels, and a later session may reuse the addresses).
+struct TiledEntry {
+  neoedge::TiledWeights weights;
+  std::shared_ptr<std::atomic<uint8_t>[]> states;
   int users;
 };
 std::mutex g_tiled_mutex;
-std::map<const void*, TiledWeight> g_tiled;
+std::map<const void*, TiledEntry> g_tiled;
 
 bool tiling_enabled() {
   const char* v = std::getenv(kTiledVariable);
@@ -128,37 +130,44 @@ Status* tile_if_constant(const KernelInfo* info, size_t inputs, Kernel& kernel) 
   }
   std::lock_guard<std::mutex> lock(g_tiled_mutex);
   auto b = g_tiled.find(data[0]), scales = g_tiled.find(data[1]);
-  const TiledWeight shape{kernel.k, kernel.n, kernel.bits, kernel.block, 0};
-  auto same = [&shape](const TiledWeight& w) {
-    return w.k == shape.k && w.n == shape.n && w.bits == shape.bits && w.block == shape.block;
-  };
-  if ((b == g_tiled.end()) != (scales == g_tiled.end()) || (b != g_tiled.end() && !(same(b->second) && same(scales->second))))
-    return error(kNotImplemented, "B and scales shared with a MatMulNBits node of another shape or with other weights");
-  if (b == g_tiled.end()) {
-    neoedge::tile_weights(static_cast<uint8_t*>(data[0]), static_cast<float*>(data[1]), kernel.n, kernel.k,
-                          static_cast<int>(kernel.bits), static_cast<int>(kernel.block));
-    b = g_tiled.emplace(data[0], shape).first;
-    scales = g_tiled.emplace(data[1], shape).first;
+  if (b == g_tiled.end() && scales == g_tiled.end()) {
+    const neoedge::TiledWeights weights{static_cast<uint8_t*>(data[0]), static_cast<float*>(data[1]), kernel.n,
+                                        kernel.k, kernel.bits, kernel.block, nullptr};
+    const size_t tiles = static_cast<size_t>(weights.tiles());
+    std::shared_ptr<std::atomic<uint8_t>[]> states(new std::atomic<uint8_t>[tiles]);
+    for (size_t t = 0; t < tiles; ++t) states[t].store(neoedge::TiledWeights::kPlain);
+    TiledEntry entry{weights, states, 0};
+    entry.weights.states = states.get();
+    b = g_tiled.emplace(data[0], entry).first;
+    scales = g_tiled.emplace(data[1], entry).first;
   }
+  auto same = [&](const TiledEntry& e) {
+    return e.weights.b == data[0] && e.weights.scales == data[1] && e.weights.k == kernel.k &&
+           e.weights.n == kernel.n && e.weights.bits == kernel.bits && e.weights.block == kernel.block;
+  };
+  if (b == g_tiled.end() || scales == g_tiled.end() || !same(b->second) || !same(scales->second))
+    return error(kNotImplemented, "B and scales shared with a MatMulNBits node of another shape or with other weights");
   ++b->second.users;
   ++scales->second.users;
-  kernel.tiled_b = data[0];
-  kernel.tiled_scales = data[1];
+  kernel.tiled = &b->second.weights;
   return nullptr;
 }
 
-// Whether b is registered as tiled with this shape (false), or with another shape (refused).
-bool tiled_state(const void* b, int64_t n, int64_t k, int64_t bits, int64_t block, bool* tiled) {
+// The tiled weights b belongs to, or null if its node keeps MatMulNBits' layout; false if b was
+// registered with another shape. (The entry lives while the session's kernels do.)
+bool tiled_table(const void* b, int64_t n, int64_t k, int64_t bits, int64_t block, const neoedge::TiledWeights** out) {
   std::lock_guard<std::mutex> lock(g_tiled_mutex);
   auto it = g_tiled.find(b);
-  *tiled = it != g_tiled.end();
-  return !*tiled || (it->second.n == n && it->second.k == k && it->second.bits == bits && it->second.block == block);
+  *out = it != g_tiled.end() && it->second.weights.b == b ? &it->second.weights : nullptr;
+  if (it == g_tiled.end()) return true;
+  const neoedge::TiledWeights& w = it->second.weights;
+  return w.b == b && w.n == n && w.k == k && w.bits == bits && w.block == block;
 }
 
 void release_tiled(const Kernel& kernel) {
-  if (!kernel.tiled_b) return;
+  if (!kernel.tiled) return;
   std::lock_guard<std::mutex> lock(g_tiled_mutex);
-  for (const void* key : {kernel.tiled_b, kernel.tiled_scales}) {
+  for (const void* key : {static_cast<const void*>(kernel.tiled->b), static_cast<const void*>(kernel.tiled->scales)}) {
     auto it = g_tiled.find(key);
     if (it != g_tiled.end() && --it->second.users == 0) g_tiled.erase(it);
   }
@@ -271,7 +280,7 @@ Status* compute(Kernel& kernel, KernelContext* context) {
     kernel.checked[i].store(data[i + 1], std::memory_order_relaxed);
   }
   // ORT hands the kernel the initializers it showed at creation; anything else was not rearranged.
-  if (kernel.tiled_b && (data[1] != kernel.tiled_b || data[2] != kernel.tiled_scales))
+  if (kernel.tiled && (data[1] != kernel.tiled->b || data[2] != kernel.tiled->scales))
     return error(kRuntimeException, "B or scales is not the initializer rearranged when the session was created");
   int64_t out_dims[8];
   for (size_t i = 0; i + 1 < rank; ++i) out_dims[i] = dims[i];
@@ -285,7 +294,7 @@ Status* compute(Kernel& kernel, KernelContext* context) {
                      static_cast<const uint8_t*>(data[1]), static_cast<const float*>(data[2]),
                      static_cast<const uint8_t*>(data[3]), static_cast<int>(kernel.bits),
                      static_cast<int>(kernel.block), static_cast<float*>(data[4]), kernel.batched,
-                     kernel.stream_rows, kernel.tiled_b != nullptr};
+                     kernel.stream_rows, kernel.tiled};
   neoedge::Parallel parallel{pool_run, context};
   if (!neoedge::run(p, parallel, kernel.isa)) return error(kRuntimeException, "the thread pool failed");
   return nullptr;
@@ -526,9 +535,9 @@ Status* gather_compute(GatherKernel& kernel, KernelContext* context) {
       if (Status* s = g_ort.GetTensorMutableData(const_cast<Value*>(values[i]), &data[i])) return s;
     }
   }
-  bool tiled = false;
-  if (!tiled_state(data[0], vocab, width, kernel.bits, kernel.block, &tiled))
-    return gather_error(kInvalidArgument, "data was tiled by a MatMulNBits node of another shape");
+  const neoedge::TiledWeights* tiled = nullptr;
+  if (!tiled_table(data[0], vocab, width, kernel.bits, kernel.block, &tiled))
+    return gather_error(kInvalidArgument, "data is tiled for a MatMulNBits node of another shape");
   int64_t out_dims[8];
   for (size_t i = 0; i < i_rank; ++i) out_dims[i] = i_dims[i];
   out_dims[i_rank] = blocks;
@@ -546,8 +555,9 @@ Status* gather_compute(GatherKernel& kernel, KernelContext* context) {
     if (ids[i] < 0 || ids[i] >= vocab)
       return gather_error(kInvalidArgument, "index " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
                                                 " is outside the table's " + std::to_string(vocab) + " rows");
+    if (tiled) tiled->ensure(ids[i] / neoedge::kTileHeight);  // the lm_head may not have read it yet
     neoedge::dequantize_row(static_cast<const uint8_t*>(data[0]), vocab, width, static_cast<int>(kernel.bits),
-                            static_cast<int>(kernel.block), tiled, ids[i], scales + ids[i] * blocks,
+                            static_cast<int>(kernel.block), tiled != nullptr, ids[i], scales + ids[i] * blocks,
                             zp ? zp + ids[i] * blocks : nullptr, static_cast<float*>(out) + i * width);
   }
   return nullptr;

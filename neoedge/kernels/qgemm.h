@@ -10,7 +10,7 @@
 // - Y[m, n] = sum_b a_scale[m, b] * w_scale[n, b] * sum_{k in b} q[m, k] * (w[n, k] - zp[n, b]).
 //
 // Every path keeps the weights where onnxruntime loaded them (no repacked copy: memory matters at
-// 1.3B/2.7B; the AVX-512 VNNI path rearranges them there once, see tiled.h) and splits its work over
+// 1.3B/2.7B; the AVX-512 VNNI path rearranges them there, see tiled.h) and splits its work over
 // onnxruntime's intra-op pool through `Parallel`.
 #pragma once
 
@@ -33,6 +33,8 @@ bool amx_bf16_supported();
 // rather than 8 rows side by side: measured faster on AMD Zen 5, slower on Intel (see avx512.cpp).
 bool prefers_row_streaming();
 
+struct TiledWeights;  // tiled.h
+
 struct Problem {
   const float* a;  // [M, K]
   int64_t m, k, n;
@@ -44,8 +46,9 @@ struct Problem {
   float* y;              // [M, N]
   bool batched = true;   // the batched GEMV where it applies (NEOEDGE_KERNELS_BATCHED=0: off, to compare)
   bool stream_rows = false;  // one-row GEMV, one weight row at a time (NEOEDGE_KERNELS_STREAM_ROWS=0/1 forces)
-  // B and scales are in the tiled layout (tiled.h; the AVX-512 VNNI path only, without zero points).
-  bool tiled = false;
+  // B and scales in the tiled layout (tiled.h; the AVX-512 VNNI path only, without zero points):
+  // each tile rearranged on first use. Null: MatMulNBits' layout.
+  const TiledWeights* tiled = nullptr;
 
   int64_t blocks() const { return k / block; }
   int64_t row_bytes() const { return k * bits / 8; }

@@ -1,5 +1,4 @@
-// The one-time rearrangement of B and scales into the tiled layout (tiled.h). Plain C++: it runs
-// once per weight when a session is created, at memory speed on the rows it copies.
+// The rearrangement of B and scales into the tiled layout, tile by tile on first use (tiled.h).
 #include "tiled.h"
 
 #include <algorithm>
@@ -11,10 +10,26 @@ namespace neoedge {
 
 namespace {
 
+// Writes (the same value) to one byte in every page of [begin, end), before anything reads there.
+// onnxruntime maps the weights file privately: a page first read is mapped read-only, and the
+// rearrangement's write then copies it and flushes that mapping from every core's TLB. On a VM
+// each flush is an interrupt to the other core (a 1.3B's first prefill took 2.9 s instead of 0.8,
+// ~35% of it in TLB shootdowns, perf). A page first written is copied at once, with no flush.
+void touch_for_writing(uint8_t* begin, uint8_t* end) {
+#if defined(__GNUC__)
+  constexpr uintptr_t kPage = 4096;
+  for (uint8_t* p = begin; p < end; p = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) | (kPage - 1)) + 1))
+    __atomic_fetch_or(p, static_cast<uint8_t>(0), __ATOMIC_RELAXED);
+#else
+  (void)begin, (void)end;
+#endif
+}
+
 // Tile rows [n0, n0 + h) of a [N, width] array of 4-byte elements, copied to scratch first. Byte
 // copies of 4: onnxruntime's initializers need not be 4-byte aligned (external-data offsets).
 void tile_rows(uint8_t* data, int64_t n0, int64_t h, int64_t width, uint8_t* scratch) {
   uint8_t* tile = data + n0 * width * 4;
+  touch_for_writing(tile, tile + h * width * 4);
   std::memcpy(scratch, tile, static_cast<size_t>(h * width * 4));
   for (int64_t d = 0; d < width; ++d)
     for (int64_t r = 0; r < h; ++r) std::memcpy(tile + (d * h + r) * 4, scratch + (r * width + d) * 4, 4);
@@ -22,26 +37,23 @@ void tile_rows(uint8_t* data, int64_t n0, int64_t h, int64_t width, uint8_t* scr
 
 }  // namespace
 
-void tile_weights(uint8_t* b, float* scales, int64_t n, int64_t k, int bits, int block) {
-  const int64_t dwords = k * bits / 8 / 4, blocks = k / block, tiles = (n + kTileHeight - 1) / kTileHeight;
-  const size_t scratch_bytes = static_cast<size_t>(kTileHeight * std::max(dwords, blocks) * 4);
-  auto run = [=](int64_t t0, int64_t t1) {
-    std::vector<uint8_t> scratch(scratch_bytes);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kTileHeight, h = std::min<int64_t>(kTileHeight, n - n0);
-      tile_rows(b, n0, h, dwords, scratch.data());
-      tile_rows(reinterpret_cast<uint8_t*>(scales), n0, h, blocks, scratch.data());
-    }
-  };
-  // The session is being created (no pool to borrow): a 1.3B model's 700 MB are rearranged by
-  // threads of their own, each copying its share once, so that the cold start pays ~memory speed.
-  const int64_t bytes = n * dwords * 4;
-  const int64_t workers = bytes < (16 << 20) ? 1 : std::max<int64_t>(1, std::min<int64_t>(4, std::thread::hardware_concurrency()));
-  std::vector<std::thread> threads;
-  const int64_t per = (tiles + workers - 1) / workers;
-  for (int64_t w = 1; w < workers; ++w) threads.emplace_back(run, std::min(tiles, w * per), std::min(tiles, (w + 1) * per));
-  run(0, std::min(tiles, per));
-  for (auto& thread : threads) thread.join();
+void TiledWeights::ensure(int64_t t) const {
+  std::atomic<uint8_t>& state = states[t];
+  if (state.load(std::memory_order_acquire) == kTiled) return;
+  uint8_t expected = kPlain;
+  if (state.compare_exchange_strong(expected, kTiling, std::memory_order_acquire)) {
+    const int64_t dwords = k * bits / 8 / 4, blocks = k / block;
+    const int64_t n0 = t * kTileHeight, h = std::min<int64_t>(kTileHeight, n - n0);
+    thread_local std::vector<uint8_t> scratch;
+    const size_t bytes = static_cast<size_t>(kTileHeight * std::max(dwords, blocks) * 4);
+    if (scratch.size() < bytes) scratch.resize(bytes);
+    tile_rows(b, n0, h, dwords, scratch.data());
+    tile_rows(reinterpret_cast<uint8_t*>(scales), n0, h, blocks, scratch.data());
+    state.store(kTiled, std::memory_order_release);
+    return;
+  }
+  // Another thread (a concurrent run of the same session) is rearranging this tile: microseconds.
+  while (state.load(std::memory_order_acquire) != kTiled) std::this_thread::yield();
 }
 
 void dequantize_row(const uint8_t* b, int64_t n, int64_t k, int bits, int block, bool tiled, int64_t row,

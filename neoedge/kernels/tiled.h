@@ -21,14 +21,31 @@
 // neoedge.kernels::GatherBlockQuantized, which reads either layout (dequantize_row).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 namespace neoedge {
 
 constexpr int kTileHeight = 16;
 
-// Rearranges B [N, R] and scales [N, C] into the tiled layout, in place.
-void tile_weights(uint8_t* b, float* scales, int64_t n, int64_t k, int bits, int block);
+// B and scales of one MatMulNBits node, rearranged tile by tile by the first call (or table gather)
+// that reads a tile, not when the session is created: rearranging a 1.3B's 700 MB up front added
+// 0.7 s to its cold start; within its first prompt, which reads every weight anyway, 0.2 s. Reading
+// a tile in the old layout first and rearranging it later costs more: the write to a page already
+// mapped read-only needs a TLB shootdown (see tiled.cpp; the first decode step after a prompt
+// read the old layout took 1.35 s on the 1.3B).
+// A tile's bytes are its own rows' (tile t: rows 16 t .. 16 t + h), so tiles are independent.
+struct TiledWeights {
+  static constexpr uint8_t kPlain = 0, kTiling = 1, kTiled = 2;
+  uint8_t* b;
+  float* scales;
+  int64_t n, k, bits, block;
+  std::atomic<uint8_t>* states;  // one per tile
+
+  int64_t tiles() const { return (n + kTileHeight - 1) / kTileHeight; }
+  // Returns once tile t is in the tiled layout (rearranging it, or waiting for the thread that is).
+  void ensure(int64_t t) const;
+};
 
 // Row `row` of B ([N, K] at `bits`, tiled or not) into out[K]: (q - zero point) * scale per block,
 // scale[c] and, 8-bit only, zp[c] (null: 2^(bits-1)) being the row's own.

@@ -69,9 +69,11 @@ bool batch_gemv_applies(const Problem& p);
 bool batch_gemv(const Problem& p, const Parallel& parallel, bool amx);
 
 // Tiled weights (tiled.h, avx512_tiled.cpp): decode rows (M <= kMaxBatchRows) over 16 weight rows a
-// vector, and the prompt GEMM's staging of a 32-row tile from tiled weights.
+// vector, and the prompt GEMM's staging of 16 rows from a tiled tile.
 bool tiled_gemv(const Problem& p, const Parallel& parallel);
-NEO_AVX512 void stage_tiled(const Problem& p, int64_t n0, uint8_t* out, float* w_scale, float* zp_scale);
+// Rows [first, first + 16) of a stage tile (group g of its two) from a tile already tiled.
+NEO_AVX512 void stage_tiled_group(const Problem& p, int64_t first, int g, uint8_t* out, float* w_scale,
+                                  float* zp_scale);
 
 // Quantizes A in parallel over groups of 16 rows, into buffers of the calling thread.
 bool prepare_gemm_activations(const Problem& p, const Parallel& parallel, GemmActivations* out);
