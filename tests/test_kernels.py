@@ -737,6 +737,29 @@ def test_the_model_runs_the_kernel_graph_where_preferred_and_stock_when_off(int4
     assert portable.generate("the", max_new_tokens=16).tokens == stock.generate("the", max_new_tokens=16).tokens
 
 
+@pytest.mark.skipif(not VNNI, reason="no AVX-512 VNNI path on this CPU")
+def test_tiling_one_model_leaves_another_model_of_the_same_package_alone(int4_package, library, monkeypatch):
+    """Each session maps the weights file privately: a model whose kernels tiled the weights in
+    place (and wrote to them) leaves another model of the same package, loaded before or after,
+    reading MatMulNBits' layout: its logits are the same bits as before the tiled one ran."""
+    from neoedge import Model
+
+    monkeypatch.setenv(kernels.ISA_VARIABLE, "avx512vnni")
+    ids = list(range(3, 60))
+    monkeypatch.setenv("NEOEDGE_KERNELS_TILED", "0")
+    before = Model(int4_package)
+    clean = before.logits(ids)
+    monkeypatch.setenv("NEOEDGE_KERNELS_TILED", "1")
+    tiled = Model(int4_package)
+    tiled_logits = tiled.logits(ids)
+    assert tiled.generate("the", max_new_tokens=8).tokens  # every tile rearranged by now
+    monkeypatch.setenv("NEOEDGE_KERNELS_TILED", "0")
+    after = Model(int4_package)
+    np.testing.assert_array_equal(before.logits(ids), clean)
+    np.testing.assert_array_equal(after.logits(ids), clean)
+    assert np.abs(tiled_logits - clean).max() < 0.05 and not np.array_equal(tiled_logits, clean)
+
+
 def test_a_corrupt_kernel_graph_is_refused_before_it_is_parsed(int4_package, tmp_path):
     import shutil
 
