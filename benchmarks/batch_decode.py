@@ -8,8 +8,9 @@ For each batch size B, each configuration gets a pool of B rows (the engine's `G
 configurations' order. Reported: the median step in ms, ms per token (step / B) and tokens/s over
 batch 1's of the same configuration. With `--profile B` the step is also broken down by operator
 (onnxruntime's profiler) for that batch size. The configurations: `stock` (kernels="off"),
-`gemv` (neoedge's kernels, NEOEDGE_KERNELS_BATCHED=0: the one-row GEMV in passes of up to 4 rows)
-and `batched` (as shipped).
+`gemv` (neoedge's kernels, NEOEDGE_KERNELS_BATCHED=0 and _TILED=0: the one-row GEMV in passes of up
+to 4 rows), `untiled` (NEOEDGE_KERNELS_TILED=0: the batched GEMV transposing 16 weight rows per
+block) and `batched` (as shipped: tiled weights where the package allows them).
 
 Writes benchmarks/results/batch-decode-<date>.{json,md}.
 """
@@ -36,12 +37,13 @@ from neoedge import Model  # noqa: E402
 from neoedge.batch import make_pool  # noqa: E402
 from neoedge.session import SessionSettings  # noqa: E402
 
-CONFIGS = ("stock", "gemv", "batched")
+CONFIGS = ("stock", "gemv", "untiled", "batched")
 
 
 def load(package: Path, config: str, threads: int, profile: bool) -> Model:
-    # The kernel library reads NEOEDGE_KERNELS_BATCHED when a session creates its kernels.
+    # The kernel library reads NEOEDGE_KERNELS_BATCHED and _TILED when a session creates its kernels.
     os.environ["NEOEDGE_KERNELS_BATCHED"] = "0" if config == "gemv" else "1"
+    os.environ["NEOEDGE_KERNELS_TILED"] = "1" if config == "batched" else "0"
     settings = SessionSettings(intra_threads=threads, kernels="off" if config == "stock" else "auto")
     if not profile:
         return Model(package, settings=settings)
@@ -123,6 +125,9 @@ def main() -> None:
         order = CONFIGS if r % 2 == 0 else CONFIGS[::-1]
         for batch in batches:
             for config in order:
+                # The previous configuration's pool threads spin for a while after its steps: let
+                # them stop, or they take the cores from this one (2 cores, 2 threads each).
+                time.sleep(0.2)
                 times = step_times(models[config], batch, args.steps, 1000 * r + batch)
                 steps[config][batch].append(statistics.median(times))
         print(f"round {r + 1}/{args.rounds} done", flush=True)

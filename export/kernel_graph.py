@@ -142,19 +142,33 @@ def _convert_table_gathers(graph: onnx.GraphProto, element_types: dict[str, int]
 
 
 def _allow_rearranged_weights(graph: onnx.GraphProto) -> None:
-    """Marks each kernel MatMulNBits whose B and scales only neoedge kernels read (rearrange_weights
-    = 1): its kernel may then rearrange them in place for the AVX-512 VNNI path (the kernels' tiled
-    layout), which a stock op reading the same initializer would misread."""
-    readers: dict[str, set[tuple[str, str]]] = {}
+    """Marks each kernel MatMulNBits whose B and scales only neoedge kernels that read the tiled
+    layout read (rearrange_weights = 1): its kernel may then rearrange them in place for the AVX-512
+    VNNI path (the kernels' tiled layout), which any other reader would misread. Those readers:
+    symmetric kernel MatMulNBits nodes reading it in the same place, and the kernels' table gather
+    reading B (not its scales). A graph with subgraphs is left unmarked: their nodes may read the
+    outer graph's initializers."""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, set()).add((node.domain, node.op_type))
+        for index, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, index))
     outputs = {o.name for o in graph.output}
-    allowed = {(KERNEL_DOMAIN, "MatMulNBits"), (KERNEL_DOMAIN, "GatherBlockQuantized")}
+
+    def tiling(node: onnx.NodeProto) -> bool:
+        return node.domain == KERNEL_DOMAIN and node.op_type == "MatMulNBits" and not any(node.input[3:])
+
+    def tiled_reader(reader: onnx.NodeProto, index: int, slot: int) -> bool:
+        if tiling(reader):
+            return index == slot
+        return reader.domain == KERNEL_DOMAIN and reader.op_type == "GatherBlockQuantized" and index == 0 and slot == 1
+
     for node in graph.node:
-        if node.domain != KERNEL_DOMAIN or node.op_type != "MatMulNBits" or (len(node.input) > 3 and node.input[3]):
+        if not tiling(node):
             continue
-        if all(readers[name] <= allowed and name not in outputs for name in node.input[1:3]):
+        if all(name not in outputs and all(tiled_reader(r, i, slot) for r, i in readers[name])
+               for slot, name in ((1, node.input[1]), (2, node.input[2]))):
             node.attribute.append(helper.make_attribute("rearrange_weights", 1))
 
 

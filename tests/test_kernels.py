@@ -308,8 +308,8 @@ VNNI = "avx512vnni" in PATHS
 @pytest.mark.parametrize("k, n, bits, block", [(256, 53, 4, 32), (768, 40, 4, 128), (48, 17, 4, 16),
                                                (512, 33, 8, 64), (64, 1, 8, 16)])
 def test_tiled_weights_match_the_reference_and_the_untiled_paths(m, k, n, bits, block, library, monkeypatch):
-    """AVX-512 VNNI sessions rearrange symmetric B and scales into 16-row tiles in place when the
-    session is created (NEOEDGE_KERNELS_TILED=0: kept as they are). Decode rows (M <= 16) and the
+    """AVX-512 VNNI sessions rearrange symmetric B and scales into 16-row tiles in place, each tile
+    by the first call that reads it (NEOEDGE_KERNELS_TILED=0: kept as they are). Decode rows (M <= 16) and the
     prompt GEMM (M = 40) read the tiles; both layouts equal the reference, on tails of the last tile
     (N = 53, 17, 33, 1) and of the 64-k vectors (K = 48, 64)."""
     outputs = outputs_by_switch("avx512vnni", m, k, n, bits, block, True, m + k + n, "NEOEDGE_KERNELS_TILED",
@@ -923,12 +923,17 @@ def test_the_table_gather_equals_stock_in_either_layout(bits, block, symmetric, 
     stock = session(table_model("com.microsoft", vocab, k, bits, block, packed, scales, zero_points,
                                 with_matmul=False)).run(None, {"ids": ids})[0]
     expected, bound = reference(a, packed, scales, zero_points, bits, block, vocab)
+    heads = {}
     for tiled in ("1", "0"):
         monkeypatch.setenv("NEOEDGE_KERNELS_TILED", tiled)
         model = table_model(kernels.DOMAIN, vocab, k, bits, block, packed, scales, zero_points, with_matmul=True)
-        rows, y = session(model, library).run(None, {"ids": ids, "A": a})
+        s = session(model, library)
+        s.run(None, {"ids": ids, "A": a[:1]})  # a decode row first: it rearranges every tile it may
+        rows, heads[tiled] = s.run(None, {"ids": ids, "A": a})
         np.testing.assert_array_equal(rows, stock)
-        assert within(y, expected, bound) <= TOLERANCE
+        assert within(heads[tiled], expected, bound) <= TOLERANCE
+    if symmetric and "avx512vnni" in PATHS and not os.environ.get(kernels.ISA_VARIABLE):
+        assert not np.array_equal(heads["1"], heads["0"])  # the lm_head did read tiles
 
 
 def test_the_table_gather_refuses_an_id_outside_the_table(library):
@@ -980,3 +985,90 @@ def test_a_prompt_reads_tiles_before_and_after_decode_rearranged_them(k, n, bits
     np.testing.assert_array_equal(decode_first.run(None, {"A": a[:1]})[0], row)
     np.testing.assert_array_equal(decode_first.run(None, {"A": a})[0], first)
     assert within(first, expected, bound) <= TOLERANCE
+
+
+def shared_weights_model(k, n, bits, block, packed, scales, zero_points, nodes_spec):
+    """Y1, Y2 = two MatMulNBits nodes on the same B and scales; nodes_spec: (rearrange_weights,
+    with zero points) of each."""
+    nodes, initializers = [], [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales.reshape(-1), "scales")]
+    for out, (allowed, zp) in zip(("Y1", "Y2"), nodes_spec):
+        inputs = ["A", "B", "scales"] + (["zero_points"] if zp else [])
+        nodes.append(helper.make_node("MatMulNBits", inputs, [out], domain=kernels.DOMAIN, K=k, N=n, bits=bits,
+                                      block_size=block, accuracy_level=4, rearrange_weights=allowed))
+    if any(zp for _, zp in nodes_spec):
+        initializers.append(numpy_helper.from_array(zero_points.reshape(-1), "zero_points"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["M", n]) for y in ("Y1", "Y2")],
+                              initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)],
+                             ir_version=8)
+
+
+@pytest.mark.skipif(not VNNI, reason="no AVX-512 VNNI path on this CPU")
+@pytest.mark.parametrize("tiling_first", [True, False])
+@pytest.mark.parametrize("plain", [(0, False), (1, True)], ids=["unmarked", "zero points"])
+def test_weights_a_node_reads_as_they_are_are_never_rearranged_for_another(tiling_first, plain, library, monkeypatch):
+    """One node may tile B and scales, another reads them in MatMulNBits' layout (not marked, or
+    with explicit zero points, here all 8, which equal the implicit ones): whichever is created
+    first, nothing is rearranged, and both nodes stay right over several runs (prompt and decode)."""
+    monkeypatch.setenv(kernels.ISA_VARIABLE, "avx512vnni")
+    k, n, bits, block = 256, 40, 4, 64
+    a, packed, scales, _ = problem(np.random.default_rng(8), 5, k, n, bits, block, True)
+    expected, bound = reference(a, packed, scales, None, bits, block, n)
+    eights = np.full((n, k // block // 2), 0x88, np.uint8)
+    spec = [(1, False), plain] if tiling_first else [plain, (1, False)]
+    s = session(shared_weights_model(k, n, bits, block, packed, scales, eights, spec), library)
+    for rows in (slice(0, 5), slice(2, 3), slice(0, 5)):
+        for y in s.run(None, {"A": a[rows]}):
+            assert within(y, expected[rows], bound[rows]) <= TOLERANCE, (spec, rows)
+
+
+@pytest.mark.skipif(not VNNI, reason="no AVX-512 VNNI path on this CPU")
+def test_a_gather_reading_the_lm_heads_own_scales_keeps_them_as_they_are(library, monkeypatch):
+    """The table gather reads its scales in MatMulNBits' layout: if they are the lm_head's own
+    initializer, the lm_head must not tile them (the gather pins them), and both stay right."""
+    monkeypatch.setenv(kernels.ISA_VARIABLE, "avx512vnni")
+    vocab, k, bits, block = 53, 128, 4, 32
+    a, packed, scales, _ = problem(np.random.default_rng(9), 2, k, vocab, bits, block, True)
+    ids = np.array([0, 52, 17, 16], dtype=np.int64)
+    stock = session(table_model("com.microsoft", vocab, k, bits, block, packed, scales, None,
+                                with_matmul=False)).run(None, {"ids": ids})[0]
+    model = table_model(kernels.DOMAIN, vocab, k, bits, block, packed, scales, None, with_matmul=True)
+    matmul = next(node for node in model.graph.node if node.op_type == "MatMulNBits")
+    matmul.input[2] = "row_scales"  # the gather's [V, C, 1] scales: the same values, one initializer
+    expected, bound = reference(a, packed, scales, None, bits, block, vocab)
+    s = session(model, library)
+    for _ in range(2):
+        rows, y = s.run(None, {"ids": ids, "A": a})
+        np.testing.assert_array_equal(rows, stock)
+        assert within(y, expected, bound) <= TOLERANCE
+
+
+def test_the_kernel_graph_marks_only_weights_every_reader_of_which_reads_tiles():
+    """rearrange_weights only where every reader of B and scales reads the tiled layout: not when a
+    node with zero points shares them, not when the gather reads the lm_head's scales, not in a
+    graph with subgraphs (their nodes may read the outer initializers)."""
+    from neoedge.export.kernel_graph import _allow_rearranged_weights
+
+    def graph(*nodes, subgraph=False):
+        nodes = list(nodes)
+        if subgraph:
+            body = helper.make_graph([helper.make_node("Identity", ["B"], ["b_out"])], "body", [],
+                                     [helper.make_tensor_value_info("b_out", TensorProto.UINT8, None)])
+            nodes.append(helper.make_node("If", ["cond"], ["if_out"], then_branch=body, else_branch=body))
+        return helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+
+    def matmul(out, *inputs):
+        return helper.make_node("MatMulNBits", ["A", *inputs], [out], domain=kernels.DOMAIN)
+
+    def marked(g):
+        _allow_rearranged_weights(g)
+        return [any(a.name == "rearrange_weights" for a in n.attribute) for n in g.node if n.op_type == "MatMulNBits"]
+
+    gather = helper.make_node("GatherBlockQuantized", ["B", "ids", "row_scales"], ["rows"], domain=kernels.DOMAIN)
+    assert marked(graph(matmul("Y", "B", "scales"), gather)) == [True]
+    assert marked(graph(matmul("Y", "B", "scales"), matmul("Z", "B", "scales"))) == [True, True]
+    assert marked(graph(matmul("Y", "B", "scales"), matmul("Z", "B", "scales", "zp"))) == [False, False]
+    lm_scales = helper.make_node("GatherBlockQuantized", ["B", "ids", "scales"], ["rows"], domain=kernels.DOMAIN)
+    assert marked(graph(matmul("Y", "B", "scales"), lm_scales)) == [False]
+    assert marked(graph(matmul("Y", "B", "scales"), gather, subgraph=True)) == [False]

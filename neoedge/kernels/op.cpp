@@ -3,7 +3,7 @@
 // - MatMulNBits: a drop-in for com.microsoft.MatMulNBits (accuracy_level 4): same inputs (A, B,
 //   scales, optional zero_points), attributes and results; with rearrange_weights = 1 (the kernel
 //   graph's promise that only neoedge kernels read B and scales) the AVX-512 VNNI path tiles them
-//   in place when the session is created (tiled.h).
+//   in place, each tile by the first call that reads it (tiled.h, tiled_registry.h).
 // - GatherBlockQuantized: com.microsoft's over a MatMulNBits table (the tied embedding), reading it
 //   in either layout.
 // - Attention: com.microsoft.GroupQueryAttention over an int8 per-channel cache, as neoedge's graphs
@@ -25,6 +25,7 @@
 #include "elementwise.h"
 #include "qgemm.h"
 #include "tiled.h"
+#include "tiled_registry.h"
 
 #include "exports.h"
 
@@ -71,28 +72,35 @@ struct Kernel {
   Isa isa;
   bool batched;  // read once, when the session creates the kernel
   bool stream_rows;  // likewise
-  // B and scales in the tiled layout (tiled.h), rearranged tile by tile on first use; null if not.
-  const neoedge::TiledWeights* tiled = nullptr;
+  // B and scales registered for the tiled layout (tiled_registry.h): read tiled unless pinned.
+  std::shared_ptr<neoedge::TiledShared> tiled;
+  std::vector<const void*> registered;  // constant inputs registered with tiled_registry, to release
   // B, scales and zero points are initializers: once their sizes are checked, the same data
   // pointers need no second look (a decode step runs ~50 of these ops; each C API call counts).
   std::atomic<const void*> checked[3] = {nullptr, nullptr, nullptr};
 };
 
-// The initializers rearranged in place, by B's data pointer (and scales' too, so that neither is
-// taken by a second node of another shape): a B or scales two nodes share is rearranged once and
-// never read in the other layout. An entry lives as long as a kernel uses it (the session's
-// initializers outlive its kernels, and a later session may reuse the addresses).
-struct TiledEntry {
-  neoedge::TiledWeights weights;
-  std::shared_ptr<std::atomic<uint8_t>[]> states;
-  int users;
-};
-std::mutex g_tiled_mutex;
-std::map<const void*, TiledEntry> g_tiled;
-
 bool tiling_enabled() {
+#if defined(_WIN32)
+  // onnxruntime maps external weights read-only on Windows (PAGE_READONLY): no writing in place.
+  return false;
+#else
   const char* v = std::getenv(kTiledVariable);
   return !(v && std::strcmp(v, "0") == 0);
+#endif
+}
+
+// The data of input `index` if it is a constant initializer, else null.
+Status* constant_input(const KernelInfo* info, size_t index, const Value** value, void** data) {
+  int constant = 0;
+  *value = nullptr;
+  *data = nullptr;
+  if (Status* s = g_ort.KernelInfoGetConstantInput_tensor(info, index, &constant, value)) return s;
+  if (!constant || !*value) {
+    *value = nullptr;
+    return nullptr;
+  }
+  return g_ort.GetTensorMutableData(const_cast<Value*>(*value), data);
 }
 
 Status* element_count(const Value* value, int64_t* count);
@@ -105,74 +113,44 @@ Status* read_attribute(const KernelInfo* info, const char* name, int64_t* out, b
   return error(kInvalidArgument, std::string("missing integer attribute '") + name + "'");
 }
 
-// Rearranges B and scales in place if this kernel's path reads the tiled layout and both are
-// constant initializers of the expected sizes (anything else keeps MatMulNBits' layout and the
-// other paths; a wrong size is refused at run as before).
-Status* tile_if_constant(const KernelInfo* info, size_t inputs, Kernel& kernel) {
+// Registers the kernel's constant inputs with tiled_registry: B and scales for the tiled layout if
+// this kernel's path reads it (the AVX-512 VNNI path, symmetric weights of the expected sizes, the
+// graph's rearrange_weights), otherwise every constant input as read in MatMulNBits' layout.
+Status* register_weights(const KernelInfo* info, size_t inputs, Kernel& kernel) {
+  const Value* values[4] = {};
+  void* data[4] = {};
+  for (size_t i = 1; i < inputs && i < 4; ++i) {
+    if (Status* s = constant_input(info, i, &values[i], &data[i])) return s;
+  }
   int64_t allowed = 0;
   read_attribute(info, "rearrange_weights", &allowed, false);
-  if (!allowed || kernel.isa != Isa::avx512vnni || inputs > 3 || !tiling_enabled()) return nullptr;
-  const Value* values[2] = {nullptr, nullptr};
-  for (int i = 0; i < 2; ++i) {
-    int constant = 0;
-    if (Status* s = g_ort.KernelInfoGetConstantInput_tensor(info, static_cast<size_t>(i + 1), &constant, &values[i]))
-      return s;
-    if (!constant || !values[i]) return nullptr;
-  }
+  bool tiles = allowed && kernel.isa == Isa::avx512vnni && inputs <= 3 && tiling_enabled() && data[1] && data[2];
   const int64_t blocks = kernel.k / kernel.block;
   const int64_t expected[2] = {kernel.n * kernel.k * kernel.bits / 8, kernel.n * blocks};
-  void* data[2] = {nullptr, nullptr};
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; tiles && i < 2; ++i) {
     int64_t count = 0;
-    if (Status* s = element_count(values[i], &count)) return s;
-    if (count != expected[i]) return nullptr;
-    if (Status* s = g_ort.GetTensorMutableData(const_cast<Value*>(values[i]), &data[i])) return s;
+    if (Status* s = element_count(values[i + 1], &count)) return s;
+    tiles = count == expected[i];
   }
-  std::lock_guard<std::mutex> lock(g_tiled_mutex);
-  auto b = g_tiled.find(data[0]), scales = g_tiled.find(data[1]);
-  if (b == g_tiled.end() && scales == g_tiled.end()) {
-    const neoedge::TiledWeights weights{static_cast<uint8_t*>(data[0]), static_cast<float*>(data[1]), kernel.n,
-                                        kernel.k, kernel.bits, kernel.block, nullptr};
-    const size_t tiles = static_cast<size_t>(weights.tiles());
-    std::shared_ptr<std::atomic<uint8_t>[]> states(new std::atomic<uint8_t>[tiles]);
-    for (size_t t = 0; t < tiles; ++t) states[t].store(neoedge::TiledWeights::kPlain);
-    TiledEntry entry{weights, states, 0};
-    entry.weights.states = states.get();
-    b = g_tiled.emplace(data[0], entry).first;
-    scales = g_tiled.emplace(data[1], entry).first;
+  std::string why;
+  if (tiles) {
+    if (!neoedge::join_tiled(static_cast<uint8_t*>(data[1]), static_cast<float*>(data[2]), kernel.n, kernel.k,
+                             kernel.bits, kernel.block, &kernel.tiled, &why))
+      return error(kInvalidArgument, why);
+    kernel.registered = {data[1], data[2]};
+    return nullptr;
   }
-  auto same = [&](const TiledEntry& e) {
-    return e.weights.b == data[0] && e.weights.scales == data[1] && e.weights.k == kernel.k &&
-           e.weights.n == kernel.n && e.weights.bits == kernel.bits && e.weights.block == kernel.block;
-  };
-  if (b == g_tiled.end() || scales == g_tiled.end() || !same(b->second) || !same(scales->second))
-    return error(kNotImplemented, "B and scales shared with a MatMulNBits node of another shape or with other weights");
-  ++b->second.users;
-  ++scales->second.users;
-  kernel.tiled = &b->second.weights;
+  for (size_t i = 1; i < 4; ++i) {
+    if (!data[i]) continue;
+    if (!neoedge::pin_plain(data[i], &why)) return error(kInvalidArgument, why);
+    kernel.registered.push_back(data[i]);
+  }
   return nullptr;
 }
 
-// The tiled weights b belongs to, or null if its node keeps MatMulNBits' layout; false if b was
-// registered with another shape. (The entry lives while the session's kernels do.)
-bool tiled_table(const void* b, int64_t n, int64_t k, int64_t bits, int64_t block, const neoedge::TiledWeights** out) {
-  std::lock_guard<std::mutex> lock(g_tiled_mutex);
-  auto it = g_tiled.find(b);
-  *out = it != g_tiled.end() && it->second.weights.b == b ? &it->second.weights : nullptr;
-  if (it == g_tiled.end()) return true;
-  const neoedge::TiledWeights& w = it->second.weights;
-  return w.b == b && w.n == n && w.k == k && w.bits == bits && w.block == block;
+void release_registrations(const std::vector<const void*>& registered) {
+  for (const void* pointer : registered) neoedge::release_registration(pointer);
 }
-
-void release_tiled(const Kernel& kernel) {
-  if (!kernel.tiled) return;
-  std::lock_guard<std::mutex> lock(g_tiled_mutex);
-  for (const void* key : {static_cast<const void*>(kernel.tiled->b), static_cast<const void*>(kernel.tiled->scales)}) {
-    auto it = g_tiled.find(key);
-    if (it != g_tiled.end() && --it->second.users == 0) g_tiled.erase(it);
-  }
-}
-
 
 Status* NEO_ORT_CALL create_kernel(const CustomOp*, const Api*, const KernelInfo* info, void** out) {
   *out = nullptr;
@@ -203,11 +181,13 @@ Status* NEO_ORT_CALL create_kernel(const CustomOp*, const Api*, const KernelInfo
   const bool stream_rows = stream && *stream ? std::strcmp(stream, "0") != 0 : neoedge::prefers_row_streaming();
   Kernel* kernel = new Kernel{k, n, bits, block, isa, !(batched && std::strcmp(batched, "0") == 0), stream_rows};
   try {
-    if (Status* s = tile_if_constant(info, inputs, *kernel)) {
+    if (Status* s = register_weights(info, inputs, *kernel)) {
+      release_registrations(kernel->registered);
       delete kernel;
       return s;
     }
   } catch (const std::exception& e) {
+    release_registrations(kernel->registered);
     delete kernel;
     return error(kRuntimeException, e.what());
   }
@@ -280,8 +260,13 @@ Status* compute(Kernel& kernel, KernelContext* context) {
     kernel.checked[i].store(data[i + 1], std::memory_order_relaxed);
   }
   // ORT hands the kernel the initializers it showed at creation; anything else was not rearranged.
-  if (kernel.tiled && (data[1] != kernel.tiled->b || data[2] != kernel.tiled->scales))
-    return error(kRuntimeException, "B or scales is not the initializer rearranged when the session was created");
+  // Pinned when another reader of the same weights (created later in this session) reads the old
+  // layout: then nothing was rearranged, and this reads it as it is too.
+  const neoedge::TiledWeights* tiled =
+      kernel.tiled && !kernel.tiled->pinned.load(std::memory_order_relaxed) ? &kernel.tiled->weights : nullptr;
+  // ORT hands the kernel the initializers it showed at creation; anything else was not registered.
+  if (tiled && (data[1] != tiled->b || data[2] != tiled->scales))
+    return error(kRuntimeException, "B or scales is not the initializer registered when the session was created");
   int64_t out_dims[8];
   for (size_t i = 0; i + 1 < rank; ++i) out_dims[i] = dims[i];
   out_dims[rank - 1] = kernel.n;
@@ -294,7 +279,7 @@ Status* compute(Kernel& kernel, KernelContext* context) {
                      static_cast<const uint8_t*>(data[1]), static_cast<const float*>(data[2]),
                      static_cast<const uint8_t*>(data[3]), static_cast<int>(kernel.bits),
                      static_cast<int>(kernel.block), static_cast<float*>(data[4]), kernel.batched,
-                     kernel.stream_rows, kernel.tiled};
+                     kernel.stream_rows, tiled};
   neoedge::Parallel parallel{pool_run, context};
   if (!neoedge::run(p, parallel, kernel.isa)) return error(kRuntimeException, "the thread pool failed");
   return nullptr;
@@ -312,7 +297,7 @@ Status* NEO_ORT_CALL guarded(void* kernel, KernelContext* context) {
 }
 
 void NEO_ORT_CALL destroy_kernel(void* kernel) {
-  release_tiled(*static_cast<Kernel*>(kernel));
+  release_registrations(static_cast<Kernel*>(kernel)->registered);
   delete static_cast<Kernel*>(kernel);
 }
 
@@ -485,6 +470,7 @@ constexpr const char* kGatherName = "GatherBlockQuantized";
 
 struct GatherKernel {
   int64_t bits, block;
+  std::vector<const void*> registered;  // its constant scales and zero points, read as they are
 };
 
 Status* gather_error(ErrorCode code, const std::string& message) {
@@ -503,7 +489,22 @@ Status* NEO_ORT_CALL create_gather(const CustomOp*, const Api*, const KernelInfo
     return gather_error(kInvalidArgument, "block_size must be a power of two in 16..256");
   if (gather_axis != 0 || quantize_axis != 2)
     return gather_error(kInvalidArgument, "only gather_axis 0 and quantize_axis 2 are implemented");
-  *out = new GatherKernel{bits, block};
+  auto* kernel = new GatherKernel{bits, block, {}};
+  // Its scales and zero points are read as they are: no MatMulNBits kernel may rearrange them.
+  for (size_t i = 2; i < 4; ++i) {
+    const Value* value = nullptr;
+    void* data = nullptr;
+    Status* s = constant_input(info, i, &value, &data);
+    std::string why;
+    if (!s && data && !neoedge::pin_plain(data, &why)) s = gather_error(kInvalidArgument, why);
+    if (s) {
+      release_registrations(kernel->registered);
+      delete kernel;
+      return s;
+    }
+    if (data) kernel->registered.push_back(data);
+  }
+  *out = kernel;
   return nullptr;
 }
 
@@ -535,8 +536,12 @@ Status* gather_compute(GatherKernel& kernel, KernelContext* context) {
       if (Status* s = g_ort.GetTensorMutableData(const_cast<Value*>(values[i]), &data[i])) return s;
     }
   }
-  const neoedge::TiledWeights* tiled = nullptr;
-  if (!tiled_table(data[0], vocab, width, kernel.bits, kernel.block, &tiled))
+  // The table is tiled if a MatMulNBits kernel registered it for that and nothing pinned it.
+  const std::shared_ptr<neoedge::TiledShared> shared = neoedge::find_tiled(data[0]);
+  const neoedge::TiledWeights* tiled =
+      shared && shared->weights.b == data[0] && !shared->pinned.load(std::memory_order_relaxed) ? &shared->weights
+                                                                                                 : nullptr;
+  if (tiled && (tiled->n != vocab || tiled->k != width || tiled->bits != kernel.bits || tiled->block != kernel.block))
     return gather_error(kInvalidArgument, "data is tiled for a MatMulNBits node of another shape");
   int64_t out_dims[8];
   for (size_t i = 0; i < i_rank; ++i) out_dims[i] = i_dims[i];
@@ -563,7 +568,10 @@ Status* gather_compute(GatherKernel& kernel, KernelContext* context) {
   return nullptr;
 }
 
-void NEO_ORT_CALL destroy_gather(void* kernel) { delete static_cast<GatherKernel*>(kernel); }
+void NEO_ORT_CALL destroy_gather(void* kernel) {
+  release_registrations(static_cast<GatherKernel*>(kernel)->registered);
+  delete static_cast<GatherKernel*>(kernel);
+}
 const char* NEO_ORT_CALL gather_name(const CustomOp*) { return kGatherName; }
 ElementType NEO_ORT_CALL gather_input_type(const CustomOp*, size_t index) {
   return index == 1 ? kInt64 : index == 2 ? kFloat : kUint8;

@@ -40,13 +40,14 @@ void tile_rows(uint8_t* data, int64_t n0, int64_t h, int64_t width, uint8_t* scr
 void TiledWeights::ensure(int64_t t) const {
   std::atomic<uint8_t>& state = states[t];
   if (state.load(std::memory_order_acquire) == kTiled) return;
+  const int64_t dwords = k * bits / 8 / 4, blocks = k / block;
+  // Scratch first: a failed allocation must not leave the tile claimed (its readers would wait).
+  thread_local std::vector<uint8_t> scratch;
+  const size_t bytes = static_cast<size_t>(kTileHeight * std::max(dwords, blocks) * 4);
+  if (scratch.size() < bytes) scratch.resize(bytes);
   uint8_t expected = kPlain;
   if (state.compare_exchange_strong(expected, kTiling, std::memory_order_acquire)) {
-    const int64_t dwords = k * bits / 8 / 4, blocks = k / block;
     const int64_t n0 = t * kTileHeight, h = std::min<int64_t>(kTileHeight, n - n0);
-    thread_local std::vector<uint8_t> scratch;
-    const size_t bytes = static_cast<size_t>(kTileHeight * std::max(dwords, blocks) * 4);
-    if (scratch.size() < bytes) scratch.resize(bytes);
     tile_rows(b, n0, h, dwords, scratch.data());
     tile_rows(reinterpret_cast<uint8_t*>(scales), n0, h, blocks, scratch.data());
     state.store(kTiled, std::memory_order_release);
