@@ -149,7 +149,7 @@ def main() -> None:
               "rounds": args.rounds, "machine_before": machine, "kernels": kernels, "rows": rows,
               "profile_batch": args.profile or None, "profiles": profiles}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"batch-decode-{date}{args.tag}"
+    stem = args.out / f"batch-decode-{date}{'-' + args.tag if args.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# One batched decode step by batch size ({date})", "",
              f"Package `{args.package.name}`, {args.threads} threads, 128-token prompts, median of {args.rounds} "
