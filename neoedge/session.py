@@ -3,9 +3,10 @@ errors turned into neoedge's."""
 
 from __future__ import annotations
 
+
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -84,6 +85,9 @@ def create_session(model_path: str | os.PathLike[str], settings: SessionSettings
         else:
             kernel_info = kernels.register(options)  # says once why, if the kernels cannot run here
             if kernel_info.available:
+                if kernel_info.tiled_weights and b"rearrange_weights" not in Path(kernel_graph).read_bytes():
+                    # A kernel graph from before tiling (no node allows it): the weights stay as they are.
+                    kernel_info = replace(kernel_info, tiled_weights=False)
                 return LoadedGraph(_session(kernel_graph, options, settings), Path(kernel_graph), kernel_info)
     return LoadedGraph(_session(model_path, options, settings), Path(model_path), kernel_info)
 

@@ -1072,3 +1072,21 @@ def test_the_kernel_graph_marks_only_weights_every_reader_of_which_reads_tiles()
     lm_scales = helper.make_node("GatherBlockQuantized", ["B", "ids", "scales"], ["rows"], domain=kernels.DOMAIN)
     assert marked(graph(matmul("Y", "B", "scales"), lm_scales)) == [False]
     assert marked(graph(matmul("Y", "B", "scales"), gather, subgraph=True)) == [False]
+
+
+@pytest.mark.skipif(not VNNI, reason="no AVX-512 VNNI path on this CPU")
+def test_the_model_and_info_say_whether_weights_are_tiled(int4_package, library, monkeypatch, tmp_path):
+    """`model.kernels` (and so `neoedge bench`/`info`) says "weights tiled in place" where the path
+    tiles and the package's kernel graph allows it; not with NEOEDGE_KERNELS_TILED=0."""
+    from click.testing import CliRunner
+
+    from neoedge import Model
+    from neoedge.cli import main
+
+    monkeypatch.setenv(kernels.ISA_VARIABLE, "avx512vnni")
+    assert Model(int4_package).kernels.tiled_weights
+    assert "weights tiled in place" in Model(int4_package).kernels.describe()
+    assert "weights tiled in place" in CliRunner().invoke(main, ["info", str(int4_package)]).output
+    monkeypatch.setenv("NEOEDGE_KERNELS_TILED", "0")
+    assert not Model(int4_package).kernels.tiled_weights
+    assert "weights tiled" not in CliRunner().invoke(main, ["info", str(int4_package)]).output

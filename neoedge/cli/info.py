@@ -69,7 +69,11 @@ def info(package: Path, verify: bool, emit: Emitter) -> None:
         from .. import kernels
 
         here = kernels.info()
-        attention = f" (prompt attention on {here.attention})" if here.attention else ""
+        # A kernel graph written by this version names the attribute on the nodes it allows to tile.
+        marked = here.tiled_weights and b"rearrange_weights" in (package / manifest.graph.kernel_file).read_bytes()
+        details = [f"prompt attention on {here.attention}"] if here.attention else []
+        details += ["weights tiled in place"] if marked else []
+        attention = f" ({', '.join(details)})" if details else ""
         runs = ("runs here on " + here.isa + attention) if here.available and here.preferred else \
             f"not used here ({here.reason})"
         lines.append(f"kernels        {manifest.graph.kernel_file}: neoedge's native kernels, {runs}")

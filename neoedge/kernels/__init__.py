@@ -63,11 +63,17 @@ class KernelInfo:
     faster than stock on such CPUs, or was forced with NEOEDGE_KERNELS_ISA."""
     attention: str = ""
     """What prompt attention runs on with this path ("amx-bf16 tiles", "avx512", "portable")."""
+    tiled_weights: bool = False
+    """Whether this path keeps symmetric weights in 16-row tiles, rearranged in place where the
+    package's kernel graph allows it (AVX-512 VNNI without AMX, not on Windows, unless
+    NEOEDGE_KERNELS_TILED=0)."""
 
     def describe(self) -> str:
         if self.available:
             attention = f", prompt attention on {self.attention}" if self.attention else ""
-            return f"neoedge native kernels, {self.isa} path{attention}" + (f" ({self.reason})" if self.reason else "")
+            tiled = ", weights tiled in place" if self.tiled_weights else ""
+            return f"neoedge native kernels, {self.isa} path{tiled}{attention}" + \
+                (f" ({self.reason})" if self.reason else "")
         return "onnxruntime stock kernels" + (f" ({self.reason})" if self.reason else "")
 
 
@@ -157,8 +163,14 @@ def info() -> KernelInfo:
     return _runs(path, best, "", preferred=True)
 
 
+TILED_VARIABLE = "NEOEDGE_KERNELS_TILED"
+
+
 def _runs(path: Path, isa: str, reason: str, preferred: bool) -> KernelInfo:
-    return KernelInfo(True, isa, reason, str(path), preferred=preferred, attention=_attention(str(path), isa))
+    # As the library decides (op.cpp, tiling_enabled): only the value "0" switches tiling off.
+    tiled = isa == "avx512vnni" and sys.platform != "win32" and os.environ.get(TILED_VARIABLE) != "0"
+    return KernelInfo(True, isa, reason, str(path), preferred=preferred, attention=_attention(str(path), isa),
+                      tiled_weights=tiled)
 
 
 _reported: set[str] = set()
