@@ -1,4 +1,4 @@
-// Tiled weights: MatMulNBits' B and scales rearranged once, in the memory onnxruntime loaded them
+// Tiled weights: MatMulNBits' B and scales rearranged once, in the memory onnxruntime mapped them
 // into, so that a vector load gives the AVX-512 VNNI kernels 16 weight rows side by side.
 //
 // Why: in MatMulNBits' layout a zmm of B holds one row's k, so the decode GEMV needs a block
@@ -16,9 +16,10 @@
 // the rearrangement needs no second copy of the weights (which matters at 1.3B and 2.7B).
 //
 // Only weights without zero-point inputs are tiled (their zero point is 2^(b-1) everywhere), and
-// only where the graph says every reader of B and scales is a neoedge kernel (the MatMulNBits
-// attribute `rearrange_weights`): GPT-Neo's tied embedding reads the lm_head's B through
-// neoedge.kernels::GatherBlockQuantized, which reads either layout (dequantize_row).
+// only where the graph says every reader of B and scales reads tiles (the MatMulNBits attribute
+// `rearrange_weights`): GPT-Neo's tied embedding reads the lm_head's B through
+// neoedge.kernels::GatherBlockQuantized, which reads either layout (dequantize_row). At run time
+// tiled_registry.h keeps any weights another kernel reads as they are, whatever the graph says.
 #pragma once
 
 #include <atomic>
@@ -30,7 +31,7 @@ constexpr int kTileHeight = 16;
 
 // B and scales of one MatMulNBits node, rearranged tile by tile by the first call (or table gather)
 // that reads a tile, not when the session is created: rearranging a 1.3B's 700 MB up front added
-// 0.7 s to its cold start; within its first prompt, which reads every weight anyway, 0.2 s. Reading
+// 0.7 s to its cold start; within its first prompt, which reads every weight anyway, 0.25-0.3 s. Reading
 // a tile in the old layout first and rearranging it later costs more: the write to a page already
 // mapped read-only needs a TLB shootdown (see tiled.cpp; the first decode step after a prompt
 // read the old layout took 1.35 s on the 1.3B).
