@@ -343,7 +343,7 @@ NEO_AVX512 void prepare_rows(const PrepareJob& job, int64_t m0) {
       scaled_sum[b] = qb.scale * static_cast<float>(qb.sum);
     }
     std::memset(row + p.k, 0, static_cast<size_t>(act.k64 - p.k));
-    // Tiled 4-bit weights stage each dword's even k, then its odd k (stage_tiled).
+    // Tiled 4-bit weights stage each dword's even k, then its odd k (stage_tiled_group).
     if (p.tiled && p.bits == 4) split_even_odd(row, p.k);
   }
 }

@@ -83,7 +83,7 @@ NEO_AVX512 NEO_INLINE QuantizedBlock quantize_block_avx512(const float* a, int l
 }
 
 // Reorders int8 activations in place, per 8 k: the 4 even k, then the 4 odd ones (len a multiple of
-// 16; every vector load in bounds, see grow). A dword of 4-bit weights holds 8 k, the even ones in
+// 8; the last vector masked). A dword of 4-bit weights holds 8 k, the even ones in
 // its low nibbles: so ordered, one broadcast of 4 activation bytes meets each nibble half.
 NEO_AVX512 NEO_INLINE void split_even_odd(int8_t* q, int64_t len) {
   const __m512i order = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15));
