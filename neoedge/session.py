@@ -85,7 +85,7 @@ def create_session(model_path: str | os.PathLike[str], settings: SessionSettings
         else:
             kernel_info = kernels.register(options)  # says once why, if the kernels cannot run here
             if kernel_info.available:
-                if kernel_info.tiled_weights and b"rearrange_weights" not in Path(kernel_graph).read_bytes():
+                if kernel_info.tiled_weights and not kernels.graph_allows_tiling(kernel_graph):
                     # A kernel graph from before tiling (no node allows it): the weights stay as they are.
                     kernel_info = replace(kernel_info, tiled_weights=False)
                 return LoadedGraph(_session(kernel_graph, options, settings), Path(kernel_graph), kernel_info)

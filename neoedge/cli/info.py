@@ -69,8 +69,7 @@ def info(package: Path, verify: bool, emit: Emitter) -> None:
         from .. import kernels
 
         here = kernels.info()
-        # A kernel graph written by this version names the attribute on the nodes it allows to tile.
-        marked = here.tiled_weights and b"rearrange_weights" in (package / manifest.graph.kernel_file).read_bytes()
+        marked = here.tiled_weights and kernels.graph_allows_tiling(package / manifest.graph.kernel_file)
         details = [f"prompt attention on {here.attention}"] if here.attention else []
         details += ["weights tiled in place"] if marked else []
         attention = f" ({', '.join(details)})" if details else ""

@@ -166,6 +166,12 @@ def info() -> KernelInfo:
 TILED_VARIABLE = "NEOEDGE_KERNELS_TILED"
 
 
+def graph_allows_tiling(kernel_graph: str | os.PathLike[str]) -> bool:
+    """Whether a kernel graph lets some MatMulNBits node tile its weights: one written by this
+    version names the attribute on those nodes (onnx is not needed to look)."""
+    return b"rearrange_weights" in Path(kernel_graph).read_bytes()
+
+
 def _runs(path: Path, isa: str, reason: str, preferred: bool) -> KernelInfo:
     # As the library decides (op.cpp, tiling_enabled): only the value "0" switches tiling off.
     tiled = isa == "avx512vnni" and sys.platform != "win32" and os.environ.get(TILED_VARIABLE) != "0"

@@ -14,7 +14,6 @@
 #include <cstring>
 #include <exception>
 #include <atomic>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -259,7 +258,6 @@ Status* compute(Kernel& kernel, KernelContext* context) {
       return error(kInvalidArgument, what[i] + std::to_string(expected[i]) + " values, has " + std::to_string(other_count));
     kernel.checked[i].store(data[i + 1], std::memory_order_relaxed);
   }
-  // ORT hands the kernel the initializers it showed at creation; anything else was not rearranged.
   // Pinned when another reader of the same weights (created later in this session) reads the old
   // layout: then nothing was rearranged, and this reads it as it is too.
   const neoedge::TiledWeights* tiled =

@@ -27,8 +27,9 @@ bool any_tiled(const TiledShared& shared) {
 bool pin_locked(const void* pointer, std::string* why) {
   auto it = g_registry.find(pointer);
   if (it == g_registry.end()) {
-    g_registry.emplace(pointer, Registration{std::make_shared<TiledShared>(), 1});
-    g_registry[pointer].shared->pinned.store(true);
+    auto placeholder = std::make_shared<TiledShared>();
+    placeholder->pinned.store(true);
+    g_registry.emplace(pointer, Registration{placeholder, 1});
     return true;
   }
   if (any_tiled(*it->second.shared)) {
