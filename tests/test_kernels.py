@@ -1090,3 +1090,27 @@ def test_the_model_and_info_say_whether_weights_are_tiled(int4_package, library,
     monkeypatch.setenv("NEOEDGE_KERNELS_TILED", "0")
     assert not Model(int4_package).kernels.tiled_weights
     assert "weights tiled" not in CliRunner().invoke(main, ["info", str(int4_package)]).output
+
+
+@pytest.mark.skipif(not VNNI, reason="no AVX-512 VNNI path on this CPU")
+def test_a_plain_reader_of_weights_another_session_already_tiled_is_refused(library, monkeypatch):
+    """Sessions share an initializer only when the caller supplies it (add_initializer). Once one
+    session's kernel rearranged it, a second session reading it in MatMulNBits' layout would be
+    wrong: its creation is refused, naming why."""
+    monkeypatch.setenv(kernels.ISA_VARIABLE, "avx512vnni")
+    a, packed, scales, _ = problem(np.random.default_rng(1), 1, 256, 40, 4, 64, True)
+    expected, bound = reference(a, packed, scales, None, 4, 64, 40)
+    shared = ort.OrtValue.ortvalue_from_numpy(packed.copy())  # rearrange_weights lets kernels write it
+
+    def with_shared_b(allowed):
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(library)
+        options.add_initializer("B", shared)
+        model = one_node(256, 40, 4, 64, packed, scales, None, kernels.DOMAIN, rearrange_weights=allowed)
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    tiling = with_shared_b(1)
+    assert within(tiling.run(None, {"A": a})[0], expected, bound) <= TOLERANCE
+    with pytest.raises(Exception, match="already rearranged by another node's kernel"):
+        with_shared_b(0)
+    assert within(tiling.run(None, {"A": a})[0], expected, bound) <= TOLERANCE

@@ -2,8 +2,9 @@
 // the session's intra-op thread pool.
 // - MatMulNBits: a drop-in for com.microsoft.MatMulNBits (accuracy_level 4): same inputs (A, B,
 //   scales, optional zero_points), attributes and results; with rearrange_weights = 1 (the kernel
-//   graph's promise that only neoedge kernels read B and scales) the AVX-512 VNNI path tiles them
-//   in place, each tile by the first call that reads it (tiled.h, tiled_registry.h).
+//   graph's promise that only neoedge kernels read B and scales, and its permission to write them:
+//   weights a caller supplies with add_initializer are rewritten too) the AVX-512 VNNI path tiles
+//   them in place, each tile by the first call that reads it (tiled.h, tiled_registry.h).
 // - GatherBlockQuantized: com.microsoft's over a MatMulNBits table (the tied embedding), reading it
 //   in either layout.
 // - Attention: com.microsoft.GroupQueryAttention over an int8 per-channel cache, as neoedge's graphs
