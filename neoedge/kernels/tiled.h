@@ -31,10 +31,11 @@ constexpr int kTileHeight = 16;
 
 // B and scales of one MatMulNBits node, rearranged tile by tile by the first call (or table gather)
 // that reads a tile, not when the session is created: rearranging a 1.3B's 700 MB up front added
-// 0.7 s to its cold start; within its first prompt, which reads every weight anyway, 0.25-0.3 s. Reading
-// a tile in the old layout first and rearranging it later costs more: the write to a page already
-// mapped read-only needs a TLB shootdown (see tiled.cpp; the first decode step after a prompt
-// read the old layout took 1.35 s on the 1.3B).
+// 0.7 s to its cold start; within its first prompt, which reads every weight anyway, 0.1-0.3 s
+// (the copy of each page written, see tiled.cpp). Reading a tile in the old layout first and
+// rearranging it later costs more: the write to a page already mapped read-only needs a TLB
+// shootdown (see tiled.cpp; the first decode step after a prompt read the old layout took 1.35 s
+// on the 1.3B).
 // A tile's bytes are its own rows' (tile t: rows 16 t .. 16 t + h), so tiles are independent.
 struct TiledWeights {
   static constexpr uint8_t kPlain = 0, kTiling = 1, kTiled = 2;
