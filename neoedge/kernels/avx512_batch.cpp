@@ -158,6 +158,15 @@ NEO_AVX512 NEO_INLINE BlockScales block_scales(const Problem& p, const float* w_
   return {w_scale, _mm512_mul_ps(w_scale, _mm512_load_ps(zp))};
 }
 
+// The tile's outputs for every activation row: plain stores for a whole tile (masked ones, even
+// with every lane set, cost more on AMD).
+NEO_AVX512 NEO_INLINE void store_rows(const Problem& p, int64_t n0, __mmask16 lanes, const float* acc) {
+  for (int64_t m = 0; m < p.m; ++m) {
+    if (lanes == 0xFFFF) _mm512_storeu_ps(p.y + m * p.n + n0, _mm512_load_ps(acc + m * kLanes));
+    else _mm512_mask_storeu_ps(p.y + m * p.n + n0, lanes, _mm512_load_ps(acc + m * kLanes));
+  }
+}
+
 template <int BITS>
 NEO_AVX512 void batch_tile(const Problem& p, const RowActivations& act, int64_t n0) {
   constexpr int per_unit = unit_vectors<BITS>();
@@ -174,7 +183,7 @@ NEO_AVX512 void batch_tile(const Problem& p, const RowActivations& act, int64_t 
     const BlockScales scales = block_scales<BITS>(p, w_scales, n0, b, valid);
     block_all_rows(p, act, staged, static_cast<int>(units * per_unit), b, scales.w_scale, scales.zpw, acc);
   }
-  for (int64_t m = 0; m < p.m; ++m) _mm512_mask_storeu_ps(p.y + m * p.n + n0, lanes, _mm512_load_ps(acc + m * kLanes));
+  store_rows(p, n0, lanes, acc);
 }
 
 // The same tile on AMX: the staged block is already a B tile's layout (16 rows of 4 k, each row
@@ -235,7 +244,7 @@ NEO_AMX void batch_tile_amx(const Problem& p, const RowActivations& act, int64_t
     if (b > 0) epilogue(b - 1);
   }
   epilogue(blocks - 1);
-  for (int64_t m = 0; m < p.m; ++m) _mm512_mask_storeu_ps(p.y + m * p.n + n0, lanes, _mm512_load_ps(acc + m * kLanes));
+  store_rows(p, n0, lanes, acc);
 }
 
 #undef NEO_BLOCK_PRODUCTS

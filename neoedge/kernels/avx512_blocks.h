@@ -90,7 +90,11 @@ NEO_AVX512 NEO_INLINE void split_even_odd(int8_t* q, int64_t len) {
   for (int64_t k0 = 0; k0 < len; k0 += 64) {
     const int64_t left = len - k0;
     const __mmask64 mask = left >= 64 ? ~0ull : (1ull << left) - 1;
-    _mm512_mask_storeu_epi8(q + k0, mask, _mm512_shuffle_epi8(_mm512_maskz_loadu_epi8(mask, q + k0), order));
+    if (left >= 64) {  // plain for whole vectors: masked ones with every lane set cost more on AMD
+      _mm512_storeu_si512(q + k0, _mm512_shuffle_epi8(_mm512_loadu_si512(q + k0), order));
+    } else {
+      _mm512_mask_storeu_epi8(q + k0, mask, _mm512_shuffle_epi8(_mm512_maskz_loadu_epi8(mask, q + k0), order));
+    }
   }
 }
 
