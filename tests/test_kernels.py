@@ -306,12 +306,15 @@ VNNI = "avx512vnni" in PATHS
 @pytest.mark.skipif(not VNNI, reason="no AVX-512 VNNI path on this CPU")
 @pytest.mark.parametrize("m", [1, 2, 5, 8, 13, 16, 40])
 @pytest.mark.parametrize("k, n, bits, block", [(256, 53, 4, 32), (768, 40, 4, 128), (48, 17, 4, 16),
-                                               (512, 33, 8, 64), (64, 1, 8, 16)])
+                                               (512, 33, 8, 64), (64, 1, 8, 16), (192, 37, 4, 16),
+                                               (640, 37, 8, 32)])
 def test_tiled_weights_match_the_reference_and_the_untiled_paths(m, k, n, bits, block, library, monkeypatch):
     """AVX-512 VNNI sessions rearrange symmetric B and scales into 16-row tiles in place, each tile
     by the first call that reads it (NEOEDGE_KERNELS_TILED=0: kept as they are). Decode rows (M <= 16) and the
     prompt GEMM (M = 40) read the tiles; both layouts equal the reference, on tails of the last tile
-    (N = 53, 17, 33, 1) and of the 64-k vectors (K = 48, 64)."""
+    (N = 53, 17, 33, 1) and of the 64-k vectors (K = 48, 64), and rows of B or scales that the
+    rearrangement copies 16 dwords at a time with a tail (24 dwords of B at K = 192; 20 scales at
+    K = 640)."""
     outputs = outputs_by_switch("avx512vnni", m, k, n, bits, block, True, m + k + n, "NEOEDGE_KERNELS_TILED",
                                 library, monkeypatch)
     if m > 16:  # the same staged GEMM, from either layout: the same bits
