@@ -192,6 +192,10 @@ class BatchPoint:
     """Resident memory after the runs minus before the engine was made."""
     cache_mb: float
     """What the B rows' KV caches hold at the end (B x one sequence's cache of prompt + new tokens)."""
+    paired_over_batch_1: float
+    """Median over runs of this run's tokens/s / a batch-1 run's next to it (same prompts' first,
+    alternating which goes first): the ratio of two medians taken minutes apart moved with the
+    machine's speed (a VM's drifts by tens of percent: 2.40x and 3.90x in two runs of one command)."""
 
 
 @dataclass(frozen=True)
@@ -317,11 +321,11 @@ class BenchReport:
             one = next((b for b in self.batches if b.batch == 1), None)
             lines.append(f"batches        engine, B requests at once ({s.prompt_tokens}-token prompts, "
                          f"{s.new_tokens} new tokens), median of {s.runs} runs")
-            lines.append("      B  tokens/s  vs B=1  first token ms p50 / p95  decode ms/token p50 / p95  "
+            lines.append("      B  tokens/s  vs B=1  paired  first token ms p50 / p95  decode ms/token p50 / p95  "
                          "RSS +MB (caches)")
             for b in self.batches:
                 ratio = f"{b.tokens_per_s / one.tokens_per_s:5.2f}x" if one else "     -"
-                lines.append(f"  {b.batch:>5}  {b.tokens_per_s:8.1f}  {ratio}  "
+                lines.append(f"  {b.batch:>5}  {b.tokens_per_s:8.1f}  {ratio}  {b.paired_over_batch_1:5.2f}x  "
                              f"{b.first_token_ms.p50:12.1f} / {b.first_token_ms.p95:<9.1f}  "
                              f"{b.decode_ms_per_token.p50:10.2f} / {b.decode_ms_per_token.p95:<10.2f}  "
                              f"{b.rss_growth_mb:6.1f} ({b.cache_mb:.1f})")
@@ -563,25 +567,38 @@ def _cache_mb(model: Model, tokens: int, seed: int) -> float:
     return seq.cache_bytes() / 1e6
 
 
-def measure_batch(model: Model, settings: BenchSettings, batch: int) -> BatchPoint:
-    """An engine with `batch` rows, `batch` requests at once, `settings.runs` times."""
+def measure_batch(model: Model, settings: BenchSettings, batch: int, single: Engine | None = None) -> BatchPoint:
+    """An engine with `batch` rows, `batch` requests at once, `settings.runs` times; each run paired
+    with one of the same requests' first through `single` (an engine of one row), when given."""
     def prompts(run: int) -> list[list[int]]:
         return [random_prompt(model, settings.prompt_tokens, settings.seed + 1000 * (run + 1) + i) for i in range(batch)]
 
+    def rate(engine: Engine, requests: list[list[int]]) -> tuple[float, list[tuple[float, float, int]]]:
+        start, results = _timed_requests(engine, requests, settings.options(settings.new_tokens))
+        return sum(n for _, _, n in results) / (max(last for _, last, _ in results) - start), \
+            [(first - start, last - start, n) for first, last, n in results]
+
     cache_mb = batch * _cache_mb(model, settings.prompt_tokens + settings.new_tokens, settings.seed)
     before = current_rss_mb()
-    rates, firsts, decodes = [], [], []
+    rates, ratios, firsts, decodes = [], [], [], []
     with Engine(model, EngineSettings(max_batch=batch, max_queue=batch)) as engine:
         for run in range(settings.warmup):
             _timed_requests(engine, prompts(settings.runs + run), settings.options(min(settings.new_tokens, 8)))
         for run in range(settings.runs):
-            start, results = _timed_requests(engine, prompts(run), settings.options(settings.new_tokens))
-            rates.append(sum(n for _, _, n in results) / (max(last for _, last, _ in results) - start))
-            firsts += [(first - start) * 1e3 for first, _, _ in results]
+            alone = None
+            if single is not None and run % 2 == 1:
+                alone, _ = rate(single, prompts(run)[:1])
+            tokens_per_s, results = rate(engine, prompts(run))
+            if single is not None and run % 2 == 0:
+                alone, _ = rate(single, prompts(run)[:1])
+            rates.append(tokens_per_s)
+            ratios.append(tokens_per_s / alone if alone else 1.0)
+            firsts += [first * 1e3 for first, _, _ in results]
             decodes += [(last - first) * 1e3 / (n - 1) for first, last, n in results if n > 1]
         after = current_rss_mb()
     return BatchPoint(batch=batch, tokens_per_s=float(np.median(rates)), first_token_ms=Spread.of(firsts),
-                      decode_ms_per_token=Spread.of(decodes), rss_growth_mb=after - before, cache_mb=cache_mb)
+                      decode_ms_per_token=Spread.of(decodes), rss_growth_mb=after - before, cache_mb=cache_mb,
+                      paired_over_batch_1=float(np.median(ratios)))
 
 
 def measure_engine_overhead(model: Model, settings: BenchSettings) -> EngineOverhead:
@@ -705,9 +722,13 @@ def run_bench(package: str | os.PathLike[str], settings: BenchSettings, *, progr
             cancel = measure_cancel(model, settings)
             bar.update()
         batches = []
-        for batch in settings.batches:
-            batches.append(measure_batch(model, settings, batch))
-            bar.update()
+        if settings.batches:
+            # One row's engine, made first (its cache is in every batch's "before"), runs the batch-1
+            # half of each pair.
+            with Engine(model, EngineSettings(max_batch=1, max_queue=1)) as single:
+                for batch in settings.batches:
+                    batches.append(measure_batch(model, settings, batch, single if batch > 1 else None))
+                    bar.update()
         overhead = None
         if 1 in settings.batches:
             overhead = measure_engine_overhead(model, settings)

@@ -630,7 +630,8 @@ def test_bench_batches_and_served_clients(package):
     for point in report["batches"]:
         assert point["tokens_per_s"] > 0 and point["first_token_ms"]["p50"] <= point["first_token_ms"]["p95"]
         assert point["cache_mb"] > 0
-    assert report["batches"][0]["over_batch_1"] == 1.0
+    assert report["batches"][0]["over_batch_1"] == 1.0 and report["batches"][0]["paired_over_batch_1"] == 1.0
+    assert report["batches"][1]["paired_over_batch_1"] > 0
     assert report["engine_overhead"]["pairs"] == 2 and report["engine_overhead"]["ratio"] > 0
     served = report["served"]
     assert served["clients"] == 2 and served["concurrent"]["requests"] == 2
