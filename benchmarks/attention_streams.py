@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from neoedge import kernels  # noqa: E402
+from report import quiet_verdict  # noqa: E402
 
 HEAD_SIZE = 64
 CASES = [  # (batch, heads, context, layers, evicted)
@@ -100,14 +100,6 @@ def time_case(batch: int, heads: int, context: int, layers: int, evicted: bool, 
     read = batch * heads * context * HEAD_SIZE * 2 * layers
     return {"batch": batch, "heads": heads, "context": context, "layers": layers, "evicted": evicted,
             "pairs_per_layer": batch * heads, "ms": ms, "cache_mb": read / 1e6, "gb_per_s": read / ms / 1e6}
-
-
-def quiet_verdict() -> str:
-    tool = Path("/work/shared/tools/quiet-check")
-    if not tool.exists():
-        return "not checked"
-    result = subprocess.run([str(tool)], capture_output=True, text=True)
-    return "quiet" if result.returncode == 0 else "busy: " + result.stdout.strip().splitlines()[0]
 
 
 def main() -> None:

@@ -26,7 +26,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from package_driver import GqaDriver, PackageShape, session_options  # noqa: E402
-from report import write_report  # noqa: E402
+from report import quiet_verdict, write_report  # noqa: E402
 
 import neoedge.kernels as kernels  # noqa: E402
 
@@ -50,14 +49,6 @@ SHAPES = {
 }
 LM_HEAD_MAX_ROWS = 16
 ROWS = (1, 2, 4, 8, 16, 128, 1024)
-
-
-def quiet_verdict() -> str:
-    tool = Path("/work/shared/tools/quiet-check")
-    if not tool.exists():
-        return "unknown"
-    result = subprocess.run([str(tool)], capture_output=True, text=True)
-    return "quiet" if result.returncode == 0 else "busy: " + result.stdout.strip().splitlines()[0]
 
 
 def one_node(k: int, n: int, bits: int, domain: str, weights) -> bytes:
