@@ -447,19 +447,10 @@ NEO_AVX512 void store_outputs(const Problem& p, int64_t n0, int64_t m0, int64_t 
   const int valid = static_cast<int>(std::min<int64_t>(kTileRows, p.n - n0));
   const __mmask16 lo = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
   const __mmask16 hi = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : static_cast<__mmask16>((1u << (valid - 16)) - 1);
-  if (valid == kTileRows) {
-    // Plain stores for a whole tile: masked ones, even with every lane set, cost more on AMD.
-    for (int64_t m = m0; m < m1; ++m) {
-      float* y = p.y + m * p.n + n0;
-      _mm512_storeu_ps(y, _mm512_loadu_ps(acc + (m - m0) * kTileRows));
-      _mm512_storeu_ps(y + 16, _mm512_loadu_ps(acc + (m - m0) * kTileRows + 16));
-    }
-    return;
-  }
   for (int64_t m = m0; m < m1; ++m) {
     float* y = p.y + m * p.n + n0;
-    _mm512_mask_storeu_ps(y, lo, _mm512_loadu_ps(acc + (m - m0) * kTileRows));
-    if (hi) _mm512_mask_storeu_ps(y + 16, hi, _mm512_loadu_ps(acc + (m - m0) * kTileRows + 16));
+    store_lanes(y, lo, _mm512_loadu_ps(acc + (m - m0) * kTileRows));
+    if (hi) store_lanes(y + 16, hi, _mm512_loadu_ps(acc + (m - m0) * kTileRows + 16));
   }
 }
 

@@ -158,13 +158,8 @@ NEO_AVX512 NEO_INLINE BlockScales block_scales(const Problem& p, const float* w_
   return {w_scale, _mm512_mul_ps(w_scale, _mm512_load_ps(zp))};
 }
 
-// The tile's outputs for every activation row: plain stores for a whole tile (masked ones, even
-// with every lane set, cost more on AMD).
 NEO_AVX512 NEO_INLINE void store_rows(const Problem& p, int64_t n0, __mmask16 lanes, const float* acc) {
-  for (int64_t m = 0; m < p.m; ++m) {
-    if (lanes == 0xFFFF) _mm512_storeu_ps(p.y + m * p.n + n0, _mm512_load_ps(acc + m * kLanes));
-    else _mm512_mask_storeu_ps(p.y + m * p.n + n0, lanes, _mm512_load_ps(acc + m * kLanes));
-  }
+  for (int64_t m = 0; m < p.m; ++m) store_lanes(p.y + m * p.n + n0, lanes, _mm512_load_ps(acc + m * kLanes));
 }
 
 template <int BITS>

@@ -49,6 +49,17 @@ NEO_AVX512 NEO_INLINE void dpbusd_broadcast(__m512i& acc, __m512i u8, const int8
 #endif
 }
 
+// 16 floats at p, the lanes of m only: plain for a whole vector (masked loads and stores, even
+// with every lane set, cost more on AMD).
+NEO_AVX512 NEO_INLINE __m512 load_lanes(const float* p, __mmask16 m) {
+  return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+}
+
+NEO_AVX512 NEO_INLINE void store_lanes(float* p, __mmask16 m, __m512 v) {
+  if (m == 0xFFFF) _mm512_storeu_ps(p, v);
+  else _mm512_mask_storeu_ps(p, m, v);
+}
+
 // 4 bytes at p in every dword.
 NEO_AVX512 NEO_INLINE __m512i broadcast4(const int8_t* p) {
   int32_t word;
@@ -89,10 +100,10 @@ NEO_AVX512 NEO_INLINE void split_even_odd(int8_t* q, int64_t len) {
   const __m512i order = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15));
   for (int64_t k0 = 0; k0 < len; k0 += 64) {
     const int64_t left = len - k0;
-    const __mmask64 mask = left >= 64 ? ~0ull : (1ull << left) - 1;
-    if (left >= 64) {  // plain for whole vectors: masked ones with every lane set cost more on AMD
+    if (left >= 64) {  // plain for whole vectors, as load_lanes
       _mm512_storeu_si512(q + k0, _mm512_shuffle_epi8(_mm512_loadu_si512(q + k0), order));
     } else {
+      const __mmask64 mask = (1ull << left) - 1;
       _mm512_mask_storeu_epi8(q + k0, mask, _mm512_shuffle_epi8(_mm512_maskz_loadu_epi8(mask, q + k0), order));
     }
   }

@@ -96,12 +96,8 @@ NEO_AVX512 void tile_rows(const Problem& p, const RowActivations& act, int64_t t
     NEO_EPILOGUE(6) NEO_EPILOGUE(7)
 #undef NEO_EPILOGUE
   }
-  // Plain stores for a whole tile: masked ones, even with every lane set, cost more on AMD.
-#define NEO_STORE(i)                                                                        \
-  if constexpr (MR > i) {                                                                   \
-    if (FULL) _mm512_storeu_ps(p.y + (m0 + i) * p.n + n0, y##i);                            \
-    else _mm512_mask_storeu_ps(p.y + (m0 + i) * p.n + n0, lanes, y##i);                     \
-  }
+#define NEO_STORE(i) \
+  if constexpr (MR > i) store_lanes(p.y + (m0 + i) * p.n + n0, lanes, y##i);
   NEO_STORE(0) NEO_STORE(1) NEO_STORE(2) NEO_STORE(3) NEO_STORE(4) NEO_STORE(5) NEO_STORE(6) NEO_STORE(7)
 #undef NEO_STORE
 }

@@ -2,6 +2,7 @@
 // last partial vector of a row is masked.
 #include "elementwise.h"
 #include "x86.h"
+#include "avx512_blocks.h"
 #include "avx512_exp.h"
 
 #if NEO_X86
@@ -18,15 +19,7 @@ NEO_AVX512 NEO_INLINE __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
 }
 
-// Plain loads and stores for whole vectors: masked ones, even with every lane set, cost more on AMD.
-NEO_AVX512 NEO_INLINE __m512 load(const float* p, __mmask16 m) {
-  return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
-}
-
-NEO_AVX512 NEO_INLINE void store(float* p, __mmask16 m, __m512 v) {
-  if (m == 0xFFFF) _mm512_storeu_ps(p, v);
-  else _mm512_mask_storeu_ps(p, m, v);
-}
+NEO_AVX512 NEO_INLINE __m512 load(const float* p, __mmask16 m) { return x86::load_lanes(p, m); }
 
 }  // namespace
 
@@ -43,7 +36,7 @@ NEO_AVX512 void skip_norm_rows_avx512(const SkipNormProblem& p, int64_t r0, int6
       const __mmask16 m = tail_mask(w - i);
       __m512 v = _mm512_add_ps(load(x + i, m), load(s + i, m));
       if (p.bias) v = _mm512_add_ps(v, load(p.bias + i, m));
-      store(row + i, m, v);
+      x86::store_lanes(row + i, m, v);
       total = _mm512_add_ps(total, v);
     }
     const float mean_value = _mm512_reduce_add_ps(total) / static_cast<float>(w);
@@ -60,7 +53,7 @@ NEO_AVX512 void skip_norm_rows_avx512(const SkipNormProblem& p, int64_t r0, int6
       const __mmask16 m = tail_mask(w - i);
       __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(load(row + i, m), mean), inverse), load(p.gamma + i, m));
       if (p.beta) v = _mm512_add_ps(v, load(p.beta + i, m));
-      store(out + i, m, v);
+      x86::store_lanes(out + i, m, v);
     }
   }
 }
@@ -78,7 +71,7 @@ NEO_AVX512 void gelu_rows_avx512(const GeluProblem& p, int64_t r0, int64_t r1) {
       if (p.bias) v = _mm512_add_ps(v, load(p.bias + i, m));
       const __m512 u = _mm512_mul_ps(v, _mm512_fmadd_ps(b, _mm512_mul_ps(v, v), a));
       const __m512 e = x86::exp_clamped(_mm512_mul_ps(minus_two, u));
-      store(out + i, m, _mm512_div_ps(v, _mm512_add_ps(one, e)));
+      x86::store_lanes(out + i, m, _mm512_div_ps(v, _mm512_add_ps(one, e)));
     }
   }
 }
