@@ -27,6 +27,7 @@ from .generation import Cancelled, Stream
 from .options import ContextPolicy, GenerationOptions
 from .runner import Terminated
 from .scoring import continuation_logprobs
+from .session import new_run_options
 from .state_file import SavedState, read_state, write_state
 
 if TYPE_CHECKING:
@@ -349,7 +350,7 @@ class _RunLink:
 
     def __init__(self, cancel: CancelToken | None) -> None:
         self.cancel = cancel or CancelToken()
-        self.run_options = ort.RunOptions()
+        self.run_options = new_run_options()
         self._unregister = self.cancel.on_cancel(self._terminate)
 
     def _terminate(self) -> None:

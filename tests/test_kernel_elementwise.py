@@ -114,3 +114,12 @@ def test_parameters_of_the_wrong_width_are_errors(monkeypatch):
                         [numpy_helper.from_array(np.ones(33, np.float32), "bias")])
     with pytest.raises(Exception, match="FastGelu: bias must hold one value per channel"):
         ours.run(None, {"x": np.zeros((1, 2, 32), np.float32)})
+    # The same check where the parameter is not a constant the kernel read at creation but a graph
+    # input, whose shape is then read at each run.
+    inputs_with_gamma = inputs + [helper.make_tensor_value_info("gamma", TensorProto.FLOAT, ["W"])]
+    _, ours = _sessions(lambda d: helper.make_node("SkipLayerNormalization", ["x", "skip", "gamma"], ["out"], domain=d),
+                        inputs_with_gamma, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], [])
+    feeds = {"x": np.ones((1, 2, 32), np.float32), "skip": np.zeros((1, 2, 32), np.float32)}
+    np.testing.assert_array_equal(ours.run(None, {**feeds, "gamma": np.ones(32, np.float32)})[0], 0.0)
+    with pytest.raises(Exception, match="SkipLayerNormalization: gamma, beta and bias must hold one value per channel"):
+        ours.run(None, {**feeds, "gamma": np.ones(31, np.float32)})

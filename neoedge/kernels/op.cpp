@@ -590,9 +590,16 @@ const CustomOp kGatherOp = make_op(gather_name, gather_input_type, gather_input_
 // inverse deviation) are refused: the kernel graph converts only nodes that do not ask for them.
 // FastGelu: input [..., W], optional bias [W].
 
+// The per-channel inputs (SkipLayerNormalization's gamma, beta and bias, FastGelu's bias) are
+// initializers in neoedge's graphs: their element counts are read once, at creation, instead of
+// through a shape query at every run (three a SkipLayerNormalization, ~70 a decode step).
+constexpr size_t kRowInputs = 5;
+
 struct RowKernel {
   float epsilon;
   Isa isa;
+  const void* constant[kRowInputs];  // data of the constant inputs, null where not constant
+  int64_t constant_count[kRowInputs];
 };
 
 Status* skip_norm_error(ErrorCode code, const std::string& message) {
@@ -603,6 +610,23 @@ Status* gelu_error(ErrorCode code, const std::string& message) {
   return g_ort.CreateStatus(code, ("neoedge.kernels FastGelu: " + message).c_str());
 }
 
+// The kernel of a row op whose inputs from `first` on are per-channel (read once if constant).
+Status* row_kernel(const KernelInfo* info, float epsilon, Isa isa, size_t first, RowKernel** out) {
+  auto kernel = std::make_unique<RowKernel>(RowKernel{epsilon, isa, {}, {}});
+  size_t inputs = 0;
+  if (Status* s = g_ort.KernelInfo_GetInputCount(info, &inputs)) return s;
+  for (size_t i = first; i < inputs && i < kRowInputs; ++i) {
+    const Value* value = nullptr;
+    void* data = nullptr;
+    if (Status* s = constant_input(info, i, &value, &data)) return s;
+    if (!value) continue;
+    if (Status* s = element_count(value, &kernel->constant_count[i])) return s;
+    kernel->constant[i] = data;
+  }
+  *out = kernel.release();
+  return nullptr;
+}
+
 Status* NEO_ORT_CALL create_skip_norm(const CustomOp*, const Api*, const KernelInfo* info, void** out) {
   *out = nullptr;
   float epsilon = 1e-12f;  // com.microsoft's default
@@ -611,17 +635,15 @@ Status* NEO_ORT_CALL create_skip_norm(const CustomOp*, const Api*, const KernelI
   Isa isa;
   std::string why;
   if (!selected_isa(&isa, &why)) return skip_norm_error(kInvalidArgument, why);
-  *out = new RowKernel{epsilon, isa};
-  return nullptr;
+  return row_kernel(info, epsilon, isa, 2, reinterpret_cast<RowKernel**>(out));
 }
 
-Status* NEO_ORT_CALL create_gelu(const CustomOp*, const Api*, const KernelInfo*, void** out) {
+Status* NEO_ORT_CALL create_gelu(const CustomOp*, const Api*, const KernelInfo* info, void** out) {
   *out = nullptr;
   Isa isa;
   std::string why;
   if (!selected_isa(&isa, &why)) return gelu_error(kInvalidArgument, why);
-  *out = new RowKernel{0.f, isa};
-  return nullptr;
+  return row_kernel(info, 0.f, isa, 1, reinterpret_cast<RowKernel**>(out));
 }
 
 // Inputs [0, count) of a row op (null where absent), their data, and the first one's shape.
@@ -643,13 +665,20 @@ Status* row_inputs(KernelContext* context, size_t count, const Value** values, c
   return shape_of(values[0], dims, rank, elements);
 }
 
-// Whether optional input `value` is absent or holds exactly `width` values.
-Status* width_matches(const Value* value, int64_t width, bool* ok) {
+// Whether optional input `index` (`value`, its data `data`) is absent or holds exactly `width` values;
+// its shape is queried only if it is not the constant the kernel read at creation.
+Status* width_matches(const RowKernel& kernel, size_t index, const Value* value, const void* data, int64_t width,
+                      bool* ok) {
   *ok = true;
   if (!value) return nullptr;
-  int64_t dims[8], count = 0;
-  size_t rank = 0;
-  if (Status* s = shape_of(value, dims, &rank, &count)) return s;
+  int64_t count = 0;
+  if (data && data == kernel.constant[index]) {
+    count = kernel.constant_count[index];
+  } else {
+    int64_t dims[8];
+    size_t rank = 0;
+    if (Status* s = shape_of(value, dims, &rank, &count)) return s;
+  }
   *ok = count == width;
   return nullptr;
 }
@@ -666,9 +695,9 @@ Status* skip_norm_compute(RowKernel& kernel, KernelContext* context) {
   size_t skip_rank = 0;
   if (Status* s = shape_of(values[1], skip_dims, &skip_rank, &skip_count)) return s;
   if (skip_count != elements) return skip_norm_error(kInvalidArgument, "skip must have the input's shape");
-  for (int i = 2; i < 5; ++i) {
+  for (size_t i = 2; i < 5; ++i) {
     bool ok = true;
-    if (Status* s = width_matches(values[i], width, &ok)) return s;
+    if (Status* s = width_matches(kernel, i, values[i], data[i], width, &ok)) return s;
     if (!ok) return skip_norm_error(kInvalidArgument, "gamma, beta and bias must hold one value per channel");
   }
   size_t outputs = 0;
@@ -702,7 +731,7 @@ Status* gelu_compute(RowKernel& kernel, KernelContext* context) {
   if (rank < 1) return gelu_error(kInvalidArgument, "the input must have a last dimension");
   const int64_t width = dims[rank - 1], rows = width ? elements / width : 0;
   bool ok = true;
-  if (Status* s = width_matches(values[1], width, &ok)) return s;
+  if (Status* s = width_matches(kernel, 1, values[1], data[1], width, &ok)) return s;
   if (!ok) return gelu_error(kInvalidArgument, "bias must hold one value per channel");
   Value* out = nullptr;
   if (Status* s = g_ort.KernelContext_GetOutput(context, 0, dims, rank, &out)) return s;
