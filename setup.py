@@ -17,7 +17,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 KERNELS = "neoedge/kernels"
-SOURCES = ["op.cpp", "isa.cpp", "portable.cpp", "avx2.cpp", "avx512.cpp", "avx512_batch.cpp", "avx512_tiled.cpp", "tiled.cpp", "tiled_registry.cpp", "amx.cpp", "attention.cpp", "attention_avx512.cpp", "attention_amx.cpp", "elementwise.cpp", "elementwise_avx512.cpp", "gptq.cpp", "log_softmax.cpp", "neon.cpp"]
+SOURCES = ["op.cpp", "isa.cpp", "portable.cpp", "avx2.cpp", "avx512.cpp", "avx512_batch.cpp", "avx512_tiled.cpp", "tiled.cpp", "tiled_registry.cpp", "amx.cpp", "attention.cpp", "attention_avx512.cpp", "attention_amx.cpp", "elementwise.cpp", "elementwise_avx512.cpp", "gptq.cpp", "log_softmax.cpp", "neon.cpp", "compute_peak.cpp"]
 
 
 def library_name() -> str:

@@ -19,6 +19,13 @@ by (position and token tables only gathered from excluded; the tied table is rea
 lm_head) plus the KV cache it attends over at C (global layers: C positions; local layers: the
 window), in the cache's element type.
 
+The floor of a first token is compute: the multiply-accumulates of the prompt's MatMulNBits
+GEMMs (K x N per prompt position; the lm_head's for the last position only) at the int8 VNNI rate
+this CPU sustains (neoedge.kernels' neoedge_vnni_peak: independent vpdpbusd chains on `--threads`
+threads), read before each run as the bandwidth is. Attention, the elementwise ops and the
+activations' quantization are not counted, so it is a lower bound; it is reported only where the
+kernels' AVX-512 VNNI path runs.
+
 Writes benchmarks/results/decode-floor-<date>.{json,md}.
 """
 
@@ -90,6 +97,39 @@ def bytes_per_step(package: Path, context: int) -> tuple[float, float]:
     return float(weights), float(cache)
 
 
+def prompt_gemm_macs(package: Path, tokens: int) -> float:
+    """Multiply-accumulates of the MatMulNBits GEMMs of a `tokens`-token prompt (0 if it has none)."""
+    import onnx
+    from onnx import helper
+
+    from neoedge.manifest import Manifest
+
+    manifest = Manifest.read(package)
+    model = onnx.load(str(package / manifest.graph.file), load_external_data=False)
+    macs = 0.0
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        rows = 1 if attrs["N"] == manifest.model.vocab_size else tokens  # the lm_head sees the last position
+        macs += float(attrs["K"]) * attrs["N"] * rows
+    return macs
+
+
+def vnni_peak(threads: int) -> float | None:
+    """int8 multiply-accumulates per second this CPU sustains on `threads` threads (best of three
+    0.3 s runs), or None where neoedge's AVX-512 VNNI kernels do not run."""
+    import ctypes
+
+    from neoedge.kernels import avx512_function
+
+    function, _ = avx512_function("neoedge_vnni_peak", ctypes.c_double, [ctypes.c_int, ctypes.c_double])
+    if function is None:
+        return None
+    best = max(function(threads, 0.3) for _ in range(3))
+    return best if best > 0 else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("packages", nargs="*", type=Path)
@@ -111,26 +151,30 @@ def main() -> None:
 
     quiet = _quiet_check()
     bandwidth: list[float] = []
+    peaks: list[float | None] = []
     configs = [(str(p), k) for p in args.packages for k in ("off", "auto")]
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in configs}
     for r in range(args.rounds):
         for package, kernels in configs[r % len(configs):] + configs[: r % len(configs)]:
             bandwidth.append(memory_read_bandwidth(args.threads))
+            peaks.append(vnni_peak(args.threads))
             out = subprocess.run([sys.executable, __file__, "--worker", package, kernels, "--contexts", args.contexts,
                                   "--steps", str(args.steps), "--threads", str(args.threads)],
                                  capture_output=True, text=True, check=True)
             runs[(package, kernels)].append(json.loads(out.stdout.strip().splitlines()[-1]) |
-                                            {"bandwidth_gb_s": bandwidth[-1]})
+                                            {"bandwidth_gb_s": bandwidth[-1], "vnni_mac_s": peaks[-1]})
             print(f"round {r + 1}: {Path(package).name} kernels={kernels} done", file=sys.stderr)
-    report = summarize(runs, contexts, bandwidth)
+    report = summarize(runs, contexts, bandwidth, peaks)
     report.update({"date": datetime.date.today().isoformat(), "machine": machine_info(), "quiet_check": quiet,
                    "threads": args.threads, "rounds": args.rounds, "steps": args.steps})
     write(report, args.out, args.tag)
 
 
 def summarize(runs: dict[tuple[str, str], list[dict[str, Any]]], contexts: list[int],
-              bandwidth: list[float]) -> dict[str, Any]:
+              bandwidth: list[float], peaks: list[float | None]) -> dict[str, Any]:
     gb_s = max(bandwidth)
+    measured_peaks = [p for p in peaks if p]
+    peak = max(measured_peaks) if measured_peaks else None
     rows = []
     for (package, kernels), results in runs.items():
         points = []
@@ -141,14 +185,22 @@ def summarize(runs: dict[tuple[str, str], list[dict[str, Any]]], contexts: list[
             first = float(np.median([r["points"][i]["first_token_ms"] for r in results]))
             # Each run against the floor at the bandwidth read just before it.
             ratios = [r["points"][i]["decode_ms"] * r["bandwidth_gb_s"] * 1e6 / (weights + cache) for r in results]
+            macs = prompt_gemm_macs(Path(package), context)
+            compute_ms = macs / peak * 1e3 if peak and macs else None
+            # Each run's first token against the compute floor at the VNNI rate read just before it.
+            compute_ratios = [r["points"][i]["first_token_ms"] * r["vnni_mac_s"] / 1e3 / macs
+                              for r in results if r.get("vnni_mac_s") and macs]
             points.append({"context": context, "decode_ms": decode, "first_token_ms": first, "floor_ms": floor_ms,
+                           "prompt_gemm_gmacs": macs / 1e9, "compute_floor_ms": compute_ms,
+                           "over_compute_floor": float(np.median(compute_ratios)) if compute_ratios else None,
+                           "over_strict_compute_floor": first / compute_ms if compute_ms else None,
                            "over_floor": float(np.median(ratios)), "over_floor_runs": ratios,
                            "over_strict_floor": decode / floor_ms, "weights_mb": weights / 1e6,
                            "cache_mb": cache / 1e6})
         rows.append({"package": package, "kernels_setting": kernels, "kernels": results[0]["kernels"],
                      "points": points, "peak_rss_mb": float(np.median([r["peak_rss_mb"] for r in results])),
                      "runs": results})
-    return {"bandwidth_gb_s": bandwidth, "contexts": contexts, "rows": rows}
+    return {"bandwidth_gb_s": bandwidth, "vnni_mac_s": peaks, "contexts": contexts, "rows": rows}
 
 
 def write(report: dict[str, Any], out: Path, tag: str) -> None:
@@ -185,12 +237,31 @@ def markdown(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         if row["kernels_setting"] == "off":
             lines.append(f"| {Path(row['package']).name} | " + " | ".join(f"{p['floor_ms']:.2f}" for p in row["points"]) + " |")
-    lines += ["", "First token ms (prefill of a prompt of that many tokens):", "",
+    peaks = [p for p in report.get("vnni_mac_s", []) if p]
+    lines += ["", "First token ms (prefill of a prompt of that many tokens"
+              + ("; × the compute floor at each run's VNNI reading, median over runs; × the strict compute floor"
+                 if peaks else "") + "):", "",
               "| package | kernels | " + " | ".join(str(c) for c in contexts) + " |",
               "| --- | --- | " + " | ".join("---" for _ in contexts) + " |"]
+
+    def first_token(p: dict[str, Any]) -> str:
+        if p.get("over_compute_floor") is None:
+            return f"{p['first_token_ms']:.0f}"
+        return f"{p['first_token_ms']:.0f} ({p['over_compute_floor']:.2f}×; {p['over_strict_compute_floor']:.2f}×)"
+
     for row in report["rows"]:
         lines.append(f"| {Path(row['package']).name} | {row['kernels']} | " + " | ".join(
-            f"{p['first_token_ms']:.0f}" for p in row["points"]) + " |")
+            first_token(p) for p in row["points"]) + " |")
+    if peaks:
+        lines += ["", "Compute floor ms of the first token (the prompt's MatMulNBits multiply-accumulates at the "
+                  "highest VNNI reading, " + " / ".join(f"{p / 1e9:.0f}" for p in peaks) + " GMAC/s read before "
+                  "each run; attention and elementwise ops not counted):", "",
+                  "| package | " + " | ".join(str(c) for c in contexts) + " |",
+                  "| --- | " + " | ".join("---" for _ in contexts) + " |"]
+        for row in report["rows"]:
+            if row["kernels_setting"] == "off" and row["points"][0].get("compute_floor_ms"):
+                lines.append(f"| {Path(row['package']).name} | " + " | ".join(
+                    f"{p['compute_floor_ms']:.0f}" for p in row["points"]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -1117,3 +1117,21 @@ def test_a_plain_reader_of_weights_another_session_already_tiled_is_refused(libr
     with pytest.raises(Exception, match="already rearranged by another node's kernel"):
         with_shared_b(0)
     assert within(tiling.run(None, {"A": a})[0], expected, bound) <= TOLERANCE
+
+
+def test_the_vnni_peak_probe_measures_where_the_avx512_path_runs_and_refuses_bad_arguments(library):
+    """benchmarks/decode_floor.py's compute floor of a first token divides by this rate: a positive
+    multiply-accumulate rate on a CPU whose AVX-512 VNNI path runs, -1 elsewhere and for arguments
+    out of range (never a rate from a loop that did not run)."""
+    import ctypes
+
+    peak = ctypes.CDLL(library).neoedge_vnni_peak
+    peak.restype, peak.argtypes = ctypes.c_double, [ctypes.c_int, ctypes.c_double]
+    assert peak(0, 0.05) == -1.0 and peak(1, 0.0) == -1.0 and peak(1, 100.0) == -1.0
+    rate = peak(1, 0.05)
+    if "avx512vnni" in kernels.runnable_paths():
+        # One vpdpbusd is 64 multiply-accumulates; any AVX-512 VNNI core issues well over one every
+        # ten nanoseconds and well under sixteen a nanosecond.
+        assert 6.4e9 < rate < 1e12
+    else:
+        assert rate == -1.0
