@@ -21,6 +21,7 @@ from .calibrate import DEFAULT_LENGTH, CalibrationText, calibration_batches, rea
 from .destination import Staging, check_output, output_path, parent_directories, publish, remove_stale_staging
 from .graph import build_decoder
 from .kernel_graph import sort_opsets, write_kernel_graph
+from .tiled_weights import write_tiled_kernel_graph
 from .load import Checkpoint, load_checkpoint
 from .lock import output_lock
 from .quantize import WeightStorage
@@ -39,6 +40,8 @@ TOKENIZER_FILE = "tokenizer.json"
 # creation for a 125M package; and protobuf could not hold a graph over 2 GB at all.
 WEIGHTS_FILE = MODEL_FILE + ".data"
 KERNEL_GRAPH_FILE = "model.kernels.onnx"
+TILED_KERNEL_GRAPH_FILE = "model.kernels.tiled.onnx"
+TILED_WEIGHTS_FILE = TILED_KERNEL_GRAPH_FILE + ".data"
 FP32_TOLERANCE = 1e-4
 # onnxruntime 1.32's CPU GroupQueryAttention refuses, when it runs, a head size that is not a
 # multiple of 8 ("head_size must be a multiple of 8"); every multiple of 8 from 8 to 512 was tried
@@ -70,6 +73,9 @@ class ExportOptions:
     validate: bool = True
     optimize: bool = True
     tolerance: float = FP32_TOLERANCE
+    tiled_weights: bool = False
+    """Also write the tiled kernel graph (export/tiled_weights.py): a faster cold start where the
+    kernels tile weights, for a package about twice the size."""
 
     def __post_init__(self) -> None:
         for name, value, choices in (("quantize", self.quantize, SCHEMES), ("attention", self.attention, ATTENTIONS),
@@ -104,12 +110,14 @@ class ExportOptions:
                                   "cache use no calibration text")
         if self.symmetric is not None and not isinstance(self.symmetric, bool):
             raise ExportError(f"symmetric must be True, False or None, got {self.symmetric!r}")
-        for name in ("validate", "optimize"):
+        for name in ("validate", "optimize", "tiled_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ExportError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) \
                 or not math.isfinite(self.tolerance) or self.tolerance <= 0:
             raise ExportError(f"tolerance must be a positive number, got {self.tolerance!r}")
+        if self.tiled_weights and self.quantize == "none":
+            raise ExportError("tiled_weights applies to int8/int4 packages (their kernel graph), and quantize is 'none'")
         if self.tolerance != FP32_TOLERANCE:
             if not self.validate:
                 raise ExportError("tolerance applies to the validation, and validate is off")
@@ -191,6 +199,7 @@ def export_package(
     algorithm: str | None = None,
     calibration: str | os.PathLike[str] | None = None,
     tolerance: float = FP32_TOLERANCE,
+    tiled_weights: bool = False,
     progress: bool = True,
 ) -> Manifest:
     """Export a GPT-Neo checkpoint (hub id or local directory) to a model package at `output`.
@@ -201,7 +210,7 @@ def export_package(
     options = ExportOptions(quantize=quantize, attention=attention, kv_cache=kv_cache, block_size=block_size,
                             lm_head_bits=lm_head_bits, symmetric=symmetric, algorithm=algorithm,
                             calibration=calibration, validate=validate,
-                            optimize=optimize, tolerance=tolerance)
+                            optimize=optimize, tolerance=tolerance, tiled_weights=tiled_weights)
     if not isinstance(force, bool):
         raise ExportError(f"force must be True or False, got {force!r}")
     if not isinstance(source, (str, os.PathLike)) or not os.fspath(source):
@@ -256,6 +265,8 @@ def _export(source: str, output: Path, options: ExportOptions, replacing: bool, 
             if options.optimize:
                 _onnxruntime_step("optimize the graph", _optimize_graph, staging.package / MODEL_FILE)
             graph_info = _add_kernel_graph(staging.package, graph_info, options.quantize)
+            if options.tiled_weights:
+                graph_info = _add_tiled_kernel_graph(staging.package, graph_info)
             (staging.package / TOKENIZER_FILE).write_text(checkpoint.tokenizer_json, encoding="utf-8")
             manifest = Manifest(
                 model=checkpoint.info,
@@ -338,6 +349,20 @@ def _add_kernel_graph(directory: Path, graph_info: GraphInfo, scheme: str) -> Gr
         (directory / KERNEL_GRAPH_FILE).unlink()  # written by this export a moment ago
         return graph_info
     return replace(graph_info, kernel_file=KERNEL_GRAPH_FILE)
+
+
+def _add_tiled_kernel_graph(directory: Path, graph_info: GraphInfo) -> GraphInfo:
+    """The kernel graph again, with the weights its tiled path rearranges stored rearranged in a
+    weights file of its own (export/tiled_weights.py)."""
+    if graph_info.kernel_file is None:
+        raise ExportError("tiled weights need the kernel graph, and this package has none")
+    report = write_tiled_kernel_graph(directory / graph_info.kernel_file, directory / TILED_KERNEL_GRAPH_FILE,
+                                      directory / TILED_WEIGHTS_FILE)
+    if report is None:
+        raise ExportError("tiled weights: no MatMulNBits node of the kernel graph tiles its weights "
+                          "(asymmetric weights, or a block size the kernels do not tile)")
+    log.info("%s", report.describe())
+    return replace(graph_info, tiled_kernel_file=TILED_KERNEL_GRAPH_FILE)
 
 
 def _onnxruntime_step(what: str, step, *args, **kwargs):

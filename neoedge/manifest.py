@@ -195,6 +195,10 @@ class GraphInfo:
     # kernels (neoedge.kernels), reading the same weights file; None when the package has none (fp32,
     # or written without it).
     kernel_file: str | None = None
+    # The kernel graph with the weights its tiled path rearranges stored already rearranged, in a
+    # weights file of its own (export --tiled-weights); loaded instead of kernel_file where the
+    # kernels tile weights (neoedge.kernels.KernelInfo.tiled_weights). None when not written.
+    tiled_kernel_file: str | None = None
     input_ids: str = "input_ids"
     position_ids: str = "position_ids"
     # Which positions get logits: the lm_head is the largest MatMul, so generation asks for one.
@@ -220,8 +224,14 @@ class GraphInfo:
             check_package_path(self.kernel_file, "graph.kernel_file")
             if self.kernel_file == self.file:
                 raise ManifestError("graph.kernel_file and graph.file name the same file")
+        if self.tiled_kernel_file is not None:
+            check_package_path(self.tiled_kernel_file, "graph.tiled_kernel_file")
+            if self.kernel_file is None:
+                raise ManifestError("graph.tiled_kernel_file needs graph.kernel_file (the graph it tiles)")
+            if self.tiled_kernel_file in (self.file, self.kernel_file):
+                raise ManifestError("graph.tiled_kernel_file names the same file as another graph")
         for f in fields(self):
-            if f.name in ("file", "attention", "kv_cache", "kernel_file"):
+            if f.name in ("file", "attention", "kv_cache", "kernel_file", "tiled_kernel_file"):
                 continue
             value = getattr(self, f.name)
             if not value or not value.isprintable():
@@ -604,11 +614,11 @@ class Manifest:
         if MANIFEST_NAME in self.files:
             raise ManifestError(f"files must not list {MANIFEST_NAME} (the manifest seals itself)")
         for what, name in (("graph.file", self.graph.file), ("graph.kernel_file", self.graph.kernel_file),
-                           ("tokenizer", self.tokenizer)):
+                           ("graph.tiled_kernel_file", self.graph.tiled_kernel_file), ("tokenizer", self.tokenizer)):
             if name is not None and name not in self.files:
                 raise PackagePathError(f"malformed manifest: {what} {name} is not listed in files, so it "
                                        "could not be checked")
-        if self.tokenizer in (self.graph.file, self.graph.kernel_file):
+        if self.tokenizer in (self.graph.file, self.graph.kernel_file, self.graph.tiled_kernel_file):
             raise ManifestError("the tokenizer and a graph file name the same file")
         n = self.model.num_layers
         names = self.graph.input_names(n) + self.graph.output_names(n)

@@ -67,9 +67,10 @@ class Model:
             if not settings.prepack and manifest.quantization.scheme != "none":
                 log.warning("prepack=False with an %s package: its kernels need the packed weights, decode "
                             "will be many times slower", manifest.quantization.scheme)
-            loaded = create_session(package.graph_path, settings, package.kernel_graph_path)
+            loaded = create_session(package.graph_path, settings, package.kernel_graph_path,
+                                    package.tiled_kernel_graph_path)
             session = loaded.session
-            graph = package.kernel_graph if loaded.path == package.kernel_graph_path else package.graph
+            graph = package.graph_at(loaded.path)
             check_graph(session, manifest, graph)
             tokenizer = Tokenizer(package.tokenizer_path)
             check_tokenizer(tokenizer, manifest)

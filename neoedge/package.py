@@ -61,6 +61,8 @@ class Package:
     graph: GraphFile
     kernel_graph: GraphFile | None = None
     """The graph with neoedge's native kernels (manifest graph.kernel_file), if the package has one."""
+    tiled_kernel_graph: GraphFile | None = None
+    """The kernel graph with its weights stored tiled (graph.tiled_kernel_file), if written."""
 
     def path(self, name: str) -> Path:
         """The path of a file the manifest lists (already checked to be inside the package)."""
@@ -76,6 +78,19 @@ class Package:
     def kernel_graph_path(self) -> Path | None:
         name = self.manifest.graph.kernel_file
         return None if name is None else self.path(name)
+
+    @property
+    def tiled_kernel_graph_path(self) -> Path | None:
+        name = self.manifest.graph.tiled_kernel_file
+        return None if name is None else self.path(name)
+
+    def graph_at(self, path: Path) -> GraphFile:
+        """The graph file (parsed) of the session made from `path`, one of the package's graphs."""
+        for name, graph in ((self.manifest.graph.tiled_kernel_file, self.tiled_kernel_graph),
+                            (self.manifest.graph.kernel_file, self.kernel_graph)):
+            if name is not None and graph is not None and path == self.path(name):
+                return graph
+        return self.graph
 
     @property
     def tokenizer_path(self) -> Path:
@@ -134,13 +149,15 @@ def _open(directory: Path) -> tuple[Package, list[tuple[str, Path, FileEntry]]]:
         _check_size(directory, name, path, manifest.files[name])
     # Graph files are small and onnxruntime is about to parse one: they are hashed before anything reads them.
     graphs: dict[str, GraphFile] = {}
-    for graph_name in filter(None, (manifest.graph.file, manifest.graph.kernel_file)):
+    for graph_name in filter(None, (manifest.graph.file, manifest.graph.kernel_file, manifest.graph.tiled_kernel_file)):
         graph_bytes = _read_verified(directory, graph_name, paths[graph_name], manifest.files[graph_name])
         graphs[graph_name] = read_graph_file(graph_bytes, graph_name)
         _check_external_data(graphs[graph_name], manifest, graph_name)
     pending = [(name, paths[name], manifest.files[name]) for name in manifest.files if name not in graphs]
     kernel_graph = graphs.get(manifest.graph.kernel_file) if manifest.graph.kernel_file else None
-    return Package(root=root, manifest=manifest, graph=graphs[manifest.graph.file], kernel_graph=kernel_graph), pending
+    tiled = graphs.get(manifest.graph.tiled_kernel_file) if manifest.graph.tiled_kernel_file else None
+    return Package(root=root, manifest=manifest, graph=graphs[manifest.graph.file], kernel_graph=kernel_graph,
+                   tiled_kernel_graph=tiled), pending
 
 
 def _inside(root: Path, name: str, what: str) -> Path:

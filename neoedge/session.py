@@ -70,9 +70,12 @@ class LoadedGraph:
 
 
 def create_session(model_path: str | os.PathLike[str], settings: SessionSettings,
-                   kernel_graph: str | os.PathLike[str] | None = None) -> LoadedGraph:
+                   kernel_graph: str | os.PathLike[str] | None = None,
+                   tiled_kernel_graph: str | os.PathLike[str] | None = None) -> LoadedGraph:
     """A session over `kernel_graph` (the same graph on neoedge's kernels) when the kernels are
-    available and preferred here, else over the stock graph `model_path`."""
+    available and preferred here, else over the stock graph `model_path`; over `tiled_kernel_graph`
+    (the kernel graph with its weights stored tiled) instead of `kernel_graph` where the kernels
+    tile weights."""
     options = _options(settings)
     kernel_info = kernels.KernelInfo(False, kernels.STOCK, "the package has no kernel graph")
     if settings.kernels == "off":
@@ -85,6 +88,11 @@ def create_session(model_path: str | os.PathLike[str], settings: SessionSettings
         else:
             kernel_info = kernels.register(options)  # says once why, if the kernels cannot run here
             if kernel_info.available:
+                if kernel_info.tiled_weights and tiled_kernel_graph is not None:
+                    # Its weights are mapped as they are: no copy of each page written (cold start).
+                    kernel_info = replace(kernel_info, stored_tiles=True)
+                    return LoadedGraph(_session(tiled_kernel_graph, options, settings), Path(tiled_kernel_graph),
+                                       kernel_info)
                 if kernel_info.tiled_weights and not kernels.graph_allows_tiling(kernel_graph):
                     # A kernel graph from before tiling (no node allows it): the weights stay as they are.
                     kernel_info = replace(kernel_info, tiled_weights=False)

@@ -69,12 +69,15 @@ def info(package: Path, verify: bool, emit: Emitter) -> None:
         from .. import kernels
 
         here = kernels.info()
+        stored = here.tiled_weights and manifest.graph.tiled_kernel_file is not None
         marked = here.tiled_weights and kernels.graph_allows_tiling(package / manifest.graph.kernel_file)
         details = [f"prompt attention on {here.attention}"] if here.attention else []
-        details += ["weights tiled in place"] if marked else []
+        details += ["weights stored tiled"] if stored else ["weights tiled in place"] if marked else []
         attention = f" ({', '.join(details)})" if details else ""
         runs = ("runs here on " + here.isa + attention) if here.available and here.preferred else \
             f"not used here ({here.reason})"
-        lines.append(f"kernels        {manifest.graph.kernel_file}: neoedge's native kernels, {runs}")
+        graph_name = manifest.graph.tiled_kernel_file if stored and here.available and here.preferred \
+            else manifest.graph.kernel_file
+        lines.append(f"kernels        {graph_name}: neoedge's native kernels, {runs}")
     lines.append(f"integrity      all sha256 match{' (every file hashed now)' if verify else ''}")
     emit({**manifest.to_dict(), **({"verified": True} if verify else {})}, "\n".join(lines))

@@ -44,8 +44,9 @@ PATHS = ("amx", "avx512vnni", "avxvnni", "avx2", "neon", "portable")
 # correct but were only measured against stock's AVX-512 kernels (on AVX-512 CPUs stock wins): a
 # runtime should prefer stock there unless the path is forced.
 FASTER_THAN_STOCK = ("amx", "avx512vnni")
-INTERFACE_VERSION = 3  # 2: the Attention, SkipLayerNormalization and FastGelu ops beside MatMulNBits;
-# 3: GatherBlockQuantized, and MatMulNBits' rearrange_weights (tiled weights)
+INTERFACE_VERSION = 4  # 2: the Attention, SkipLayerNormalization and FastGelu ops beside MatMulNBits;
+# 3: GatherBlockQuantized, and MatMulNBits' rearrange_weights (tiled weights); 4: rearrange_weights = 2
+# (weights stored tiled: a library before it would tile them a second time)
 STOCK = "stock"
 
 
@@ -67,11 +68,14 @@ class KernelInfo:
     """Whether this path keeps symmetric weights in 16-row tiles, rearranged in place where the
     package's kernel graph allows it (AVX-512 VNNI without AMX, not on Windows, unless
     NEOEDGE_KERNELS_TILED=0)."""
+    stored_tiles: bool = False
+    """Whether the session reads them from the package's tiled kernel graph, stored tiled already."""
 
     def describe(self) -> str:
         if self.available:
             attention = f", prompt attention on {self.attention}" if self.attention else ""
-            tiled = ", weights tiled in place" if self.tiled_weights else ""
+            tiled = (", weights stored tiled" if self.stored_tiles else ", weights tiled in place") \
+                if self.tiled_weights else ""
             return f"neoedge native kernels, {self.isa} path{tiled}{attention}" + \
                 (f" ({self.reason})" if self.reason else "")
         return "onnxruntime stock kernels" + (f" ({self.reason})" if self.reason else "")

@@ -122,8 +122,13 @@ Status* register_weights(const KernelInfo* info, size_t inputs, Kernel& kernel) 
   for (size_t i = 1; i < inputs && i < 4; ++i) {
     if (Status* s = constant_input(info, i, &values[i], &data[i])) return s;
   }
+  // rearrange_weights: 0 as they are, 1 this kernel may rearrange them in place, 2 already stored
+  // rearranged (the package's tiled kernel graph, whose weights only the tiled path can read).
   int64_t allowed = 0;
   read_attribute(info, "rearrange_weights", &allowed, false);
+  if (allowed < 0 || allowed > 2)
+    return error(kInvalidArgument, "rearrange_weights must be 0, 1 or 2, got " + std::to_string(allowed));
+  const bool stored = allowed == 2;
   bool tiles = allowed && kernel.isa == Isa::avx512vnni && inputs <= 3 && tiling_enabled() && data[1] && data[2];
   const int64_t blocks = kernel.k / kernel.block;
   const int64_t expected[2] = {kernel.n * kernel.k * kernel.bits / 8, kernel.n * blocks};
@@ -132,10 +137,15 @@ Status* register_weights(const KernelInfo* info, size_t inputs, Kernel& kernel) 
     if (Status* s = element_count(values[i + 1], &count)) return s;
     tiles = count == expected[i];
   }
+  if (stored && !tiles)
+    return error(kInvalidArgument, "B and scales are stored in the tiled layout (rearrange_weights = 2), which only "
+                                   "the AVX-512 VNNI path with tiling on reads (this CPU's path: " +
+                                       std::string(neoedge::isa_name(kernel.isa)) +
+                                       (tiling_enabled() ? "" : std::string(", ") + kTiledVariable + "=0") + ")");
   std::string why;
   if (tiles) {
     if (!neoedge::join_tiled(static_cast<uint8_t*>(data[1]), static_cast<float*>(data[2]), kernel.n, kernel.k,
-                             kernel.bits, kernel.block, &kernel.tiled, &why))
+                             kernel.bits, kernel.block, stored, &kernel.tiled, &why))
       return error(kInvalidArgument, why);
     kernel.registered = {data[1], data[2]};
     return nullptr;
@@ -790,7 +800,7 @@ NEO_EXPORT Status* NEO_ORT_CALL RegisterCustomOps(SessionOptions* options, const
 }
 
 // For the Python side: which paths exist here, without creating a session.
-NEO_EXPORT int neoedge_kernels_interface_version() { return 3; }
+NEO_EXPORT int neoedge_kernels_interface_version() { return 4; }
 NEO_EXPORT const char* neoedge_kernels_best_isa() { return neoedge::isa_name(neoedge::best_isa()); }
 // What prompt attention runs on, on path `name` here: "amx-bf16 tiles", "avx512" or "portable" (for
 // GPT-Neo's head sizes: the tiles take 64 and 128, the AVX-512 path 16 to 128 in powers of two).

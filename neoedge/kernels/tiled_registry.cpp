@@ -32,6 +32,11 @@ bool pin_locked(const void* pointer, std::string* why) {
     g_registry.emplace(pointer, Registration{placeholder, 1});
     return true;
   }
+  if (it->second.shared->stored) {
+    *why = "an initializer stored in the tiled layout (the package's tiled kernel graph) is read in "
+           "MatMulNBits' layout by another node";
+    return false;
+  }
   if (any_tiled(*it->second.shared)) {
     *why = "an initializer read in MatMulNBits' layout was already rearranged by another node's kernel";
     return false;
@@ -48,7 +53,7 @@ void release_locked(const void* pointer) {
 
 }  // namespace
 
-bool join_tiled(uint8_t* b, float* scales, int64_t n, int64_t k, int64_t bits, int64_t block,
+bool join_tiled(uint8_t* b, float* scales, int64_t n, int64_t k, int64_t bits, int64_t block, bool stored,
                 std::shared_ptr<TiledShared>* out, std::string* why) {
   std::lock_guard<std::mutex> lock(g_mutex);
   out->reset();
@@ -58,8 +63,9 @@ bool join_tiled(uint8_t* b, float* scales, int64_t n, int64_t k, int64_t bits, i
     shared->weights = TiledWeights{b, scales, n, k, bits, block, nullptr};
     const int64_t tiles = shared->weights.tiles();
     shared->states.reset(new std::atomic<uint8_t>[static_cast<size_t>(tiles)]);
-    for (int64_t t = 0; t < tiles; ++t) shared->states[t].store(TiledWeights::kPlain);
+    for (int64_t t = 0; t < tiles; ++t) shared->states[t].store(stored ? TiledWeights::kTiled : TiledWeights::kPlain);
     shared->weights.states = shared->states.get();
+    shared->stored = stored;
     g_registry.emplace(b, Registration{shared, 1});
     g_registry.emplace(scales, Registration{shared, 1});
     *out = shared;
@@ -67,12 +73,17 @@ bool join_tiled(uint8_t* b, float* scales, int64_t n, int64_t k, int64_t bits, i
   }
   if (eb != g_registry.end() && es != g_registry.end() && eb->second.shared == es->second.shared) {
     const TiledWeights& w = eb->second.shared->weights;
-    if (w.b == b && w.scales == scales && w.n == n && w.k == k && w.bits == bits && w.block == block) {
+    if (w.b == b && w.scales == scales && w.n == n && w.k == k && w.bits == bits && w.block == block &&
+        eb->second.shared->stored == stored) {
       ++eb->second.users;
       ++es->second.users;
       *out = eb->second.shared;  // read tiled unless pinned
       return true;
     }
+  }
+  if (stored) {
+    *why = "B or scales stored in the tiled layout is read by another node in another way";
+    return false;
   }
   // Shared with weights of another shape or with a plain reader: everyone reads them as they are.
   if (!pin_locked(b, why)) return false;

@@ -1,0 +1,142 @@
+"""The tiled kernel graph: the kernel graph with the weights its AVX-512 VNNI path tiles stored
+already tiled, in a weights file of their own (an opt-in package part: `--tiled-weights`).
+
+Why: the kernel graph lets its MatMulNBits kernels rearrange B and scales in place, in memory
+onnxruntime mapped privately from the package's weights file (neoedge/kernels/tiled.h). Each page
+written is then a private copy the kernel makes on the first write, and new memory costs about a
+microsecond a page on the VMs measured: the 1.3B's cold start took 1.18-1.27x as long as with
+untiled weights. Weights stored tiled are mapped and read as they are, like the stock graph's.
+The cost is package size: the tiled copies of every MatMulNBits' B and scales (about the size of
+the weights file again). The stock graph and the kernel graph are untouched: CPUs without the
+tiled path, NEOEDGE_KERNELS_TILED=0 and other runtimes read those.
+
+The layout is tiled.h's: rows in tiles of 16 (the last one holds N mod 16 if that is not 0),
+tile t starting where its first row did, its rows' dwords dword-major (dword d of the tile's row r
+at byte 16 t R + (d h + r) 4 for R bytes a row and h rows in the tile); scales likewise, one float
+per (row, block). Export-time only (needs onnx).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .kernel_graph import KERNEL_DOMAIN
+
+TILE_HEIGHT = 16  # neoedge::kTileHeight
+ALIGNMENT = 4096  # each tiled tensor starts on a page: onnxruntime maps external data
+
+
+@dataclass(frozen=True)
+class TiledGraphReport:
+    path: Path
+    data: Path
+    tensors: int  # B and scales tensors stored tiled
+    nodes: int  # MatMulNBits nodes reading them
+    bytes: int  # size of the data file
+
+    def describe(self) -> str:
+        return (f"{self.path.name}: {self.nodes} MatMulNBits node(s) read {self.tensors} tensors stored tiled in "
+                f"{self.data.name} ({self.bytes / 1e6:.1f} MB)")
+
+
+def tile_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    """`array` viewed as [rows, width] of 4-byte elements, in the tiled order (flat, same bytes)."""
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    if flat.size % (rows * 4):
+        raise ValueError(f"{flat.size} bytes are not {rows} rows of whole 4-byte elements")
+    words = flat.view(np.uint32).reshape(rows, -1)
+    full = rows // TILE_HEIGHT * TILE_HEIGHT
+    width = words.shape[1]
+    out = np.empty_like(words)
+    if full:
+        tiles = words[:full].reshape(full // TILE_HEIGHT, TILE_HEIGHT, width)
+        out[:full] = tiles.transpose(0, 2, 1).reshape(full, width)
+    if full < rows:
+        h = rows - full
+        out[full:] = words[full:].T.reshape(h, width)
+    return out.reshape(-1).view(np.uint8)
+
+
+def _attributes(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _read_bytes(tensor: onnx.TensorProto, directory: Path) -> bytes:
+    """The tensor's bytes: from the weights file, or from the graph for a small one stored inline."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor).tobytes()
+    if "location" not in entries:
+        raise ValueError(f"{tensor.name} is external but names no weights file")
+    with open(directory / entries["location"], "rb") as f:
+        f.seek(int(entries.get("offset", 0)))
+        length = int(entries["length"])
+        data = f.read(length)
+    if len(data) != length:
+        raise ValueError(f"{tensor.name}: the weights file ends before its {length} bytes")
+    return data
+
+
+def write_tiled_kernel_graph(kernel_graph_path: str | Path, out_graph: str | Path,
+                             out_data: str | Path) -> TiledGraphReport | None:
+    """Writes the tiled kernel graph of `kernel_graph_path` and its weights file (both beside it);
+    None (nothing written) if no node of the kernel graph tiles its weights."""
+    source, graph_out, data_out = Path(kernel_graph_path), Path(out_graph), Path(out_data)
+    directory = source.resolve().parent
+    if graph_out.resolve().parent != directory or data_out.resolve().parent != directory:
+        raise ValueError("the tiled kernel graph and its weights go beside the kernel graph")
+    model = onnx.load(str(source), load_external_data=False)
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    tiling = [n for n in graph.node if n.domain == KERNEL_DOMAIN and n.op_type == "MatMulNBits"
+              and _attributes(n).get("rearrange_weights") == 1]
+    if not tiling:
+        return None
+    tiled_names: dict[str, str] = {}  # original initializer -> its tiled copy
+    tensors: list[onnx.TensorProto] = []
+    offset = 0
+    with open(data_out, "wb") as f:
+        for node in tiling:
+            attrs = _attributes(node)
+            n = int(attrs["N"])
+            for name in node.input[1:3]:
+                if name in tiled_names:
+                    continue
+                tensor = initializers[name]
+                tiled = tile_rows(np.frombuffer(_read_bytes(tensor, directory), np.uint8), n)
+                pad = -offset % ALIGNMENT
+                f.write(b"\0" * pad)
+                offset += pad
+                f.write(tiled.tobytes())
+                copy = onnx.TensorProto()
+                copy.name = f"{name}.tiled"
+                copy.data_type = tensor.data_type
+                copy.dims.extend(tensor.dims)
+                copy.data_location = TensorProto.EXTERNAL
+                for key, value in (("location", data_out.name), ("offset", str(offset)), ("length", str(tiled.size))):
+                    entry = copy.external_data.add()
+                    entry.key, entry.value = key, value
+                offset += tiled.size
+                tiled_names[name] = copy.name
+                tensors.append(copy)
+    for node in tiling:
+        for i in (1, 2):
+            node.input[i] = tiled_names[node.input[i]]
+        for attribute in node.attribute:
+            if attribute.name == "rearrange_weights":
+                attribute.i = 2
+    # The tied embedding's table gather reads the lm_head's B, in either layout (its scales are its own).
+    for node in graph.node:
+        if node.domain == KERNEL_DOMAIN and node.op_type == "GatherBlockQuantized" and node.input[0] in tiled_names:
+            node.input[0] = tiled_names[node.input[0]]
+    still_read = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in still_read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + tensors)
+    onnx.save(model, str(graph_out))
+    return TiledGraphReport(graph_out, data_out, len(tensors), len(tiling), offset)
