@@ -75,6 +75,7 @@ def baseline_package(package: Path, out: Path) -> Path:
     manifest["format_version"] = 1
     # Fields format 1 did not have: the kernel graph (the baseline runs the stock graph) and its check.
     manifest["graph"].pop("kernel_file", None)
+    manifest["graph"].pop("tiled_kernel_file", None)
     if manifest.get("validation"):
         manifest["validation"].pop("kernel_graph", None)
     (out / "neoedge.json").write_text(json.dumps(manifest, indent=2) + "\n")

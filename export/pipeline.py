@@ -118,6 +118,10 @@ class ExportOptions:
             raise ExportError(f"tolerance must be a positive number, got {self.tolerance!r}")
         if self.tiled_weights and self.quantize == "none":
             raise ExportError("tiled_weights applies to int8/int4 packages (their kernel graph), and quantize is 'none'")
+        if self.tiled_weights and not (self.symmetric or (self.symmetric is None and self.quantize == "int4")):
+            # The kernels tile only weights without zero points (int4's default, int8 with --symmetric).
+            raise ExportError("tiled_weights needs symmetric weights (no zero points): int4's default, or "
+                              "--symmetric for int8")
         if self.tolerance != FP32_TOLERANCE:
             if not self.validate:
                 raise ExportError("tolerance applies to the validation, and validate is off")
@@ -359,8 +363,8 @@ def _add_tiled_kernel_graph(directory: Path, graph_info: GraphInfo) -> GraphInfo
     report = write_tiled_kernel_graph(directory / graph_info.kernel_file, directory / TILED_KERNEL_GRAPH_FILE,
                                       directory / TILED_WEIGHTS_FILE)
     if report is None:
-        raise ExportError("tiled weights: no MatMulNBits node of the kernel graph tiles its weights "
-                          "(asymmetric weights, or a block size the kernels do not tile)")
+        raise ExportError("tiled weights: no MatMulNBits node of the kernel graph may tile its weights "
+                          "(each has zero points or a reader outside neoedge's kernels)")
     log.info("%s", report.describe())
     return replace(graph_info, tiled_kernel_file=TILED_KERNEL_GRAPH_FILE)
 

@@ -10,7 +10,8 @@ The cost is package size: the tiled copies of every MatMulNBits' B and scales (a
 the weights file again). The stock graph and the kernel graph are untouched: CPUs without the
 tiled path, NEOEDGE_KERNELS_TILED=0 and other runtimes read those.
 
-The layout is tiled.h's: rows in tiles of 16 (the last one holds N mod 16 if that is not 0),
+Its MatMulNBits nodes become neoedge.kernels::MatMulNBitsTiled (the same inputs and attributes
+but rearrange_weights). The layout is tiled.h's: rows in tiles of 16 (the last one holds N mod 16 if that is not 0),
 tile t starting where its first row did, its rows' dwords dword-major (dword d of the tile's row r
 at byte 16 t R + (d h + r) 4 for R bytes a row and h rows in the tile); scales likewise, one float
 per (row, block). Export-time only (needs onnx).
@@ -28,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .kernel_graph import KERNEL_DOMAIN
 
 TILE_HEIGHT = 16  # neoedge::kTileHeight
+TILED_OP = "MatMulNBitsTiled"  # neoedge.kernels' MatMulNBits over weights stored tiled
 ALIGNMENT = 4096  # each tiled tensor starts on a page: onnxruntime maps external data
 
 
@@ -59,6 +61,20 @@ def tile_rows(array: np.ndarray, rows: int) -> np.ndarray:
     if full < rows:
         h = rows - full
         out[full:] = words[full:].T.reshape(h, width)
+    return out.reshape(-1).view(np.uint8)
+
+
+def untile_rows(tiled: np.ndarray, rows: int) -> np.ndarray:
+    """tile_rows undone (the plain layout back, flat): the check that a stored copy is exact."""
+    words = np.ascontiguousarray(tiled).reshape(-1).view(np.uint32).reshape(rows, -1)
+    full = rows // TILE_HEIGHT * TILE_HEIGHT
+    width = words.shape[1]
+    out = np.empty_like(words)
+    if full:
+        tiles = words[:full].reshape(full // TILE_HEIGHT, width, TILE_HEIGHT)
+        out[:full] = tiles.transpose(0, 2, 1).reshape(full, width)
+    if full < rows:
+        out[full:] = words[full:].reshape(width, rows - full).T
     return out.reshape(-1).view(np.uint8)
 
 
@@ -97,6 +113,7 @@ def write_tiled_kernel_graph(kernel_graph_path: str | Path, out_graph: str | Pat
               and _attributes(n).get("rearrange_weights") == 1]
     if not tiling:
         return None
+    taken = set(initializers) | {name for node in graph.node for name in (*node.input, *node.output)}
     tiled_names: dict[str, str] = {}  # original initializer -> its tiled copy
     tensors: list[onnx.TensorProto] = []
     offset = 0
@@ -108,13 +125,20 @@ def write_tiled_kernel_graph(kernel_graph_path: str | Path, out_graph: str | Pat
                 if name in tiled_names:
                     continue
                 tensor = initializers[name]
-                tiled = tile_rows(np.frombuffer(_read_bytes(tensor, directory), np.uint8), n)
+                original = np.frombuffer(_read_bytes(tensor, directory), np.uint8)
+                tiled = tile_rows(original, n)
+                # The copy must hold exactly the validated weights, rearranged: undone, it gives them back.
+                if not np.array_equal(untile_rows(tiled, n), original):
+                    raise ValueError(f"{name}: the tiled copy does not give back the weights")
+                copy_name = f"{name}.tiled"
+                if copy_name in taken:
+                    raise ValueError(f"the kernel graph already has a tensor named {copy_name!r}")
                 pad = -offset % ALIGNMENT
                 f.write(b"\0" * pad)
                 offset += pad
                 f.write(tiled.tobytes())
                 copy = onnx.TensorProto()
-                copy.name = f"{name}.tiled"
+                copy.name = copy_name
                 copy.data_type = tensor.data_type
                 copy.dims.extend(tensor.dims)
                 copy.data_location = TensorProto.EXTERNAL
@@ -127,9 +151,12 @@ def write_tiled_kernel_graph(kernel_graph_path: str | Path, out_graph: str | Pat
     for node in tiling:
         for i in (1, 2):
             node.input[i] = tiled_names[node.input[i]]
-        for attribute in node.attribute:
-            if attribute.name == "rearrange_weights":
-                attribute.i = 2
+        # An op name of its own: a kernel library from before it refuses the graph, rather than
+        # taking the attribute for permission to rearrange the weights a second time.
+        node.op_type = TILED_OP
+        kept_attributes = [a for a in node.attribute if a.name != "rearrange_weights"]
+        del node.attribute[:]
+        node.attribute.extend(kept_attributes)
     # The tied embedding's table gather reads the lm_head's B, in either layout (its scales are its own).
     for node in graph.node:
         if node.domain == KERNEL_DOMAIN and node.op_type == "GatherBlockQuantized" and node.input[0] in tiled_names:

@@ -629,6 +629,10 @@ class Manifest:
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        # Written only when there is one: readers before this key (format_version 2 too) refuse a
+        # graph section with keys they do not know, and a package without it is one they can read.
+        if data["graph"]["tiled_kernel_file"] is None:
+            del data["graph"]["tiled_kernel_file"]
         data["model"]["attention_layers"] = list(self.model.attention_layers)
         data["generation"] = self.generation.as_options()
         if "stop" in data["generation"]:

@@ -86,11 +86,12 @@ class Package:
 
     def graph_at(self, path: Path) -> GraphFile:
         """The graph file (parsed) of the session made from `path`, one of the package's graphs."""
-        for name, graph in ((self.manifest.graph.tiled_kernel_file, self.tiled_kernel_graph),
+        for name, graph in ((self.manifest.graph.file, self.graph),
+                            (self.manifest.graph.tiled_kernel_file, self.tiled_kernel_graph),
                             (self.manifest.graph.kernel_file, self.kernel_graph)):
-            if name is not None and graph is not None and path == self.path(name):
+            if name is not None and graph is not None and Path(path) == self.path(name):
                 return graph
-        return self.graph
+        raise PackagePathError(f"{path} is not a graph of the package {self.root}")
 
     @property
     def tokenizer_path(self) -> Path:

@@ -123,3 +123,50 @@ def test_tiled_weights_need_a_quantized_package_and_its_kernel_graph():
         ExportOptions(tiled_weights=True)
     with pytest.raises(ManifestError, match="tiled_kernel_file needs graph.kernel_file"):
         GraphInfo(file="model.onnx", attention="gqa", tiled_kernel_file="model.kernels.tiled.onnx")
+
+
+def test_a_package_without_tiled_weights_writes_no_key_older_readers_would_refuse(pair):
+    """Readers of format_version 2 from before tiled weights refuse unknown graph keys: a package
+    exported without them must not carry the key at all (not even as null)."""
+    import json
+
+    plain = json.loads((pair[False] / "neoedge.json").read_bytes())
+    tiled = json.loads((pair[True] / "neoedge.json").read_bytes())
+    assert "tiled_kernel_file" not in plain["graph"]
+    assert tiled["graph"]["tiled_kernel_file"] == "model.kernels.tiled.onnx"
+
+
+@pytest.mark.skipif(not TILED_PATH, reason="this CPU does not run the kernels' tiled path")
+def test_symmetric_int8_weights_and_an_8_bit_lm_head_stored_tiled_give_the_same_logits(checkpoints, tmp_path):
+    from neoedge.export import export_package
+
+    paths = {}
+    for tiled in (False, True):
+        paths[tiled] = tmp_path / str(tiled)
+        export_package(str(checkpoints["window8"]), paths[tiled], quantize="int8", symmetric=True, algorithm="rtn",
+                       lm_head_bits=8, progress=False, validate=False, tiled_weights=tiled)
+    in_place, stored = Model(paths[False]), Model(paths[True])
+    assert "weights stored tiled" in stored.kernels.describe()
+    ids = list(range(7, 70))
+    np.testing.assert_array_equal(stored.logits(ids), in_place.logits(ids))
+
+
+def test_a_forced_path_that_reads_plain_weights_loads_the_kernel_graph_not_the_tiled_one(pair, monkeypatch):
+    if "avx2" not in kernels.runnable_paths():
+        pytest.skip("no AVX2 path here")
+    monkeypatch.setenv(kernels.ISA_VARIABLE, "avx2")
+    forced, plain = Model(pair[True]), Model(pair[False])
+    assert forced.kernels.isa == "avx2" and "tiled" not in forced.kernels.describe()
+    ids = list(range(3, 40))
+    np.testing.assert_array_equal(forced.logits(ids), plain.logits(ids))
+
+
+def test_an_int8_export_with_zero_points_cannot_ask_for_tiled_weights():
+    from neoedge.errors import ExportError
+    from neoedge.export import ExportOptions
+
+    with pytest.raises(ExportError, match="needs symmetric weights"):
+        ExportOptions(quantize="int8", tiled_weights=True)
+    with pytest.raises(ExportError, match="needs symmetric weights"):
+        ExportOptions(quantize="int4", symmetric=False, tiled_weights=True)
+    assert ExportOptions(quantize="int8", symmetric=True, tiled_weights=True).tiled_weights

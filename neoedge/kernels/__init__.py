@@ -45,8 +45,8 @@ PATHS = ("amx", "avx512vnni", "avxvnni", "avx2", "neon", "portable")
 # runtime should prefer stock there unless the path is forced.
 FASTER_THAN_STOCK = ("amx", "avx512vnni")
 INTERFACE_VERSION = 4  # 2: the Attention, SkipLayerNormalization and FastGelu ops beside MatMulNBits;
-# 3: GatherBlockQuantized, and MatMulNBits' rearrange_weights (tiled weights); 4: rearrange_weights = 2
-# (weights stored tiled: a library before it would tile them a second time)
+# 3: GatherBlockQuantized, and MatMulNBits' rearrange_weights (tiled weights); 4: MatMulNBitsTiled
+# (MatMulNBits over weights the export stored tiled) and neoedge_vnni_peak
 STOCK = "stock"
 
 

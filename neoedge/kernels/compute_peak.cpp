@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <exception>
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -49,7 +50,8 @@ NEO_AVX512 int64_t vnni_rounds(int64_t rounds, int seed) {
 }  // namespace
 
 // Multiply-accumulates per second (int8, VNNI) on `threads` threads running at once for about
-// `seconds`; -1 on a CPU without AVX-512 VNNI or for arguments out of range.
+// `seconds`; -1 on a CPU without AVX-512 VNNI, in a build without the probe (MSVC: no inline asm),
+// for arguments out of range, or if a thread could not start.
 NEO_EXPORT double neoedge_vnni_peak(int threads, double seconds) {
   if (threads < 1 || threads > 1024 || !(seconds > 0.0) || seconds > 60.0) return -1.0;
   if (neoedge::best_isa() < neoedge::Isa::avx512vnni) return -1.0;
@@ -67,12 +69,18 @@ NEO_EXPORT double neoedge_vnni_peak(int threads, double seconds) {
   }
   std::atomic<int64_t> sink{0};
   std::vector<std::thread> team;
+  bool started = true;
   const auto t0 = std::chrono::steady_clock::now();
-  for (int t = 0; t < threads; ++t) team.emplace_back([&, t] { sink += vnni_rounds(rounds, 3 * t + 1); });
+  try {  // no exception may cross the C ABI: a thread that cannot start ends the probe with -1
+    team.reserve(static_cast<size_t>(threads));
+    for (int t = 0; t < threads; ++t) team.emplace_back([&, t] { sink += vnni_rounds(rounds, 3 * t + 1); });
+  } catch (const std::exception&) {
+    started = false;
+  }
   for (auto& member : team) member.join();
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   g_sink = sink.load();
-  return static_cast<double>(rounds) * 12 * 64 * threads / s;
+  return started ? static_cast<double>(rounds) * 12 * 64 * threads / s : -1.0;
 }
 
 #else

@@ -36,6 +36,7 @@ using neoedge::Isa;
 
 constexpr const char* kDomain = "neoedge.kernels";
 constexpr const char* kOpName = "MatMulNBits";
+constexpr const char* kTiledOpName = "MatMulNBitsTiled";  // MatMulNBits over weights stored tiled
 constexpr const char* kIsaVariable = "NEOEDGE_KERNELS_ISA";
 constexpr const char* kBatchedVariable = "NEOEDGE_KERNELS_BATCHED";
 constexpr const char* kStreamRowsVariable = "NEOEDGE_KERNELS_STREAM_ROWS";
@@ -116,20 +117,21 @@ Status* read_attribute(const KernelInfo* info, const char* name, int64_t* out, b
 // Registers the kernel's constant inputs with tiled_registry: B and scales for the tiled layout if
 // this kernel's path reads it (the AVX-512 VNNI path, symmetric weights of the expected sizes, the
 // graph's rearrange_weights), otherwise every constant input as read in MatMulNBits' layout.
-Status* register_weights(const KernelInfo* info, size_t inputs, Kernel& kernel) {
+// `stored`: the op is MatMulNBitsTiled, whose B and scales the export stored tiled already (the
+// package's tiled kernel graph). A name of its own, not an attribute value, so that a library from
+// before it refuses the graph instead of rearranging the weights a second time.
+Status* register_weights(const KernelInfo* info, size_t inputs, bool stored, Kernel& kernel) {
   const Value* values[4] = {};
   void* data[4] = {};
   for (size_t i = 1; i < inputs && i < 4; ++i) {
     if (Status* s = constant_input(info, i, &values[i], &data[i])) return s;
   }
-  // rearrange_weights: 0 as they are, 1 this kernel may rearrange them in place, 2 already stored
-  // rearranged (the package's tiled kernel graph, whose weights only the tiled path can read).
   int64_t allowed = 0;
   read_attribute(info, "rearrange_weights", &allowed, false);
-  if (allowed < 0 || allowed > 2)
-    return error(kInvalidArgument, "rearrange_weights must be 0, 1 or 2, got " + std::to_string(allowed));
-  const bool stored = allowed == 2;
-  bool tiles = allowed && kernel.isa == Isa::avx512vnni && inputs <= 3 && tiling_enabled() && data[1] && data[2];
+  if (allowed != 0 && allowed != 1)
+    return error(kInvalidArgument, "rearrange_weights must be 0 or 1, got " + std::to_string(allowed));
+  bool tiles = (allowed || stored) && kernel.isa == Isa::avx512vnni && inputs <= 3 && tiling_enabled() && data[1] &&
+               data[2];
   const int64_t blocks = kernel.k / kernel.block;
   const int64_t expected[2] = {kernel.n * kernel.k * kernel.bits / 8, kernel.n * blocks};
   for (int i = 0; tiles && i < 2; ++i) {
@@ -137,11 +139,16 @@ Status* register_weights(const KernelInfo* info, size_t inputs, Kernel& kernel) 
     if (Status* s = element_count(values[i + 1], &count)) return s;
     tiles = count == expected[i];
   }
-  if (stored && !tiles)
-    return error(kInvalidArgument, "B and scales are stored in the tiled layout (rearrange_weights = 2), which only "
-                                   "the AVX-512 VNNI path with tiling on reads (this CPU's path: " +
-                                       std::string(neoedge::isa_name(kernel.isa)) +
-                                       (tiling_enabled() ? "" : std::string(", ") + kTiledVariable + "=0") + ")");
+  if (stored && !tiles) {
+    std::string cause = kernel.isa != Isa::avx512vnni
+                            ? std::string("this kernel runs the ") + neoedge::isa_name(kernel.isa) + " path"
+                        : !tiling_enabled() ? std::string("tiling is off (") + kTiledVariable + "=0, or Windows)"
+                        : inputs > 3        ? std::string("the node has zero points")
+                        : !(data[1] && data[2]) ? std::string("B or scales is not a constant initializer")
+                                                : std::string("B or scales does not hold N x K at this node's bits");
+    return error(kInvalidArgument, std::string(kTiledOpName) + ": B and scales are stored in the tiled layout, which "
+                                   "only the AVX-512 VNNI path with tiling on reads: " + cause);
+  }
   std::string why;
   if (tiles) {
     if (!neoedge::join_tiled(static_cast<uint8_t*>(data[1]), static_cast<float*>(data[2]), kernel.n, kernel.k,
@@ -162,8 +169,9 @@ void release_registrations(const std::vector<const void*>& registered) {
   for (const void* pointer : registered) neoedge::release_registration(pointer);
 }
 
-Status* NEO_ORT_CALL create_kernel(const CustomOp*, const Api*, const KernelInfo* info, void** out) {
+Status* NEO_ORT_CALL create_kernel(const CustomOp* op, const Api*, const KernelInfo* info, void** out) {
   *out = nullptr;
+  const bool stored = std::strcmp(op->GetName(op), kTiledOpName) == 0;
   // MatMulNBits' own default accuracy_level is 0 (fp32 compute): absent means not ours to run.
   int64_t k = 0, n = 0, bits = 0, block = 0, accuracy = 0;
   for (auto [name, value] : {std::pair<const char*, int64_t*>{"K", &k}, {"N", &n}, {"bits", &bits},
@@ -191,7 +199,7 @@ Status* NEO_ORT_CALL create_kernel(const CustomOp*, const Api*, const KernelInfo
   const bool stream_rows = stream && *stream ? std::strcmp(stream, "0") != 0 : neoedge::prefers_row_streaming();
   Kernel* kernel = new Kernel{k, n, bits, block, isa, !(batched && std::strcmp(batched, "0") == 0), stream_rows};
   try {
-    if (Status* s = register_weights(info, inputs, *kernel)) {
+    if (Status* s = register_weights(info, inputs, stored, *kernel)) {
       release_registrations(kernel->registered);
       delete kernel;
       return s;
@@ -311,6 +319,7 @@ void NEO_ORT_CALL destroy_kernel(void* kernel) {
 }
 
 const char* NEO_ORT_CALL op_name(const CustomOp*) { return kOpName; }
+const char* NEO_ORT_CALL tiled_op_name(const CustomOp*) { return kTiledOpName; }
 const char* NEO_ORT_CALL op_provider(const CustomOp*) { return "CPUExecutionProvider"; }
 ElementType NEO_ORT_CALL input_type(const CustomOp*, size_t index) {
   return index == 0 || index == 2 ? kFloat : kUint8;
@@ -354,6 +363,9 @@ constexpr CustomOp make_op(decltype(CustomOp::GetName) name, decltype(CustomOp::
 
 const CustomOp kOp = make_op(op_name, input_type, input_count, output_type, output_count, input_characteristic,
                                output_characteristic, create_kernel, guarded<Kernel, compute, error>, destroy_kernel);
+const CustomOp kTiledOp = make_op(tiled_op_name, input_type, input_count, output_type, output_count,
+                                  input_characteristic, output_characteristic, create_kernel,
+                                  guarded<Kernel, compute, error>, destroy_kernel);
 
 // ---------------------------------------------------------------------------------------------
 // Attention: inputs qkv [B, S, 3 H D] float, past_key and past_value [B, H, C, D] int8, seqlens_k
@@ -790,6 +802,7 @@ NEO_EXPORT Status* NEO_ORT_CALL RegisterCustomOps(SessionOptions* options, const
     CustomOpDomain* domain = nullptr;
     if (Status* s = g_ort.CreateCustomOpDomain(kDomain, &domain)) return s;
     if (Status* s = g_ort.CustomOpDomain_Add(domain, &kOp)) return s;
+    if (Status* s = g_ort.CustomOpDomain_Add(domain, &kTiledOp)) return s;
     if (Status* s = g_ort.CustomOpDomain_Add(domain, &kAttentionOp)) return s;
     if (Status* s = g_ort.CustomOpDomain_Add(domain, &kSkipNormOp)) return s;
     if (Status* s = g_ort.CustomOpDomain_Add(domain, &kGeluOp)) return s;

@@ -30,9 +30,9 @@ struct TiledShared {
 // the kernel reads tiled unless `pinned` (read it at each run); null if they must stay as they
 // are (a plain reader or another shape already registered them; then they are pinned). Refused
 // (false, with why) only if a tile was already rearranged. Either way release both pointers.
-// `stored`: the initializers already hold the tiled layout (the package's tiled kernel graph,
-// MatMulNBits attribute rearrange_weights = 2): every tile starts tiled, and any reader that would
-// need them as they are is refused instead of pinning them.
+// `stored`: the initializers already hold the tiled layout (the package's tiled kernel graph, op
+// MatMulNBitsTiled): every tile starts tiled, and any reader that would need them as they are is
+// refused instead of pinning them.
 bool join_tiled(uint8_t* b, float* scales, int64_t n, int64_t k, int64_t bits, int64_t block, bool stored,
                 std::shared_ptr<TiledShared>* out, std::string* why);
 // A reader of `pointer` in MatMulNBits' layout; false (with why) if some tile of it was rearranged.
