@@ -48,6 +48,15 @@ class TiledGraphReport:
 
 def tile_rows(array: np.ndarray, rows: int) -> np.ndarray:
     """`array` viewed as [rows, width] of 4-byte elements, in the tiled order (flat, same bytes)."""
+    return _rearrange(array, rows, undo=False)
+
+
+def untile_rows(tiled: np.ndarray, rows: int) -> np.ndarray:
+    """tile_rows undone (the plain layout back, flat): the check that a stored copy is exact."""
+    return _rearrange(tiled, rows, undo=True)
+
+
+def _rearrange(array: np.ndarray, rows: int, *, undo: bool) -> np.ndarray:
     flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
     if flat.size % (rows * 4):
         raise ValueError(f"{flat.size} bytes are not {rows} rows of whole 4-byte elements")
@@ -55,26 +64,12 @@ def tile_rows(array: np.ndarray, rows: int) -> np.ndarray:
     full = rows // TILE_HEIGHT * TILE_HEIGHT
     width = words.shape[1]
     out = np.empty_like(words)
-    if full:
-        tiles = words[:full].reshape(full // TILE_HEIGHT, TILE_HEIGHT, width)
-        out[:full] = tiles.transpose(0, 2, 1).reshape(full, width)
-    if full < rows:
+    if full:  # whole tiles: [tile, row, element] <-> [tile, element, row]
+        shape = (full // TILE_HEIGHT, width, TILE_HEIGHT) if undo else (full // TILE_HEIGHT, TILE_HEIGHT, width)
+        out[:full] = words[:full].reshape(shape).transpose(0, 2, 1).reshape(full, width)
+    if full < rows:  # the last tile, of the h rows left
         h = rows - full
-        out[full:] = words[full:].T.reshape(h, width)
-    return out.reshape(-1).view(np.uint8)
-
-
-def untile_rows(tiled: np.ndarray, rows: int) -> np.ndarray:
-    """tile_rows undone (the plain layout back, flat): the check that a stored copy is exact."""
-    words = np.ascontiguousarray(tiled).reshape(-1).view(np.uint32).reshape(rows, -1)
-    full = rows // TILE_HEIGHT * TILE_HEIGHT
-    width = words.shape[1]
-    out = np.empty_like(words)
-    if full:
-        tiles = words[:full].reshape(full // TILE_HEIGHT, width, TILE_HEIGHT)
-        out[:full] = tiles.transpose(0, 2, 1).reshape(full, width)
-    if full < rows:
-        out[full:] = words[full:].reshape(width, rows - full).T
+        out[full:] = words[full:].reshape(width, h).T if undo else words[full:].T.reshape(h, width)
     return out.reshape(-1).view(np.uint8)
 
 
