@@ -37,6 +37,7 @@ import json
 import subprocess
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -72,14 +73,22 @@ def worker(package: str, kernels: str, contexts: list[int], steps: int, threads:
     return {"kernels": model.kernels.describe(), "points": points, "peak_rss_mb": peak_rss_mb()}
 
 
-def bytes_per_step(package: Path, context: int) -> tuple[float, float]:
-    """(weight bytes, KV cache bytes) a decode step at `context` reads."""
+@lru_cache(maxsize=None)
+def stock_graph(package: Path) -> tuple[Any, Any]:
+    """(manifest, stock graph without its weights) of a package, read once for every context."""
     import onnx
 
     from neoedge.manifest import Manifest
 
     manifest = Manifest.read(package)
-    model = onnx.load(str(package / manifest.graph.file), load_external_data=False)
+    return manifest, onnx.load(str(package / manifest.graph.file), load_external_data=False)
+
+
+def bytes_per_step(package: Path, context: int) -> tuple[float, float]:
+    """(weight bytes, KV cache bytes) a decode step at `context` reads."""
+    import onnx
+
+    manifest, model = stock_graph(package)
     gather_only: dict[str, bool] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -99,13 +108,9 @@ def bytes_per_step(package: Path, context: int) -> tuple[float, float]:
 
 def prompt_gemm_macs(package: Path, tokens: int) -> float:
     """Multiply-accumulates of the MatMulNBits GEMMs of a `tokens`-token prompt (0 if it has none)."""
-    import onnx
     from onnx import helper
 
-    from neoedge.manifest import Manifest
-
-    manifest = Manifest.read(package)
-    model = onnx.load(str(package / manifest.graph.file), load_external_data=False)
+    manifest, model = stock_graph(package)
     macs = 0.0
     for node in model.graph.node:
         if node.op_type != "MatMulNBits":

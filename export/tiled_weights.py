@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
-from .kernel_graph import KERNEL_DOMAIN
+from .kernel_graph import KERNEL_DOMAIN, _attributes
+from .weights_file import ExternalWeights
 
 TILE_HEIGHT = 16  # neoedge::kTileHeight
 TILED_OP = "MatMulNBitsTiled"  # neoedge.kernels' MatMulNBits over weights stored tiled
-ALIGNMENT = 4096  # each tiled tensor starts on a page: onnxruntime maps external data
 
 
 @dataclass(frozen=True)
@@ -73,26 +73,6 @@ def _rearrange(array: np.ndarray, rows: int, *, undo: bool) -> np.ndarray:
     return out.reshape(-1).view(np.uint8)
 
 
-def _attributes(node: onnx.NodeProto) -> dict[str, object]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _read_bytes(tensor: onnx.TensorProto, directory: Path) -> bytes:
-    """The tensor's bytes: from the weights file, or from the graph for a small one stored inline."""
-    entries = {e.key: e.value for e in tensor.external_data}
-    if tensor.data_location != TensorProto.EXTERNAL:
-        return numpy_helper.to_array(tensor).tobytes()
-    if "location" not in entries:
-        raise ValueError(f"{tensor.name} is external but names no weights file")
-    with open(directory / entries["location"], "rb") as f:
-        f.seek(int(entries.get("offset", 0)))
-        length = int(entries["length"])
-        data = f.read(length)
-    if len(data) != length:
-        raise ValueError(f"{tensor.name}: the weights file ends before its {length} bytes")
-    return data
-
-
 def write_tiled_kernel_graph(kernel_graph_path: str | Path, out_graph: str | Path,
                              out_data: str | Path) -> TiledGraphReport | None:
     """Writes the tiled kernel graph of `kernel_graph_path` and its weights file (both beside it);
@@ -111,38 +91,22 @@ def write_tiled_kernel_graph(kernel_graph_path: str | Path, out_graph: str | Pat
     taken = set(initializers) | {name for node in graph.node for name in (*node.input, *node.output)}
     tiled_names: dict[str, str] = {}  # original initializer -> its tiled copy
     tensors: list[onnx.TensorProto] = []
-    offset = 0
-    with open(data_out, "wb") as f:
+    with ExternalWeights(data_out) as weights:
         for node in tiling:
-            attrs = _attributes(node)
-            n = int(attrs["N"])
+            n = int(_attributes(node)["N"])
             for name in node.input[1:3]:
                 if name in tiled_names:
                     continue
-                tensor = initializers[name]
-                original = np.frombuffer(_read_bytes(tensor, directory), np.uint8)
+                original = numpy_helper.to_array(initializers[name], base_dir=str(directory))
                 tiled = tile_rows(original, n)
                 # The copy must hold exactly the validated weights, rearranged: undone, it gives them back.
-                if not np.array_equal(untile_rows(tiled, n), original):
+                if not np.array_equal(untile_rows(tiled, n), original.reshape(-1).view(np.uint8)):
                     raise ValueError(f"{name}: the tiled copy does not give back the weights")
                 copy_name = f"{name}.tiled"
                 if copy_name in taken:
                     raise ValueError(f"the kernel graph already has a tensor named {copy_name!r}")
-                pad = -offset % ALIGNMENT
-                f.write(b"\0" * pad)
-                offset += pad
-                f.write(tiled.tobytes())
-                copy = onnx.TensorProto()
-                copy.name = copy_name
-                copy.data_type = tensor.data_type
-                copy.dims.extend(tensor.dims)
-                copy.data_location = TensorProto.EXTERNAL
-                for key, value in (("location", data_out.name), ("offset", str(offset)), ("length", str(tiled.size))):
-                    entry = copy.external_data.add()
-                    entry.key, entry.value = key, value
-                offset += tiled.size
-                tiled_names[name] = copy.name
-                tensors.append(copy)
+                tensors.append(weights.tensor(copy_name, tiled.view(original.dtype).reshape(original.shape)))
+                tiled_names[name] = copy_name
     for node in tiling:
         for i in (1, 2):
             node.input[i] = tiled_names[node.input[i]]
@@ -161,4 +125,4 @@ def write_tiled_kernel_graph(kernel_graph_path: str | Path, out_graph: str | Pat
     del graph.initializer[:]
     graph.initializer.extend(kept + tensors)
     onnx.save(model, str(graph_out))
-    return TiledGraphReport(graph_out, data_out, len(tensors), len(tiling), offset)
+    return TiledGraphReport(graph_out, data_out, len(tensors), len(tiling), data_out.stat().st_size)

@@ -633,7 +633,7 @@ Status* gelu_error(ErrorCode code, const std::string& message) {
 }
 
 // The kernel of a row op whose inputs from `first` on are per-channel (read once if constant).
-Status* row_kernel(const KernelInfo* info, float epsilon, Isa isa, size_t first, RowKernel** out) {
+Status* row_kernel(const KernelInfo* info, float epsilon, Isa isa, size_t first, void** out) {
   auto kernel = std::make_unique<RowKernel>(RowKernel{epsilon, isa, {}, {}});
   size_t inputs = 0;
   if (Status* s = g_ort.KernelInfo_GetInputCount(info, &inputs)) return s;
@@ -657,7 +657,7 @@ Status* NEO_ORT_CALL create_skip_norm(const CustomOp*, const Api*, const KernelI
   Isa isa;
   std::string why;
   if (!selected_isa(&isa, &why)) return skip_norm_error(kInvalidArgument, why);
-  return row_kernel(info, epsilon, isa, 2, reinterpret_cast<RowKernel**>(out));
+  return row_kernel(info, epsilon, isa, 2, out);
 }
 
 Status* NEO_ORT_CALL create_gelu(const CustomOp*, const Api*, const KernelInfo* info, void** out) {
@@ -665,7 +665,7 @@ Status* NEO_ORT_CALL create_gelu(const CustomOp*, const Api*, const KernelInfo* 
   Isa isa;
   std::string why;
   if (!selected_isa(&isa, &why)) return gelu_error(kInvalidArgument, why);
-  return row_kernel(info, 0.f, isa, 1, reinterpret_cast<RowKernel**>(out));
+  return row_kernel(info, 0.f, isa, 1, out);
 }
 
 // Inputs [0, count) of a row op (null where absent), their data, and the first one's shape.
