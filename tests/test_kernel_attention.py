@@ -176,7 +176,8 @@ def test_long_ragged_prompts_over_many_key_blocks_tasks_and_windows(head_size, m
     # The tile path's shapes (head sizes 64 and 128): a ragged batch whose rows span many 32-key
     # blocks and more than one 128-query task, ending mid-block and mid-tile, decoded a few steps;
     # then (stock takes prompts over a past one row at a time) one row's chunks of 5 (too few
-    # for tiles), 130 (a task and a remainder of 2) and 47 queries. Windows cut blocks mid-way.
+    # for tiles), 130 (a task and a remainder of 2) and 47 queries (32, then 15 in lanes of 16).
+    # Windows cut blocks mid-way.
     ragged = [(2, 261, [261, 150], True)] + [(2, 1, [261 + k, 150 + k], False) for k in range(1, 4)]
     chunks = [(1, 150, [150], True), (1, 5, [155], False), (1, 130, [285], False), (1, 47, [332], False),
               (1, 1, [333], False)]
