@@ -12,7 +12,10 @@ Cases: a decode step at several context lengths (batch 1 and batch 8), a 32-toke
 a 600-token history, and 128-token prefill chunks (first, and over 896 positions; global and with
 the 256-position local window). Both ops run the same one-node graphs the tests compare
 (tests/test_kernel_attention.py), interleaved, each on its own cache bound in place as the runtime
-binds it; medians of `runs` calls after warm-up. Writes benchmarks/results/attention-op-<date>.{json,md}.
+binds it; medians of `runs` calls after warm-up. `--baseline-library PATH` adds a session on another
+build of the kernel library (say, the last commit's), on the first of --paths, timed in the same
+rotation: a paired before/after of a kernel change. Writes
+benchmarks/results/attention-op-<date>[-tag].{json,md}.
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import neoedge.kernels as kernels  # noqa: E402
-from test_kernel_attention import run_in_place, sessions  # noqa: E402
+from test_kernel_attention import graphs, run_in_place, sessions  # noqa: E402
 
 CAPACITY = 2048
 SHAPES = {"125M": (12, 64), "1.3B": (16, 128)}
@@ -56,12 +60,20 @@ CASES = [
 
 
 def time_case(shape: str, batch: int, new: int, past: int, window: int, runs: int, seed: int,
-              paths: list[str]) -> dict[str, float]:
+              paths: list[str], baseline: Path | None = None) -> dict[str, float]:
     heads, head_size = SHAPES[shape]
     named = {}
     for path in paths:
         os.environ[kernels.ISA_VARIABLE] = path
         stock, named[path] = sessions(heads, head_size, CAPACITY, window, seed)
+    if baseline is not None:
+        os.environ[kernels.ISA_VARIABLE] = paths[0]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        options.register_custom_ops_library(str(baseline.resolve()))
+        model = graphs(heads, head_size, CAPACITY, window, seed)[1]
+        named["baseline"] = ort.InferenceSession(model.SerializeToString(), options,
+                                                 providers=["CPUExecutionProvider"])
     os.environ.pop(kernels.ISA_VARIABLE, None)
     named = {"stock": stock, **named}
     rng = np.random.default_rng(seed)
@@ -86,6 +98,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--paths", type=lambda s: s.split(","),
                         default=[p for p in ("amx", "avx512vnni") if p in kernels.runnable_paths()])
+    parser.add_argument("--baseline-library", type=Path, help="another build of the kernel library to time beside")
+    parser.add_argument("--tag", default="")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     if not args.paths:
@@ -93,26 +107,34 @@ def main() -> None:
     tool = Path("/work/shared/tools/quiet-check")
     machine = " ".join(subprocess.run([str(tool)], capture_output=True, text=True).stdout.split()) \
         if tool.exists() else "not checked"
+    columns = args.paths + (["baseline"] if args.baseline_library else [])
     rows = []
     for i, (label, shape, batch, new, past, window) in enumerate(CASES):
-        result = time_case(shape, batch, new, past, window, args.runs, i, args.paths)
+        result = time_case(shape, batch, new, past, window, args.runs, i, args.paths, args.baseline_library)
         rows.append({"case": label, "shape": shape, "batch": batch, "new": new, "past": past, "window": window,
-                     "ms": result, "speedup": {p: result["stock"] / result[p] for p in args.paths}})
+                     "ms": result, "speedup": {p: result["stock"] / result[p] for p in columns}})
         print(f"{label}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in result.items()), flush=True)
     date = datetime.date.today().isoformat()
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"attention-op-{date}"
+    stem = args.out / (f"attention-op-{date}" + (f"-{args.tag}" if args.tag else ""))
     stem.with_suffix(".json").write_text(json.dumps({"date": date, "machine_before": machine, "threads": 2,
-                                                     "runs": args.runs, "paths": args.paths, "rows": rows},
+                                                     "runs": args.runs, "paths": args.paths,
+                                                     "baseline_library": str(args.baseline_library or ""),
+                                                     "rows": rows},
                                                     indent=2) + "\n")
     lines = [f"# Attention, one node: onnxruntime GroupQueryAttention vs neoedge.kernels::Attention ({date})", "",
              f"125M: 12 heads of 64; 1.3B: 16 heads of 128; int8 per-channel cache of {CAPACITY} positions updated in "
              f"place, 2 threads, median of {args.runs} interleaved calls; neoedge on each path "
-             f"({', '.join(args.paths)}: NEOEDGE_KERNELS_ISA). Machine before the run: {machine}.", "",
-             "| call | stock ms | " + " | ".join(f"neoedge {p} ms (speed-up)" for p in args.paths) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in args.paths) + " |"]
+             f"({', '.join(args.paths)}: NEOEDGE_KERNELS_ISA)"
+             + (f"; baseline: the library at {args.baseline_library}, on {args.paths[0]}" if args.baseline_library else "")
+             + f". Machine before the run: {machine}.", "",
+             "| call | stock ms | " + " | ".join(f"neoedge {p} ms (speed-up)" for p in columns)
+             + (f" | {args.paths[0]} against baseline |" if args.baseline_library else " |"),
+             "| --- | --- | " + " | ".join("---" for _ in columns) + (" | --- |" if args.baseline_library else " |")]
     lines += [f"| {r['case']} | {r['ms']['stock']:.3f} | " +
-              " | ".join(f"{r['ms'][p]:.3f} ({r['speedup'][p]:.2f}×)" for p in args.paths) + " |" for r in rows]
+              " | ".join(f"{r['ms'][p]:.3f} ({r['speedup'][p]:.2f}×)" for p in columns)
+              + (f" | {r['ms']['baseline'] / r['ms'][args.paths[0]]:.2f}× |" if args.baseline_library else " |")
+              for r in rows]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
