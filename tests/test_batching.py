@@ -117,14 +117,19 @@ def test_a_long_prompt_does_not_starve_the_running_rows(packages):
         events = iter(running)
         next(events)
         long = engine.submit(_prompts(model, [1500], seed=5)[0], max_new_tokens=2, stop_at_eos=False)
+        consumed = 1
         while not long.done:
             next(events)
+            consumed += 1
+        # Tokens sent while the prompt ran, read or still queued: a reader slowed by a busy machine
+        # falls behind the engine, and counting only what it read failed once in CI.
+        sent = consumed + running._events.qsize()
         before = engine.stats()
-        rest = sum(1 for _ in events)
+        sum(1 for _ in events)
         result = long.result(timeout=60)
     chunks = -(-1500 // model.runner.chunk)
     # The running request got a token for (about) every chunk of the long prompt.
-    assert 300 - 1 - rest >= chunks - 2
+    assert sent - 1 >= chunks - 2
     assert len(result.tokens) == 2 and before.finished >= 1
 
 
